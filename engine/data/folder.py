@@ -1,0 +1,353 @@
+"""Image-folder datasets: scanning `root/real` + `root/fake`, the PIL dataset, and the sharded loader.
+
+Layout of a data root (DESIGN.md section 6, `data.root`):
+
+    root/real/...            real photographs (label 0), required
+    root/fake/...            external generated images (label 1), optional
+
+Classes: when `real/` has subfolders holding images, each subfolder name is a class (sorted, ids
+0..K-1) and every real image must sit in one. `fake/` subfolders must then be class names too; fakes
+directly under `fake/` get class -1 (unknown). Without classes every class id is -1 and subfolders
+of `fake/` (e.g. one per generator) only organise files. Files are found recursively by extension,
+hidden files and folders (".name") are ignored, and everything is sorted so scans are deterministic.
+
+Determinism: the augmentation of sample i in epoch e is a pure function of (seed, e, i) and the batch
+order of epoch e a function of (seed + e), so batches do not depend on worker count, and a loader
+restored from `state_dict()` yields exactly the batches an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .batch import Batch, DataError, collate_samples
+from .images import IMAGE_EXTENSIONS, crop_resize, list_images, load_rgb
+
+
+@dataclass
+class FolderIndex:
+    """The images of a data root, in load order: real images first, then fakes."""
+
+    files: list[str]  # image paths (root joined with the sorted relative path)
+    is_fake: list[int]  # 1 = generated image from fake/, 0 = real
+    class_ids: list[int]  # index into `classes`, -1 when unknown / no classes
+    classes: list[str] = field(default_factory=list)  # sorted class names; [] = no classes
+    root: str = ""  # the scanned data root, for messages
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_fake(self) -> int:
+        return sum(self.is_fake)
+
+    @property
+    def num_real(self) -> int:
+        return len(self.files) - self.num_fake
+
+    def subset(self, positions: list[int]) -> "FolderIndex":
+        """A new index holding the entries at `positions`, in that order."""
+        return FolderIndex(
+            files=[self.files[p] for p in positions],
+            is_fake=[self.is_fake[p] for p in positions],
+            class_ids=[self.class_ids[p] for p in positions],
+            classes=list(self.classes),
+            root=self.root,
+        )
+
+
+def _split_top(rel_paths: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Split relative paths into (files directly in the folder, {subfolder: files below it})."""
+    top, by_sub = [], {}
+    for rel in rel_paths:
+        head, sep, _ = rel.partition(os.sep)
+        if sep:
+            by_sub.setdefault(head, []).append(rel)
+        else:
+            top.append(rel)
+    return top, by_sub
+
+
+def scan_folder(root: str | os.PathLike) -> FolderIndex:
+    """Index the images of a data root (layout and class rules in the module docstring)."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: data root not found (expected a folder holding real/ and optionally fake/)")
+    real_dir = os.path.join(root, "real")
+    if not os.path.isdir(real_dir):
+        raise DataError(f"{real_dir}: folder missing; the data root must hold real/ (and optionally fake/)")
+
+    real_top, real_sub = _split_top(list_images(real_dir))
+    if not real_top and not real_sub:
+        exts = " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+        raise DataError(f"{real_dir}: no images found (searched recursively for {exts})")
+    if real_sub and real_top:
+        raise DataError(
+            f"{real_dir}: holds class subfolders ({', '.join(sorted(real_sub))}) and also images directly "
+            f"inside (e.g. {real_top[0]}); put every real image in a class subfolder, or use no subfolders"
+        )
+    classes = sorted(real_sub)
+    class_of = {name: k for k, name in enumerate(classes)}
+    index = FolderIndex(files=[], is_fake=[], class_ids=[], classes=classes, root=root)
+
+    def add(folder: str, rel_paths: list[str], label: int, class_id: int) -> None:
+        index.files.extend(os.path.join(folder, rel) for rel in rel_paths)
+        index.is_fake.extend([label] * len(rel_paths))
+        index.class_ids.extend([class_id] * len(rel_paths))
+
+    add(real_dir, real_top, 0, -1)
+    for name in classes:
+        add(real_dir, real_sub[name], 0, class_of[name])
+
+    fake_dir = os.path.join(root, "fake")
+    if os.path.isdir(fake_dir):
+        fake_rel = list_images(fake_dir)
+        if classes:
+            fake_top, fake_sub = _split_top(fake_rel)
+            unknown = sorted(set(fake_sub) - set(classes))
+            if unknown:
+                raise DataError(
+                    f"{os.path.join(fake_dir, unknown[0])}: fake/ subfolders must be class names from "
+                    f"real/ ({', '.join(classes)}); unknown: {', '.join(unknown)}"
+                )
+            add(fake_dir, fake_top, 1, -1)
+            for name in sorted(fake_sub):
+                add(fake_dir, fake_sub[name], 1, class_of[name])
+        else:
+            add(fake_dir, fake_rel, 1, -1)
+    return index
+
+
+class FolderDataset(Dataset):
+    """Map-style dataset over a `FolderIndex`: item i -> (image (3, S, S) in [-1, 1], is_fake, class_id).
+
+    train=True: random resized crop (area ~ U[crop_scale_min, 1], aspect log-uniform in [3/4, 4/3]),
+    bicubic resize to S x S, random horizontal flip; the randomness of item i is seeded by
+    (seed, epoch, i), with the epoch set through `set_epoch`. train=False: shorter side resized to S,
+    center crop, no flip. An undecodable file raises `DataError` naming it: files are never skipped.
+    """
+
+    def __init__(
+        self,
+        index: FolderIndex,
+        image_size: int,
+        *,
+        seed: int,
+        crop_scale_min: float = 0.6,
+        flip: bool = True,
+        train: bool = True,
+    ):
+        if image_size < 1:
+            raise DataError(f"data.image_size must be >= 1, got {image_size}")
+        if not 0.0 < crop_scale_min <= 1.0:
+            raise DataError(f"data.crop_scale_min must be in (0, 1], got {crop_scale_min}")
+        self.index = index
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        self.crop_scale_min = float(crop_scale_min)
+        self.flip = bool(flip)
+        self.train = bool(train)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of `epoch` (call before the epoch's DataLoader starts)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, float, int]:
+        path = self.index.files[i]
+        try:
+            img = load_rgb(path)
+        except DataError as exc:
+            raise DataError(
+                f"bad file in dataset folder {self.index.root or os.path.dirname(path)}: {exc}; "
+                "fix or remove it (the loader never skips files)"
+            ) from None
+        # String seeds are hashed with SHA-512: stable across processes, runs and Python versions.
+        rng = random.Random(f"unigendet/{self.seed}/{self.epoch}/{i}") if self.train else None
+        image = crop_resize(img, self.image_size, rng, crop_scale_min=self.crop_scale_min, flip=self.flip)
+        return image, float(self.index.is_fake[i]), int(self.index.class_ids[i])
+
+
+class FolderLoader:
+    """Endless, sharded, resumable iterator of fixed-size `Batch`es over a `FolderIndex`.
+
+    Epoch e: `torch.randperm(N)` seeded with `seed + e`, cut to a multiple of `world_size`; rank r
+    takes the strided slice `perm[r::world_size]` (disjoint, equal counts) and splits it into
+    `batches_per_epoch` full batches (the remainder is dropped so every step has static shapes).
+    Iteration never ends: epochs follow each other and the trainer decides when to stop.
+    `state_dict()` counts the batches already yielded, so `load_state_dict` + `iter` continues with
+    the very next batch. The loader holds this position: use one iterator at a time, and restore
+    state before iterating.
+    """
+
+    def __init__(
+        self,
+        index: FolderIndex,
+        image_size: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        crop_scale_min: float = 0.6,
+        flip: bool = True,
+        num_workers: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+    ):
+        if batch_size < 1 or num_workers < 0 or seed < 0:
+            raise DataError(
+                f"need batch_size >= 1, num_workers >= 0, seed >= 0: got {batch_size}, {num_workers}, {seed}"
+            )
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise DataError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.index = index
+        self.dataset = FolderDataset(index, image_size, seed=seed, crop_scale_min=crop_scale_min, flip=flip)
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.per_rank = len(index) // self.world_size  # images each rank sees per epoch
+        self.batches_per_epoch = self.per_rank // self.batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{index.root}: {len(index)} images ({index.num_real} real, {index.num_fake} fake) is fewer "
+                f"than one batch: batch size {batch_size} x world size {world_size} = {batch_size * world_size}"
+            )
+        self._epoch = 0
+        self._position = 0  # batches already yielded in epoch `_epoch`
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (0 when the dataset has none and every class id is -1)."""
+        return len(self.index.classes)
+
+    @property
+    def image_size(self) -> int:
+        return self.dataset.image_size
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of dataset indices for `epoch`: `batches_per_epoch` lists of `batch_size`."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(len(self.index), generator=generator)  # (N,)
+        shard = perm[self.rank : self.per_rank * self.world_size : self.world_size]  # (per_rank,)
+        used = self.batches_per_epoch * self.batch_size
+        return shard[:used].view(self.batches_per_epoch, self.batch_size).tolist()
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            epoch = self._epoch
+            batches = self.epoch_batches(epoch)[self._position :]
+            self.dataset.set_epoch(epoch)  # before the workers start: they copy the dataset
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=batches,
+                num_workers=self.num_workers,
+                collate_fn=collate_samples,
+                pin_memory=self.pin_memory,
+                # A private generator: DataLoader draws its worker base seed from it, not from the
+                # global RNG, so loading never shifts the trainer's random stream.
+                generator=torch.Generator().manual_seed(self.seed + epoch),
+            )
+            batch_iter = iter(loader)
+            try:
+                for batch in batch_iter:
+                    self._position += 1  # counted before the yield: state_dict() includes this batch
+                    yield batch
+            finally:
+                _stop_workers(batch_iter)
+            self._epoch, self._position = epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        """`{"epoch": e, "position": batches already yielded in epoch e}`."""
+        return {"epoch": self._epoch, "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by `state_dict()` (same data, seed, batch size and world size)."""
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"loader state: expected {{'epoch': int, 'position': int}}, got {state!r}") from exc
+        if epoch < 0 or not 0 <= position <= self.batches_per_epoch:
+            raise DataError(
+                f"loader state: epoch {epoch}, position {position} does not fit this loader "
+                f"({self.batches_per_epoch} batches per epoch); did the data or the batch size change?"
+            )
+        if position == self.batches_per_epoch:  # saved right after an epoch's last batch
+            epoch, position = epoch + 1, 0
+        self._epoch, self._position = epoch, position
+
+
+def _stop_workers(batch_iter) -> None:
+    """Shut a DataLoader iterator's worker processes down now, from this thread.
+
+    Left to garbage collection (after an error the traceback keeps the iterator alive), the
+    shutdown can run at any time in any thread and race with multiprocessing's queue feeder
+    threads ("Exception in thread QueueFeederThread ... Bad file descriptor").
+    """
+    shutdown = getattr(batch_iter, "_shutdown_workers", None)  # only multi-process iterators have it
+    if shutdown is not None:
+        shutdown()
+
+
+def build_loader(
+    root: str | os.PathLike,
+    image_size: int,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    crop_scale_min: float = 0.6,
+    flip: bool = True,
+    num_workers: int = 2,
+    loader: str = "auto",
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> FolderLoader:
+    """The training loader for `data.root` (`data.loader`: "auto" | "pil"; "dali" is not available yet)."""
+    if loader == "dali":
+        raise DataError(
+            "data.loader = 'dali': the DALI pipeline is not part of this version yet; "
+            "use data.loader = 'pil' or 'auto'"
+        )
+    if loader not in ("auto", "pil"):
+        raise DataError(f"data.loader = {loader!r}: expected 'auto', 'pil' or 'dali'")
+    return FolderLoader(
+        scan_folder(root),
+        image_size,
+        batch_size,
+        seed=seed,
+        crop_scale_min=crop_scale_min,
+        flip=flip,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        pin_memory=pin_memory,
+    )
+
+
+def load_eval_images(
+    root: str | os.PathLike, image_size: int, max_images: int | None = None, *, num_workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic evaluation set: (images (N, 3, S, S) in [-1, 1], is_fake (N,) float32).
+
+    The first `max_images` real images (sorted order), then, separately, up to `max_images` fakes;
+    eval transform (shorter side to S, center crop, no flip).
+    """
+    if max_images is not None and max_images < 1:
+        raise DataError(f"max_images must be >= 1 or None, got {max_images}")
+    index = scan_folder(root)
+    real = [p for p, fake in enumerate(index.is_fake) if not fake][:max_images]
+    fake = [p for p, fake in enumerate(index.is_fake) if fake][:max_images]
+    dataset = FolderDataset(index.subset(real + fake), image_size, seed=0, train=False)
+    loader = DataLoader(
+        dataset, batch_size=64, num_workers=num_workers, collate_fn=collate_samples, generator=torch.Generator()
+    )
+    batches = list(loader)
+    return torch.cat([b.images for b in batches]), torch.cat([b.is_fake for b in batches])

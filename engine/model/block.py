@@ -1,0 +1,69 @@
+"""One MoT layer: per-stream expert weights meeting in one MMSA joint attention (DESIGN.md 1).
+
+Hidden states travel as (x, res) pairs, the fused-residual form: the layer input is x + res, and
+`fused_add_rmsnorm` both forms that sum (the new residual) and normalises it, saving a pass.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+
+StreamState = tuple[Tensor, "Tensor | None"]  # (x, res): (B, T, C) each; hidden = x + res
+
+
+class ExpertWeights(nn.Module):
+    """The weights one stream uses in a layer: norms, QKV, q/k norms, output projection, SwiGLU MLP."""
+
+    def __init__(self, width: int, heads: int, kv_heads: int, ffn: int):
+        super().__init__()
+        hd = width // heads
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hd
+        self.attn_norm = nn.Parameter(torch.ones(width))
+        self.qkv = nn.Linear(width, (heads + 2 * kv_heads) * hd, bias=False)
+        self.q_norm = nn.Parameter(torch.ones(hd))
+        self.k_norm = nn.Parameter(torch.ones(hd))
+        self.out = nn.Linear(heads * hd, width, bias=False)
+        self.mlp_norm = nn.Parameter(torch.ones(width))
+        self.gate_up = nn.Linear(width, 2 * ffn, bias=False)
+        self.down = nn.Linear(ffn, width, bias=False)
+
+
+class MoTBlock(nn.Module):
+    def __init__(self, width: int, heads: int, kv_heads: int, ffn: int, experts: str, eps: float):
+        super().__init__()
+        make = lambda: ExpertWeights(width, heads, kv_heads, ffn)  # noqa: E731
+        # "mot": a generator expert and a detector expert; "shared": one weight set for both streams
+        self.experts = nn.ModuleDict({"g": make(), "d": make()} if experts == "mot" else {"shared": make()})
+        self.eps = eps
+
+    def expert(self, stream: str) -> ExpertWeights:
+        return self.experts[stream] if stream in self.experts else self.experts["shared"]
+
+    def forward(self, states: dict[str, StreamState], rope: dict[str, tuple[Tensor, Tensor]],
+                mask: dict) -> dict[str, StreamState]:
+        """states: {"g": (x, res), "d": (x, res)} (either may be absent); rope: {stream: (cos, sin)},
+        each (T, D/2); mask: the MMSA switches g2d, d2g, g_causal, d_causal."""
+        qkv, residual = {}, {}
+        for s, (x, res) in states.items():
+            w = self.expert(s)
+            h, residual[s] = ops.fused_add_rmsnorm(x, res, w.attn_norm, self.eps)  # (B, T, C)
+            B, T, _ = h.shape
+            q, k, v = w.qkv(h).split([w.heads * w.head_dim, w.kv_heads * w.head_dim, w.kv_heads * w.head_dim], -1)
+            q = q.view(B, T, w.heads, w.head_dim)     # (B, T, H, D)
+            k = k.view(B, T, w.kv_heads, w.head_dim)  # (B, T, Hkv, D)
+            v = v.view(B, T, w.kv_heads, w.head_dim)
+            q, k = ops.qk_rmsnorm_rope(q, k, w.q_norm, w.k_norm, *rope[s], self.eps)
+            qkv[s] = (q, k, v)
+        none3 = (None, None, None)
+        o_g, o_d = ops.mmsa_attention(*qkv.get("g", none3), *qkv.get("d", none3), **mask)
+        out = {}
+        for s, o in (("g", o_g), ("d", o_d)):
+            if o is None:
+                continue
+            w = self.expert(s)
+            x = w.out(o.flatten(2))  # (B, T, C)
+            h, res = ops.fused_add_rmsnorm(x, residual[s], w.mlp_norm, self.eps)
+            out[s] = (w.down(ops.swiglu(w.gate_up(h))), res)
+        return out

@@ -1,0 +1,89 @@
+"""Token embeddings of the two streams: patchify, timestep, class, position, registers."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def patchify(x: Tensor, p: int) -> Tensor:
+    """(B, 3, S, S) -> (B, N, 3*p*p) with N = (S/p)^2, tokens in row-major grid order."""
+    B, C, S, _ = x.shape
+    g = S // p
+    x = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, p, p)
+    return x.reshape(B, g * g, C * p * p)
+
+
+def unpatchify(tokens: Tensor, p: int, channels: int = 3) -> Tensor:
+    """(B, N, 3*p*p) -> (B, 3, S, S); inverse of `patchify`."""
+    B, N, _ = tokens.shape
+    g = math.isqrt(N)
+    x = tokens.reshape(B, g, g, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, g, p, g, p)
+    return x.reshape(B, channels, g * p, g * p)
+
+
+def sincos_embedding(values: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """(...,) float -> (..., dim) sinusoidal features (cos half, sin half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
+    args = values.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed_2d(grid: int, dim: int) -> Tensor:
+    """(grid*grid, dim) fixed 2-D position embedding: half the channels encode the row, half the column."""
+    pos = torch.arange(grid * grid)
+    return torch.cat([sincos_embedding(pos // grid, dim // 2, 100.0), sincos_embedding(pos % grid, dim // 2, 100.0)], -1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, C): sinusoid of 1000 t, then a 2-layer MLP."""
+
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(sincos_embedding(t * 1000.0, self.freq_dim))
+
+
+class GenStreamEmbed(nn.Module):
+    """G stream: patchify(x_t) -> Linear(3p^2, C) + timestep_embed(t) + class_embed(y) + pos_embed."""
+
+    def __init__(self, image_size: int, patch: int, width: int, num_classes: int):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Linear(3 * patch * patch, width)
+        self.time = TimestepEmbedder(width)
+        # index num_classes is the "no class" token used for unconditional / dropped labels
+        self.classes = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
+        self.null_class = num_classes
+        self.register_buffer("pos", sincos_pos_embed_2d(image_size // patch, width), persistent=False)
+
+    def forward(self, x_t: Tensor, t: Tensor, class_ids: Tensor | None = None) -> Tensor:
+        """x_t: (B, 3, S, S), t: (B,), class_ids: (B,) with -1 = none -> (B, N, C)."""
+        h = self.proj(patchify(x_t, self.patch)) + self.pos.to(x_t.dtype)
+        cond = self.time(t)  # (B, C)
+        if self.classes is not None:
+            ids = torch.full_like(t, self.null_class, dtype=torch.long) if class_ids is None else class_ids
+            cond = cond + self.classes(torch.where(ids < 0, torch.full_like(ids, self.null_class), ids))
+        return h + cond[:, None, :].to(h.dtype)
+
+
+class DetStreamEmbed(nn.Module):
+    """D stream: R learned register tokens (the first is CLS), then patch tokens + pos_embed."""
+
+    def __init__(self, image_size: int, patch: int, width: int, registers: int):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Linear(3 * patch * patch, width)
+        self.registers = nn.Parameter(torch.randn(registers, width) * 0.02)
+        self.register_buffer("pos", sincos_pos_embed_2d(image_size // patch, width), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, 3, S, S) -> (B, R + N, C)."""
+        h = self.proj(patchify(x, self.patch)) + self.pos.to(x.dtype)
+        reg = self.registers.to(h.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([reg, h], dim=1)

@@ -1,0 +1,41 @@
+"""Output heads: the generator's velocity and the detector's authenticity logit."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .embeddings import unpatchify
+
+
+class GeneratorHead(nn.Module):
+    """Final norm -> Linear(C, 3p^2) -> unpatchify: the predicted velocity v_hat (B, 3, S, S)."""
+
+    def __init__(self, width: int, patch: int, eps: float):
+        super().__init__()
+        self.patch, self.eps = patch, eps
+        self.norm = nn.Parameter(torch.ones(width))
+        self.proj = nn.Linear(width, 3 * patch * patch)
+        nn.init.zeros_(self.proj.weight)  # v_hat = 0 at init: training starts from a neutral field
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor, res: Tensor | None) -> Tensor:
+        h, _ = ops.fused_add_rmsnorm(x, res, self.norm, self.eps)  # (B, N, C)
+        return unpatchify(self.proj(h), self.patch)
+
+
+class DetectorHead(nn.Module):
+    """CLS token -> norm -> MLP -> one logit per image (label 1 = generated, p_fake = sigmoid)."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.norm = nn.Parameter(torch.ones(width))
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+
+    def normed(self, x: Tensor, res: Tensor | None) -> Tensor:
+        """The detector stream's final-normed hidden states (B, T, C) (also the DIGA teacher)."""
+        return ops.fused_add_rmsnorm(x, res, self.norm, self.eps)[0]
+
+    def forward(self, x: Tensor, res: Tensor | None) -> Tensor:
+        return self.mlp(self.normed(x[:, :1], None if res is None else res[:, :1]))[:, 0, 0]  # (B,)

@@ -1,0 +1,146 @@
+"""UniGenDet: one transformer with a generator expert and a detector expert (DESIGN.md section 1).
+
+Two kinds of pass, both through the same MoT layers and MMSA joint attention:
+- generation sample: G = tokens of x_t; D = the detector's view of x_t when g2d is on, else absent.
+- detection sample:  G = the image's tokens at t = 0 (when d2g lets D read them, else absent);
+                     D = the image's tokens plus registers; the CLS register feeds the detector head.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig, check_model
+from ..ops import axial_rope_tables
+from .block import MoTBlock, StreamState
+from .embeddings import DetStreamEmbed, GenStreamEmbed
+from .heads import DetectorHead, GeneratorHead
+
+
+class GenOutput(NamedTuple):
+    velocity: Tensor        # (B, 3, S, S) predicted v_hat
+    hidden: Tensor | None   # (B, N, C) G hidden state after layer `capture_layer`, if asked
+
+
+class DetOutput(NamedTuple):
+    logit: Tensor | None    # (B,) authenticity logit, label 1 = generated (None if features_only)
+    hidden: Tensor | None   # (B, N, C) D image-token hidden after `capture_layer`, final-normed
+
+
+OWNERS = ("gen", "det", "shared")
+
+
+class UniGenDet(nn.Module):
+    def __init__(self, cfg: ModelConfig | None = None):
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        check_model(cfg)
+        self.cfg = cfg
+        C, p = cfg.width, cfg.patch_size
+        ffn = int(cfg.mlp_ratio * C + 7) // 8 * 8
+        self.gen_embed = GenStreamEmbed(cfg.image_size, p, C, cfg.num_classes)
+        self.det_embed = DetStreamEmbed(cfg.image_size, p, C, cfg.registers)
+        # with shared experts a learned stream embedding tells the streams apart
+        self.stream_embed = nn.Parameter(torch.zeros(2, C)) if cfg.experts == "shared" else None
+        self.blocks = nn.ModuleList(
+            MoTBlock(C, cfg.heads, cfg.kv_heads, ffn, cfg.experts, cfg.norm_eps) for _ in range(cfg.depth)
+        )
+        self.gen_head = GeneratorHead(C, p, cfg.norm_eps)
+        self.det_head = DetectorHead(C, cfg.norm_eps)
+        # DIGA projector P: generator hidden -> detector feature space
+        self.projector = nn.Sequential(nn.Linear(C, cfg.projector_hidden), nn.SiLU(), nn.Linear(cfg.projector_hidden, C))
+        grid, hd = cfg.image_size // p, C // cfg.heads
+        for s, prefix in (("g", 0), ("d", cfg.registers)):
+            cos, sin = axial_rope_tables(grid, hd, cfg.rope_base, prefix)  # (prefix + N, D/2)
+            self.register_buffer(f"rope_cos_{s}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{s}", sin, persistent=False)
+        self.mask = dict(g2d=cfg.g2d, d2g=cfg.d2g, g_causal=cfg.g_causal, d_causal=cfg.d_causal)
+        self.apply(_init_linear)
+        nn.init.zeros_(self.gen_head.proj.weight)
+
+    # ------------------------------------------------------------------ parameter ownership
+
+    def param_owner(self, name: str) -> str:
+        """'gen', 'det' or 'shared': which expert a parameter belongs to (phases freeze by this)."""
+        if name.startswith(("gen_embed.", "gen_head.", "projector.")) or ".experts.g." in name:
+            return "gen"
+        if name.startswith(("det_embed.", "det_head.")) or ".experts.d." in name:
+            return "det"
+        return "shared"
+
+    def params_by_owner(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        groups: dict[str, list] = {o: [] for o in OWNERS}
+        for name, p in self.named_parameters():
+            groups[self.param_owner(name)].append((name, p))
+        return groups
+
+    # ------------------------------------------------------------------ passes
+
+    def _backbone(self, states: dict[str, StreamState], capture_layer: int | None, stop_early: bool = False):
+        """Run the MoT layers; also return the states after layer `capture_layer` (1-based).
+
+        stop_early: stop at `capture_layer` (when only the captured features are wanted)."""
+        if self.stream_embed is not None:
+            index = {"g": 0, "d": 1}
+            states = {s: (x + self.stream_embed[index[s]].to(x.dtype), r) for s, (x, r) in states.items()}
+        rope = {s: (getattr(self, f"rope_cos_{s}"), getattr(self, f"rope_sin_{s}")) for s in states}
+        captured = None
+        for i, block in enumerate(self.blocks, start=1):
+            states = block(states, rope, self.mask)
+            if i == capture_layer:
+                captured = states
+                if stop_early:
+                    break
+        return states, captured
+
+    def generation_pass(self, x_t: Tensor, t: Tensor, class_ids: Tensor | None = None,
+                        capture_layer: int | None = None) -> GenOutput:
+        """x_t: (B, 3, S, S), t: (B,) in [0, 1], class_ids: (B,) or None -> GenOutput."""
+        states = {"g": (self.gen_embed(x_t, t, class_ids), None)}
+        if self.cfg.g2d:
+            states["d"] = (self.det_embed(x_t), None)
+        final, cap = self._backbone(states, capture_layer)
+        hidden = None
+        if cap is not None:
+            x, res = cap["g"]
+            hidden = x + res
+        return GenOutput(self.gen_head(*final["g"]), hidden)
+
+    def detection_pass(self, x: Tensor, capture_layer: int | None = None, features_only: bool = False) -> DetOutput:
+        """x: (B, 3, S, S) image under test -> DetOutput (logit; final-normed D features if asked).
+
+        features_only: run only the layers up to `capture_layer` and return logit = None (the DIGA
+        teacher pass needs nothing above layer l)."""
+        if features_only and capture_layer is None:
+            raise ValueError("detection_pass: features_only needs capture_layer")
+        states = {"d": (self.det_embed(x), None)}
+        if self.cfg.d2g:  # G = the clean image's tokens (t = 0) for D to read
+            states["g"] = (self.gen_embed(x, x.new_zeros(x.shape[0])), None)
+        final, cap = self._backbone(states, capture_layer, stop_early=features_only)
+        hidden = None
+        if cap is not None:
+            x_d, res_d = cap["d"]
+            hidden = self.det_head.normed(x_d, res_d)[:, self.cfg.registers:]  # image tokens only
+        return DetOutput(None if features_only else self.det_head(*final["d"]), hidden)
+
+    def forward(self, kind: str, *args, **kwargs):
+        """`model("gen", x_t, t, class_ids)` or `model("det", x)`; one entry point for DDP / compile."""
+        if kind == "gen":
+            return self.generation_pass(*args, **kwargs)
+        if kind == "det":
+            return self.detection_pass(*args, **kwargs)
+        raise ValueError(f"UniGenDet.forward: kind must be 'gen' or 'det', got {kind!r}")
+
+    @torch.no_grad()
+    def p_fake(self, images: Tensor) -> Tensor:
+        """(B, 3, S, S) in [-1, 1] -> (B,) probability that each image is generated."""
+        return torch.sigmoid(self.detection_pass(images).logit.float())
+
+
+def _init_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,62 @@
+"""`mmsa_attention`: the symbiotic multimodal self-attention of the two streams (DESIGN.md 1, 3)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .reference import mmsa_attention_ref
+
+OP = "mmsa_attention"
+backends.register(OP, "reference", mmsa_attention_ref)
+backends.mark_unavailable(OP, "triton", "the Triton MMSA kernel is not part of this version")
+
+
+def _check_stream(name: str, q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None) -> None:
+    if k is None or v is None:
+        raise ValueError(f"mmsa_attention: stream {name} has q_{name} but k_{name} or v_{name} is None")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"mmsa_attention: q_{name}, k_{name}, v_{name} must be 4-D (B, T, H, D); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"mmsa_attention: stream {name}: q {tuple(q.shape)} must be (B, T, H, D) and "
+                         f"k, v (B, T, Hkv, D); got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"mmsa_attention: stream {name}: H={q.shape[2]} is not a multiple of Hkv={k.shape[2]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"mmsa_attention: stream {name}: dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if lens is not None:
+        if lens.shape != (q.shape[0],) or lens.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"mmsa_attention: len_{name} must be an int tensor of shape ({q.shape[0]},); "
+                             f"got {lens.dtype} {tuple(lens.shape)}")
+        if lens.device.type == "cpu" and (int(lens.min()) < 1 or int(lens.max()) > q.shape[1]):
+            # device tensors are not read back here: that would sync the host and break CUDA graphs
+            raise ValueError(f"mmsa_attention: len_{name} values must be in [1, {q.shape[1]}]; got {lens.tolist()}")
+
+
+def mmsa_attention(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: bool = True,
+                   g_causal: bool = False, d_causal: bool = False, len_g: Tensor | None = None,
+                   len_d: Tensor | None = None, scale: float | None = None, backend: str = "auto"):
+    """Joint attention of the generator (G) and detector (D) streams in one softmax per query row.
+
+    q_*: (B, T*, H, D); k_*, v_*: (B, T*, Hkv, D). G queries read G keys (causal if g_causal) and D
+    keys iff g2d; D queries read D keys (causal if d_causal) and G keys iff d2g. Keys at index >=
+    len_* are never read; query rows at index >= len_* output 0. A stream may be absent (its triple
+    None); its output is then None. Returns (o_g, o_d) with q's dtype and layout.
+    """
+    present = [(n, q, k, v, ln) for n, q, k, v, ln in (("g", q_g, k_g, v_g, len_g), ("d", q_d, k_d, v_d, len_d))
+               if q is not None]
+    if not present:
+        raise ValueError("mmsa_attention: both streams are absent (q_g and q_d are None)")
+    for n, q, k, v, ln in present:
+        _check_stream(n, q, k, v, ln)
+    if len(present) == 2:
+        qg, qd = q_g, q_d
+        if qg.shape[0] != qd.shape[0] or qg.shape[2:] != qd.shape[2:] or k_g.shape[2] != k_d.shape[2]:
+            raise ValueError(f"mmsa_attention: streams disagree on B, H, Hkv or D: q_g {tuple(qg.shape)}, "
+                             f"q_d {tuple(qd.shape)}, k_g {tuple(k_g.shape)}, k_d {tuple(k_d.shape)}")
+        if qg.dtype != qd.dtype:
+            raise ValueError(f"mmsa_attention: streams have different dtypes ({qg.dtype}, {qd.dtype})")
+    impl = backends.select(OP, backend, q_g, k_g, v_g, q_d, k_d, v_d)
+    return impl(q_g, k_g, v_g, q_d, k_d, v_d, g2d=g2d, d2g=d2g, g_causal=g_causal, d_causal=d_causal,
+                len_g=len_g, len_d=len_d, scale=scale)

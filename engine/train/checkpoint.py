@@ -1,0 +1,139 @@
+"""Checkpoints that lose nothing and load nothing executable.
+
+Layout (DESIGN.md section 6): `run/checkpoints/step_NNNNNNN/` with
+- `model.safetensors`, `ema.safetensors`: weights (metadata: format version, step);
+- `trainer_state.pt`: optimizer, scheduler, RNG, data position, fake pool — tensors and plain
+  Python values only, read back with `torch.load(weights_only=True)`;
+- `config.toml`: the resolved config, so a step folder is self-contained for generate / detect / eval.
+A checkpoint is written into a temporary folder, fsynced, then renamed into place: a folder named
+`step_*` is always complete.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import Config, ConfigError, dumps, load_config
+
+FORMAT_VERSION = "1"
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+FILES = ("model.safetensors", "ema.safetensors", "trainer_state.pt", "config.toml")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or from another version; the message names the file."""
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, ema_model: nn.Module, trainer_state: dict,
+                    cfg: Config, keep_last: int = 3) -> Path:
+    """Write run_dir/checkpoints/step_{step:07d} atomically; keep the newest `keep_last`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    meta = {"format_version": FORMAT_VERSION, "step": str(step)}
+    save_file(_state_dict(model), tmp / "model.safetensors", metadata=meta)
+    save_file(_state_dict(ema_model), tmp / "ema.safetensors", metadata=meta)
+    torch.save({"format_version": FORMAT_VERSION, "step": step, **trainer_state}, tmp / "trainer_state.pt")
+    (tmp / "config.toml").write_text(dumps(cfg))
+    for name in FILES:
+        _fsync(tmp / name)
+    _fsync(tmp)
+    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step folders of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and all((p / f).is_file() for f in FILES)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A step folder as given, or the newest complete checkpoint of a run folder."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if p.is_file():
+        raise CheckpointError(f"{p}: expected a checkpoint folder (step_NNNNNNN/) or a run folder, got a file")
+    if STEP_DIR.match(p.name):
+        missing = [f for f in FILES if not (p / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{p}: incomplete checkpoint, missing {', '.join(missing)}")
+        return p
+    ckpts = list_checkpoints(p)
+    if not ckpts:
+        raise CheckpointError(f"{p}: no complete checkpoint (expected {p}/checkpoints/step_NNNNNNN/ with {', '.join(FILES)})")
+    return ckpts[-1]
+
+
+def load_weights(ckpt: Path, model: nn.Module, which: str = "ema") -> int:
+    """Load `which` (ema | model) weights of a step folder into `model`; returns the step."""
+    path = Path(ckpt) / f"{which}.safetensors"
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')!r}, this unigendet "
+                              f"reads version {FORMAT_VERSION!r}")
+    result = model.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path}: weights do not fit this model (missing {result.missing_keys[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}); was it trained with another model config?")
+    return int(meta.get("step", 0))
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    """trainer_state.pt of a step folder, read with weights_only=True (no code runs from the file)."""
+    path = Path(ckpt) / "trainer_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling / zip error: the file is not ours or is damaged
+        raise CheckpointError(f"{path}: cannot read trainer state ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: trainer state format {found!r}, this unigendet reads {FORMAT_VERSION!r}")
+    return state
+
+
+def checkpoint_config(ckpt: Path) -> Config:
+    """The resolved config saved with a checkpoint."""
+    path = Path(ckpt) / "config.toml"
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None

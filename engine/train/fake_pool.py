@@ -1,0 +1,41 @@
+"""The fake pool: an on-device ring buffer of images from the EMA generator, for the det phase."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class FakePool:
+    def __init__(self, capacity: int, image_size: int, device, dtype=torch.float32):
+        self.images = torch.zeros(capacity, 3, image_size, image_size, device=device, dtype=dtype)  # (P, 3, S, S)
+        self.count = 0  # filled slots
+        self.ptr = 0    # next slot to overwrite
+
+    @property
+    def capacity(self) -> int:
+        return self.images.shape[0]
+
+    def add(self, images: Tensor) -> None:
+        """Write (n, 3, S, S) images into the ring, overwriting the oldest."""
+        n = images.shape[0]
+        idx = (self.ptr + torch.arange(n, device=self.images.device)) % self.capacity
+        self.images[idx] = images.to(self.images.dtype)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.count = min(self.capacity, self.count + n)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """(n, 3, S, S) images drawn uniformly with replacement from the filled slots."""
+        if self.count == 0:
+            raise RuntimeError("FakePool.sample: the pool is empty (refill it before the det phase)")
+        idx = torch.randint(0, self.count, (n,), device=self.images.device, generator=generator)
+        return self.images[idx]
+
+    def state_dict(self) -> dict:
+        return {"images": self.images.cpu(), "count": self.count, "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["images"].shape != self.images.shape:
+            raise ValueError(f"fake pool shape {tuple(state['images'].shape)} in the checkpoint does not match "
+                             f"the configured {tuple(self.images.shape)} (phases.pool_size / data.image_size)")
+        self.images.copy_(state["images"])
+        self.count, self.ptr = int(state["count"]), int(state["ptr"])

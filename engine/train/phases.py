@@ -1,0 +1,121 @@
+"""Training phases: which losses a step computes and which experts it trains (DESIGN.md section 1).
+
+One function, `phase_loss`, assembles the terms of every phase from two switches (does the phase
+generate, does it detect), so `gen`, `det`, `joint` and `diga` share one code path:
+- gen:   L_gen = L_flow + lambda_dig * (w_align * L_align + w_auth * L_auth); trains gen + shared.
+- det:   L_det = BCE on real (y=0), external fakes (y=1) and fake-pool images (y=1); trains det + shared.
+- joint: L_gen + L_det in one step; trains everything (the published stage I, GDUF).
+- diga:  L_gen with the detector expert frozen; trains the generator only (the published stage II).
+L_auth always runs the detector with detached weights: its gradient reaches the generator through
+x0_hat only, whatever the phase trains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import LossConfig
+from ..losses import BCEGroup, LossTerms, combined_bce_align, flow_loss, one_step_estimate, sample_flow_inputs
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    generates: bool             # computes the L_gen terms
+    detects: bool               # computes the L_det terms
+    trainable: frozenset[str]   # parameter owners ("gen", "det", "shared") this phase updates
+
+
+PHASES = {
+    "gen": Phase("gen", True, False, frozenset({"gen", "shared"})),
+    "det": Phase("det", False, True, frozenset({"det", "shared"})),
+    "joint": Phase("joint", True, True, frozenset({"gen", "det", "shared"})),
+    "diga": Phase("diga", True, False, frozenset({"gen"})),
+}
+
+
+def phase_at(step: int, mode: str, k: int) -> Phase:
+    """The phase of optimizer step `step` (0-based): alternate runs [(gen, k), (det, k)] in a loop."""
+    if mode == "alternate":
+        return PHASES["gen" if (step // k) % 2 == 0 else "det"]
+    if mode in ("joint", "diga"):
+        return PHASES[mode]
+    raise ValueError(f"unknown phases.mode {mode!r}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The UniGenDet inside a DDP / compile wrapper."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+def set_trainable(model: nn.Module, phase: Phase) -> None:
+    """requires_grad on exactly the parameters the phase updates (others get no gradient at all)."""
+    core = unwrap(model)
+    for name, p in core.named_parameters():
+        p.requires_grad_(core.param_owner(name) in phase.trainable)
+
+
+def frozen_detection_logit(model: nn.Module, images: Tensor) -> Tensor:
+    """Detector logit of `images` with every weight detached: gradient flows to `images` only."""
+    core = unwrap(model)
+    params = {n: p.detach() for n, p in core.named_parameters()}
+    return torch.func.functional_call(core, (params, dict(core.named_buffers())), ("det", images)).logit
+
+
+def drop_labels(class_ids: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
+    """Replace each label by -1 ("no class") with probability p (classifier-free guidance training)."""
+    if p <= 0:
+        return class_ids
+    drop = torch.rand(class_ids.shape, device=class_ids.device, generator=generator) < p
+    return torch.where(drop, torch.full_like(class_ids, -1), class_ids)
+
+
+def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, class_ids: Tensor,
+               fakes: Tensor | None, loss_cfg: LossConfig, generator: torch.Generator | None) -> LossTerms:
+    """Loss of one step of `phase`.
+
+    images: (B, 3, S, S) in [-1, 1]; is_fake: (B,) 1 for external fakes; class_ids: (B,) (-1 = none);
+    fakes: (F, 3, S, S) images from the fake pool (det phases).
+    """
+    core = unwrap(model)
+    mcfg = core.cfg
+    w_align = loss_cfg.lambda_dig * loss_cfg.w_align
+    w_auth = loss_cfg.lambda_dig * loss_cfg.w_auth
+    groups: list[BCEGroup] = []
+    student = teacher = flow = None
+    if phase.generates:
+        real = is_fake < 0.5
+        x0 = images if bool(real.all()) else images[real]  # the generator learns from real images only
+        ids = drop_labels(class_ids if bool(real.all()) else class_ids[real], mcfg.class_dropout, generator)
+        ids = ids if mcfg.num_classes > 0 else None
+        x_t, t, eps = sample_flow_inputs(x0, generator)
+        layer = mcfg.align_layer if w_align > 0 else None
+        out = model("gen", x_t, t, ids, capture_layer=layer)
+        flow = flow_loss(out.velocity, x0, eps)
+        if w_align > 0:
+            with torch.no_grad():  # sg(h_D^l(x0)): the real image as a detection sample
+                teacher = model("det", x0, capture_layer=layer, features_only=True).hidden.flatten(0, 1)  # (B*N, C)
+            student = core.projector(out.hidden).flatten(0, 1)  # (B*N, C)
+        if w_auth > 0:
+            logit = frozen_detection_logit(model, one_step_estimate(x_t, t, out.velocity))
+            groups.append(BCEGroup("auth", logit, torch.zeros_like(logit), w_auth))
+    if phase.detects:
+        det_images, targets = images, is_fake.float()
+        if fakes is not None:
+            det_images = torch.cat([images, fakes.to(images.dtype)])
+            targets = torch.cat([targets, targets.new_ones(fakes.shape[0])])
+        logit = model("det", det_images).logit
+        groups.append(BCEGroup("bce", logit, targets, 1.0))
+    if groups or student is not None:
+        terms = combined_bce_align(groups, student, teacher, w_align)
+    else:
+        terms = LossTerms(images.new_zeros((), dtype=torch.float32))
+    if flow is not None:
+        terms.total = terms.total + flow
+        terms.parts["flow"] = flow.detach()
+    terms.parts["total"] = terms.total.detach()
+    return terms

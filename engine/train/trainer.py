@@ -1,0 +1,208 @@
+"""The trainer: data -> phase step -> optimizer -> EMA -> fake pool -> logs and checkpoints.
+
+    trainer = Trainer(load_config("tiny_cpu"))   # or Trainer(cfg, resume=True)
+    summary = trainer.train()
+
+One optimizer step is `Trainer.step()`: pick the phase for this step, make its parameters trainable,
+compute `phase_loss`, backpropagate, clip, step AdamW and the LR schedule, update the EMA. Every
+`phases.refill_every` steps the EMA generator refills part of the fake pool with an Euler sampler.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .. import ops
+from ..config import Config, save_config, to_dict
+from ..data import build_loader
+from ..model import UniGenDet, euler_sample
+from .checkpoint import (CheckpointError, checkpoint_config, list_checkpoints, load_trainer_state, load_weights,
+                         save_checkpoint)
+from .fake_pool import FakePool
+from .optim import EMA, build_optimizer, lr_multiplier
+from .phases import phase_at, phase_loss, set_trainable
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite losses); the message says why and what was kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device = 'cuda' but no CUDA device is visible")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: bool = False, log=print):
+        self.cfg, self.log = cfg, log
+        self.device = resolve_device(cfg.train.device)
+        ops.set_default_backend(cfg.ops.backend)
+        self.out_dir = Path(cfg.train.out_dir)
+        self.loader = build_loader(cfg.data.root, cfg.data.image_size, cfg.train.batch_size, seed=cfg.train.seed,
+                                   crop_scale_min=cfg.data.crop_scale_min, flip=cfg.data.flip,
+                                   num_workers=cfg.data.num_workers, loader=cfg.data.loader)
+        if cfg.model.num_classes and self.loader.num_classes != cfg.model.num_classes:
+            raise TrainingError(f"model.num_classes = {cfg.model.num_classes} but {cfg.data.root} has "
+                                f"{self.loader.num_classes} class folders")
+        torch.manual_seed(cfg.train.seed)  # model init is a function of the seed
+        self.model = UniGenDet(cfg.model).to(self.device)
+        self.ema = EMA(self.model, cfg.optim.ema_decay)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(cfg.optim, cfg.train.steps))
+        self.noise = torch.Generator(device=self.device)  # flow noise, timesteps, label dropout, pool draws
+        self.noise.manual_seed(cfg.train.seed + 1)
+        self.pool = FakePool(cfg.phases.pool_size, cfg.data.image_size, self.device)
+        self.uses_pool = cfg.phases.mode != "diga"
+        self.step_idx = 0
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else contextlib.nullcontext())
+        if resume:
+            self._resume()
+        elif list_checkpoints(self.out_dir):
+            raise TrainingError(f"{self.out_dir} already holds checkpoints; pass --resume to continue that run "
+                                f"or set another train.out_dir")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out_dir / "config.toml")
+        self._data_iter = iter(self.loader)
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.no_grad()
+    def refill_pool(self, n: int) -> None:
+        """Generate n images with the EMA generator and push them into the fake pool."""
+        m = self.ema.model
+        ids = None
+        if m.cfg.num_classes > 0:
+            ids = torch.randint(0, m.cfg.num_classes, (n,), device=self.device, generator=self.noise)
+        with self.autocast:
+            images = euler_sample(m, n, steps=self.cfg.phases.sampler_steps, generator=self.noise, class_ids=ids)
+        self.pool.add(images)
+
+    def step(self) -> dict:
+        """One optimizer step; returns its loss parts (tensors) and phase name."""
+        cfg = self.cfg
+        phase = phase_at(self.step_idx, cfg.phases.mode, cfg.phases.k)
+        if self.uses_pool and (self.pool.count == 0 or self.step_idx % cfg.phases.refill_every == 0):
+            self.refill_pool(self.pool.capacity if self.pool.count == 0 else cfg.phases.refill_count)
+        batch = next(self._data_iter).to(self.device, non_blocking=True)
+        fakes = self.pool.sample(len(batch), self.noise) if phase.detects else None
+        set_trainable(self.model, phase)
+        self.model.train()
+        with self.autocast:
+            terms = phase_loss(self.model, phase, batch.images, batch.is_fake, batch.class_ids, fakes,
+                               cfg.loss, self.noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(terms.total):
+            self._bad_step(phase.name, terms)
+        else:
+            self.bad_steps = 0
+            terms.total.backward()
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            if cfg.optim.grad_clip > 0:
+                terms.parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.ema.update(self.model)
+        self.scheduler.step()
+        self.step_idx += 1
+        return {"phase": phase.name, **terms.parts}
+
+    def _bad_step(self, phase: str, terms) -> None:
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        bad = {k: float(v) for k, v in terms.parts.items()}
+        self.log(f"step {self.step_idx}: non-finite loss in phase {phase} ({bad}); step skipped "
+                 f"({self.bad_steps} in a row, limit train.max_bad_steps = {self.cfg.train.max_bad_steps})")
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            kept = list_checkpoints(self.out_dir)
+            raise TrainingError(f"{self.bad_steps} consecutive steps had a non-finite loss (last: {bad}); stopping. "
+                                f"Last good checkpoint: {kept[-1] if kept else 'none written yet'}")
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self) -> dict:
+        """Run until train.steps; log metrics, save checkpoints; returns the last logged metrics."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg.train
+        metrics_path = self.out_dir / "metrics.jsonl"
+        bar = tqdm(total=cfg.steps, initial=self.step_idx, disable=not cfg.progress, dynamic_ncols=True)
+        last: dict = {}
+        sums: dict[str, list[float]] = {}
+        t0, steps0 = time.perf_counter(), self.step_idx
+        while self.step_idx < cfg.steps:
+            parts = self.step()
+            phase = parts.pop("phase")
+            for k, v in parts.items():
+                sums.setdefault(f"{phase}/{k}", []).append(v.detach())
+            if self.step_idx % cfg.log_every == 0 or self.step_idx == cfg.steps:
+                elapsed = time.perf_counter() - t0
+                rate = (self.step_idx - steps0) * cfg.batch_size / max(elapsed, 1e-9)
+                last = {"step": self.step_idx, "phase": phase, "lr": self.scheduler.get_last_lr()[0],
+                        "samples_per_s": rate, "skipped_steps": self.skipped_steps,
+                        **{k: float(torch.stack(v).mean()) for k, v in sums.items()}}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3f}" for k, v in last.items()
+                                 if "/" in k and k.split("/")[1] in ("flow", "bce", "align", "auth")} | {"img/s": f"{rate:.0f}"})
+                sums, t0, steps0 = {}, time.perf_counter(), self.step_idx
+            bar.update(1)
+            if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.steps:
+                self.save()
+        bar.close()
+        return last
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict(),
+            "pool": self.pool.state_dict(),
+            "data": self.loader.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "noise": self.noise.get_state(),
+                    **({"cuda": torch.cuda.get_rng_state()} if self.device.type == "cuda" else {})},
+            "counters": {"bad_steps": self.bad_steps, "skipped_steps": self.skipped_steps},
+        }
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.out_dir, self.step_idx, self.model, self.ema.model, self._state(), self.cfg,
+                               keep_last=self.cfg.train.keep_last)
+        self.log(f"saved checkpoint {path}")
+        return path
+
+    def _resume(self) -> None:
+        ckpts = list_checkpoints(self.out_dir)
+        if not ckpts:
+            self.log(f"--resume: no checkpoint in {self.out_dir}, starting from scratch")
+            return
+        ckpt = ckpts[-1]
+        saved = load_trainer_state(ckpt)
+        old = to_dict(checkpoint_config(ckpt))["model"]
+        diff = {k: (old[k], v) for k, v in to_dict(self.cfg)["model"].items() if old.get(k) != v}
+        if diff:
+            raise CheckpointError(f"{ckpt}: model config differs from the run's ({diff}); cannot resume")
+        load_weights(ckpt, self.model, "model")
+        load_weights(ckpt, self.ema.model, "ema")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.ema.load_state_dict(saved["ema"])
+        self.pool.load_state_dict(saved["pool"])
+        self.loader.load_state_dict(saved["data"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        self.noise.set_state(saved["rng"]["noise"])
+        if "cuda" in saved["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["rng"]["cuda"])
+        self.bad_steps = saved["counters"]["bad_steps"]
+        self.skipped_steps = saved["counters"]["skipped_steps"]
+        self.step_idx = int(saved["step"])
+        self.log(f"resumed from {ckpt} at step {self.step_idx}")

@@ -1,0 +1,1 @@
+"""Triton kernels (installed as `unigendet.kernels`); each is reached through `unigendet.ops`."""

@@ -1,0 +1,59 @@
+"""Backend selection: auto, named, forced by environment, unavailable with reasons."""
+import pytest
+import torch
+
+from unigendet import backends, ops
+
+
+def test_available_backends_reports_reasons():
+    table = ops.available_backends(verbose=True)
+    assert set(table) == {"mmsa_attention", "bce_diga_loss", "fused_add_rmsnorm", "swiglu", "qk_rmsnorm_rope"}
+    for op, row in table.items():
+        assert row["reference"] == "ok"
+        assert all(isinstance(why, str) and why for why in row.values())
+    assert ops.available_backends()["swiglu"] == ["reference"]
+
+
+def test_named_unavailable_backend_raises_with_reason():
+    with pytest.raises(ops.BackendError, match="not part of this version"):
+        ops.swiglu(torch.randn(2, 4), backend="ext")
+    with pytest.raises(ops.BackendError, match="unknown backend"):
+        ops.swiglu(torch.randn(2, 4), backend="cuda-magic")
+
+
+def test_environment_forces_backend(monkeypatch):
+    monkeypatch.setenv("UNIGENDET_BACKEND", "triton")
+    with pytest.raises(ops.BackendError, match=r"\$UNIGENDET_BACKEND"):
+        ops.mmsa_attention(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), None, None, None)
+    monkeypatch.setenv("UNIGENDET_BACKEND", "reference")
+    assert ops.swiglu(torch.randn(2, 4), backend="ext").shape == (2, 2)  # the environment wins
+
+
+def test_default_backend_from_config():
+    try:
+        ops.set_default_backend("ext")
+        with pytest.raises(ops.BackendError, match="ops.backend"):
+            ops.swiglu(torch.randn(2, 4))
+        assert ops.swiglu(torch.randn(2, 4), backend="reference").shape == (2, 2)
+    finally:
+        ops.set_default_backend("auto")
+    with pytest.raises(ops.BackendError):
+        ops.set_default_backend("fastest")
+
+
+@pytest.fixture
+def toy_op():
+    yield "toy_op"
+    backends._REGISTRY.pop("toy_op", None)
+
+
+def test_auto_skips_candidates_that_cannot_run(toy_op):
+    calls = []
+    backends.register("toy_op", "reference", lambda x: calls.append("reference") or x)
+    backends.register("toy_op", "triton", lambda x: calls.append("triton") or x,
+                      check=lambda *a, **k: "needs a GPU" if a and a[0].device.type == "cpu" else None)
+    backends.select("toy_op", "auto", torch.zeros(1))(torch.zeros(1))
+    assert calls == ["reference"]
+    assert backends.availability()["toy_op"] == {"triton": "ok", "reference": "ok"}
+    with pytest.raises(ops.BackendError, match="needs a GPU"):
+        backends.select("toy_op", "triton", torch.zeros(1))

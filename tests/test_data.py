@@ -1,0 +1,334 @@
+"""Tests for unigendet.data: Batch contract, decoding, folder scanning, loader determinism, demo data."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unigendet.data import (
+    IMAGE_EXTENSIONS,
+    Batch,
+    DataError,
+    FolderDataset,
+    FolderLoader,
+    build_loader,
+    load_eval_images,
+    load_rgb,
+    scan_folder,
+    write_demo_dataset,
+)
+
+S = 16  # image size of the loader tests
+
+
+def _write_noise(path, width, height, seed, fmt=None):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, format=fmt)
+
+
+def _make_root(root, n_real=11, n_fake=0, classes=()):
+    """Noise images of varied sizes under root/real (per class if `classes`) and root/fake."""
+    k = 0
+    for label, count in (("real", n_real), ("fake", n_fake)):
+        for i in range(count):
+            sub = os.path.join(label, classes[i % len(classes)]) if classes else label
+            _write_noise(os.path.join(root, sub, f"{i:03d}.png"), 20 + 3 * (k % 7), 18 + 5 * (k % 5), seed=k)
+            k += 1
+    return str(root)
+
+
+def _snapshot(folder):
+    """{relative path: sha1 of bytes} of every file below `folder`."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha1(f.read()).hexdigest()
+    return out
+
+
+def _take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.images, y.images, rtol=0, atol=0)
+        assert torch.equal(x.is_fake, y.is_fake) and torch.equal(x.class_ids, y.class_ids)
+
+
+# ---------------------------------------------------------------------------------------------- Batch
+
+def _batch(b=3):
+    return Batch(torch.rand(b, 3, 8, 8) * 2 - 1, torch.tensor([0.0, 1.0, 0.0][:b]), torch.full((b,), -1))
+
+
+def test_batch_contract():
+    batch = _batch()
+    batch.validate()
+    assert len(batch) == 3
+    moved = batch.to("cpu")
+    assert isinstance(moved, Batch) and torch.equal(moved.images, batch.images)
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda b: setattr(b, "images", b.images[0]), "images"),  # wrong ndim
+        (lambda b: setattr(b, "images", b.images.double()), "images"),  # wrong dtype
+        (lambda b: setattr(b, "images", b.images * 3), "images"),  # out of range
+        (lambda b: setattr(b, "images", b.images[:, :1]), "images"),  # not 3 channels
+        (lambda b: setattr(b, "is_fake", b.is_fake[:2]), "is_fake"),  # B mismatch
+        (lambda b: setattr(b, "is_fake", b.is_fake.long()), "is_fake"),
+        (lambda b: setattr(b, "class_ids", b.class_ids.int()), "class_ids"),
+        (lambda b: setattr(b, "class_ids", b.class_ids - 5), "class_ids"),
+    ],
+)
+def test_batch_validate_names_field(change, field):
+    batch = _batch()
+    change(batch)
+    with pytest.raises(DataError, match=f"Batch.{field}"):
+        batch.validate()
+
+
+# ------------------------------------------------------------------------------------ scan / labels
+
+def test_labels_from_real_and_fake(tmp_path):
+    root = _make_root(tmp_path, n_real=5, n_fake=3)
+    index = scan_folder(root)
+    assert len(index) == 8 and index.classes == []
+    assert index.is_fake == [0] * 5 + [1] * 3 and index.class_ids == [-1] * 8
+    for path, fake in zip(index.files, index.is_fake):
+        assert os.path.basename(os.path.dirname(path)) == ("fake" if fake else "real")
+    assert index.files[:5] == sorted(index.files[:5])
+
+
+def test_class_subfolders(tmp_path):
+    root = _make_root(tmp_path, n_real=6, n_fake=4, classes=("dog", "cat"))
+    _write_noise(os.path.join(root, "fake", "stray.png"), 20, 20, seed=99)  # fake without a class
+    index = scan_folder(root)
+    assert index.classes == ["cat", "dog"]
+    for path, fake, cid in zip(index.files, index.is_fake, index.class_ids):
+        parent = os.path.basename(os.path.dirname(path))
+        assert cid == ({"cat": 0, "dog": 1}[parent] if parent in ("cat", "dog") else -1)
+        assert fake == (os.sep + "fake" + os.sep in path)
+    batch = next(iter(FolderLoader(index, S, 4, num_workers=0)))
+    assert set(batch.class_ids.tolist()) <= {-1, 0, 1}
+
+
+def test_class_folder_errors(tmp_path):
+    root = _make_root(tmp_path / "a", n_real=4, classes=("cat", "dog"))
+    _write_noise(os.path.join(root, "fake", "horse", "0.png"), 20, 20, seed=1)
+    with pytest.raises(DataError, match=r"fake.horse"):
+        scan_folder(root)
+    root = _make_root(tmp_path / "b", n_real=4, classes=("cat",))
+    _write_noise(os.path.join(root, "real", "loose.png"), 20, 20, seed=1)
+    with pytest.raises(DataError, match="loose.png"):
+        scan_folder(root)
+
+
+def test_missing_or_empty_folders(tmp_path):
+    with pytest.raises(DataError, match="nowhere"):
+        scan_folder(tmp_path / "nowhere")
+    (tmp_path / "fake").mkdir()
+    with pytest.raises(DataError, match=r"real.*missing"):
+        scan_folder(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=r"real.*no images"):
+        scan_folder(tmp_path)
+
+
+def test_extensions_case_insensitive(tmp_path):
+    assert {".jpg", ".jpeg", ".png", ".bmp", ".webp"} <= set(IMAGE_EXTENSIONS)
+    for i, ext in enumerate(("JPG", "Jpeg", "PNG", "bmp", "WebP")):
+        fmt = {"JPG": "JPEG", "Jpeg": "JPEG", "bmp": "BMP", "WebP": "WEBP"}.get(ext, "PNG")
+        _write_noise(str(tmp_path / "real" / f"{i}.{ext}"), 20, 20, seed=i, fmt=fmt)
+    (tmp_path / "real" / ".hidden.png").write_bytes(b"")  # ignored
+    assert len(scan_folder(tmp_path)) == 5
+
+
+# ------------------------------------------------------------------------------------------- loader
+
+def test_batches_shapes_range_dtype(tmp_path):
+    root = _make_root(tmp_path, n_real=7, n_fake=5)
+    loader = build_loader(root, S, 5, num_workers=0)
+    assert loader.batches_per_epoch == 2 and loader.num_classes == 0
+    for batch in _take(loader, 5):  # crosses epoch boundaries: the batch size never changes
+        batch.validate()
+        assert batch.images.shape == (5, 3, S, S) and batch.images.dtype == torch.float32
+        assert batch.is_fake.dtype == torch.float32 and batch.class_ids.dtype == torch.int64
+        assert batch.images.min() >= -1 and batch.images.max() <= 1
+    labels = torch.cat([b.is_fake for b in _take(build_loader(root, S, 4, num_workers=0, seed=3), 12)])
+    assert set(labels.tolist()) == {0.0, 1.0}
+
+
+def test_too_few_images(tmp_path):
+    root = _make_root(tmp_path, n_real=3)
+    with pytest.raises(DataError, match=r"3 images.*batch size 4"):
+        build_loader(root, S, 4)
+
+
+def test_dali_is_refused(tmp_path):
+    with pytest.raises(DataError, match="DALI pipeline is not part of this version"):
+        build_loader(_make_root(tmp_path), S, 2, loader="dali")
+    with pytest.raises(DataError, match="expected 'auto'"):
+        build_loader(_make_root(tmp_path), S, 2, loader="opencv")
+
+
+def test_same_seed_same_batches_any_worker_count(tmp_path):
+    root = _make_root(tmp_path, n_real=9, n_fake=4)
+    state = torch.get_rng_state()
+    ref = _take(build_loader(root, S, 4, seed=7, num_workers=0), 7)
+    _assert_same_batches(ref, _take(build_loader(root, S, 4, seed=7, num_workers=2), 7))
+    assert torch.equal(state, torch.get_rng_state())  # loading never touches the global RNG
+    other = _take(build_loader(root, S, 4, seed=8, num_workers=0), 1)[0]
+    assert not torch.equal(other.images, ref[0].images)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
+    index = scan_folder(_make_root(tmp_path, n_real=3))
+    data = FolderDataset(index, S, seed=1)
+    first = data[2][0]
+    torch.testing.assert_close(FolderDataset(index, S, seed=1)[2][0], first, rtol=0, atol=0)
+    data.set_epoch(1)
+    assert not torch.equal(data[2][0], first)
+    evaluation = FolderDataset(index, S, seed=1, train=False)
+    before = evaluation[2][0]
+    evaluation.set_epoch(5)  # no randomness in evaluation
+    torch.testing.assert_close(evaluation[2][0], before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [13, 12])
+def test_sharding_disjoint_equal(tmp_path, n):
+    index = scan_folder(_make_root(tmp_path, n_real=n))
+    ranks = [FolderLoader(index, S, 3, seed=5, rank=r, world_size=2, num_workers=0) for r in range(2)]
+    for epoch in (0, 1):
+        seen = [sum(loader.epoch_batches(epoch), []) for loader in ranks]
+        assert len(seen[0]) == len(seen[1]) == 6
+        assert not set(seen[0]) & set(seen[1])
+    # What a rank yields is exactly its share: the first batch equals the items its sampler names.
+    batch = _take(ranks[1], 1)[0]
+    items = [ranks[1].dataset[i] for i in ranks[1].epoch_batches(0)[0]]
+    torch.testing.assert_close(batch.images, torch.stack([x[0] for x in items]), rtol=0, atol=0)
+
+
+def test_resume_continues_with_the_same_batches(tmp_path):
+    root = _make_root(tmp_path, n_real=10)
+    straight = _take(build_loader(root, S, 4, seed=2, num_workers=0), 7)  # 2 batches per epoch
+    first = build_loader(root, S, 4, seed=2, num_workers=0)
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    assert state == {"epoch": 1, "position": 1}
+    resumed = build_loader(root, S, 4, seed=2, num_workers=2)
+    resumed.load_state_dict(state)
+    _assert_same_batches(head + _take(resumed, 4), straight)
+    with pytest.raises(DataError, match="position"):
+        resumed.load_state_dict({"epoch": 0, "position": 9})
+
+
+# ------------------------------------------------------------------------------------- bad files
+
+def _corrupt_bytes():
+    good = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(good, format="JPEG")
+    return {
+        "empty.jpg": b"",
+        "truncated.jpg": good.getvalue()[: len(good.getvalue()) // 2],
+        "random.png": np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes(),
+    }
+
+
+@pytest.mark.parametrize("name", ["empty.jpg", "truncated.jpg", "random.png"])
+def test_corrupt_file_raises_naming_it(tmp_path, name):
+    root = _make_root(tmp_path, n_real=4)
+    bad = tmp_path / "real" / name
+    bad.write_bytes(_corrupt_bytes()[name])
+    before = _snapshot(tmp_path)
+    with pytest.raises(DataError, match=f"{name}: cannot decode image"):
+        load_rgb(bad)
+    for workers in (0, 2):
+        with pytest.raises(DataError, match=rf"bad file in dataset folder.*{name}"):
+            _take(build_loader(root, S, 5, num_workers=workers), 1)
+    assert _snapshot(tmp_path) == before
+
+
+# --------------------------------------------------------------------------------- unusual images
+
+def _tensor_of(path, train=True, size=S):
+    root = os.path.dirname(os.path.dirname(path))
+    index = scan_folder(root)
+    image, _, _ = FolderDataset(index, size, seed=0, train=train)[index.files.index(str(path))]
+    assert image.shape == (3, size, size) and image.dtype == torch.float32
+    return image
+
+
+def test_unusual_modes(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    Image.fromarray(np.full((30, 40), 200, np.uint8)).save(real / "gray.png")
+    Image.new("CMYK", (30, 30), (0, 255, 255, 0)).save(real / "cmyk.jpg", quality=95)  # pure red
+    rgba = np.zeros((30, 30, 4), np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent -> white after compositing
+    Image.fromarray(rgba).save(real / "rgba.png")
+    Image.fromarray(np.full((30, 30), 65535, np.uint16)).save(real / "white16.png")
+    Image.fromarray(np.full((30, 30), 32896, np.uint16)).save(real / "mid16.png")  # 128 * 257
+    Image.fromarray(np.full((7, 5, 3), 10, np.uint8)).save(real / "tiny.png")  # smaller than S
+
+    assert load_rgb(real / "white16.png").mode == "RGB"
+    for train in (True, False):
+        torch.testing.assert_close(_tensor_of(real / "gray.png", train), torch.full((3, S, S), 200 / 127.5 - 1))
+        red = _tensor_of(real / "cmyk.jpg", train).mean(dim=(1, 2))
+        assert red[0] > 0.9 and red[1] < -0.9 and red[2] < -0.9
+        torch.testing.assert_close(_tensor_of(real / "rgba.png", train), torch.ones(3, S, S))
+        torch.testing.assert_close(_tensor_of(real / "white16.png", train), torch.ones(3, S, S))
+        torch.testing.assert_close(_tensor_of(real / "mid16.png", train), torch.full((3, S, S), 128 / 127.5 - 1))
+        torch.testing.assert_close(_tensor_of(real / "tiny.png", train), torch.full((3, S, S), 10 / 127.5 - 1))
+
+
+def test_load_eval_images(tmp_path):
+    root = _make_root(tmp_path, n_real=6, n_fake=4)
+    state = torch.get_rng_state()
+    images, is_fake = load_eval_images(root, S, max_images=3)
+    assert torch.equal(state, torch.get_rng_state())
+    assert images.shape == (6, 3, S, S) and is_fake.tolist() == [0.0] * 3 + [1.0] * 3
+    again, _ = load_eval_images(root, S, max_images=3)
+    torch.testing.assert_close(images, again, rtol=0, atol=0)
+    images, is_fake = load_eval_images(root, S)
+    assert images.shape[0] == 10 and is_fake.sum() == 4
+
+
+# ---------------------------------------------------------------------------------------- demo data
+
+def test_demo_dataset_deterministic(tmp_path):
+    counts = write_demo_dataset(tmp_path / "a", size=32, seed=3)
+    assert counts["sources"] >= 10 and 800 <= counts["train"] <= 1200 and 100 <= counts["val"] <= 250
+    assert len(os.listdir(tmp_path / "a" / "train" / "real")) == counts["train"]
+    assert len(os.listdir(tmp_path / "a" / "val" / "real")) == counts["val"]
+    assert write_demo_dataset(tmp_path / "b", size=32, seed=3) == counts
+    for rel in ("train/real/00000.jpg", "train/real/00417.jpg", "val/real/00009.jpg"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    with Image.open(tmp_path / "a" / "val" / "real" / "00000.jpg") as img:
+        assert img.size == (32, 32) and img.mode == "RGB"
+
+    # Already complete with the same parameters: nothing is rewritten.
+    before = {p: os.stat(p).st_mtime_ns for p in (tmp_path / "a").rglob("*")}
+    assert write_demo_dataset(tmp_path / "a", size=32, seed=3) == counts
+    assert {p: os.stat(p).st_mtime_ns for p in (tmp_path / "a").rglob("*")} == before
+
+    # A different seed rewrites the folder with other crops.
+    write_demo_dataset(tmp_path / "a", size=32, seed=4)
+    first = "train/real/00000.jpg"
+    assert (tmp_path / "a" / first).read_bytes() != (tmp_path / "b" / first).read_bytes()
+    index = scan_folder(tmp_path / "a" / "train")
+    assert len(index) == counts["train"] and index.num_fake == 0

@@ -1,0 +1,103 @@
+"""Phases: which losses each computes, what each trains, and where the DIGA gradients go."""
+import pytest
+import torch
+
+from unigendet import ModelConfig, UniGenDet
+from unigendet.config import LossConfig
+from unigendet.train import PHASES, phase_at, phase_loss, set_trainable
+from unigendet.train.phases import frozen_detection_logit
+
+
+def make_model(**kw):
+    torch.manual_seed(0)
+    cfg = dict(image_size=16, patch_size=4, width=32, depth=2, heads=2, kv_heads=1, registers=2, align_layer=1,
+               projector_hidden=16)
+    cfg.update(kw)
+    m = UniGenDet(ModelConfig(**cfg))
+    torch.nn.init.normal_(m.gen_head.proj.weight, std=0.05)  # so gradients reach every layer
+    return m
+
+
+def batch(B=4, fake_rows=0):
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(B, 3, 16, 16, generator=g) * 2 - 1
+    is_fake = torch.zeros(B)
+    is_fake[:fake_rows] = 1
+    return images, is_fake, torch.full((B,), -1, dtype=torch.long)
+
+
+def grads_by_owner(model):
+    out = {"gen": False, "det": False, "shared": False}
+    for name, p in model.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            out[model.param_owner(name)] = True
+    return out
+
+
+def test_schedule():
+    assert [phase_at(s, "alternate", 2).name for s in range(6)] == ["gen", "gen", "det", "det", "gen", "gen"]
+    assert phase_at(5, "joint", 1).name == "joint" and phase_at(0, "diga", 1).name == "diga"
+
+
+@pytest.mark.parametrize("phase,parts,trained", [
+    ("gen", {"flow", "align", "auth", "total"}, {"gen"}),
+    ("det", {"bce", "total"}, {"det"}),
+    ("joint", {"flow", "align", "auth", "bce", "total"}, {"gen", "det"}),
+    ("diga", {"flow", "align", "auth", "total"}, {"gen"}),
+])
+def test_phase_terms_and_frozen_experts(phase, parts, trained):
+    m = make_model()
+    ph = PHASES[phase]
+    set_trainable(m, ph)
+    images, is_fake, ids = batch()
+    fakes = torch.rand(4, 3, 16, 16) * 2 - 1 if ph.detects else None
+    terms = phase_loss(m, ph, images, is_fake, ids, fakes, LossConfig(), torch.Generator().manual_seed(0))
+    assert set(terms.parts) == parts
+    terms.total.backward()
+    got = {k for k, v in grads_by_owner(m).items() if v}
+    assert got == trained
+
+
+def test_shared_experts_train_in_gen_and_det_but_not_diga():
+    for phase, expect in (("gen", True), ("det", True), ("diga", False)):
+        m = make_model(experts="shared")
+        set_trainable(m, PHASES[phase])
+        ph = PHASES[phase]
+        images, is_fake, ids = batch()
+        fakes = torch.rand(4, 3, 16, 16) if ph.detects else None
+        phase_loss(m, ph, images, is_fake, ids, fakes, LossConfig(), None).total.backward()
+        assert grads_by_owner(m)["shared"] is expect, phase
+
+
+def test_authenticity_gradient_reaches_generator_only_through_x0_hat():
+    m = make_model()
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    frozen_detection_logit(m, x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_auth_only_and_align_only_and_no_diga():
+    m = make_model()
+    set_trainable(m, PHASES["gen"])
+    images, is_fake, ids = batch()
+    for cfg, expected in ((LossConfig(w_align=0.0), {"flow", "auth", "total"}),
+                          (LossConfig(w_auth=0.0), {"flow", "align", "total"}),
+                          (LossConfig(lambda_dig=0.0), {"flow", "total"})):
+        terms = phase_loss(m, PHASES["gen"], images, is_fake, ids, None, cfg, None)
+        assert set(terms.parts) == expected
+        if cfg.lambda_dig == 0:
+            torch.testing.assert_close(terms.total, terms.parts["flow"])
+
+
+def test_external_fakes_are_detector_positives_and_not_generator_targets():
+    m = make_model()
+    images, is_fake, ids = batch(B=4, fake_rows=2)
+    images[:2] = 50.0  # the external fakes: absurd values that would dominate L_flow if used as x0
+    gen = phase_loss(m, PHASES["gen"], images, is_fake, ids, None, LossConfig(lambda_dig=0.0), None)
+    assert gen.parts["flow"] < 10
+    pool = torch.rand(3, 3, 16, 16)
+    det = phase_loss(m, PHASES["det"], images, is_fake, ids, pool, LossConfig(), None)
+    logits = m.detection_pass(torch.cat([images, pool])).logit
+    want = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([1.0, 1, 0, 0, 1, 1, 1]))
+    torch.testing.assert_close(det.parts["bce"], want)
