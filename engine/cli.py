@@ -113,7 +113,7 @@ def cmd_detect(args) -> int:
     import torch
 
     from .data import DataError, load_rgb
-    from .data.images import center_square_box, resize_box, to_tensor
+    from .data.images import crop_resize
     from .eval.evaluate import load_model
 
     model, cfg, step_dir = load_model(args.ckpt, device=args.device)
@@ -122,7 +122,7 @@ def cmd_detect(args) -> int:
     for path in args.files:
         try:
             img = load_rgb(path)
-            x = to_tensor(resize_box(img, center_square_box(img.width, img.height), S))[None]
+            x = crop_resize(img, S, None)[None]  # the evaluation transform: shorter side to S, center crop
         except (DataError, OSError) as e:
             failures += 1
             msg = str(e) if str(path) in str(e) else f"{path}: {e}"

@@ -151,8 +151,7 @@ class Trainer:
                         **{k: float(torch.stack(v).mean()) for k, v in sums.items()}}
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
-                bar.set_postfix({k.split("/")[0][0] + ":" + k.split("/")[1]: f"{v:.3f}" for k, v in last.items()
-                                 if "/" in k and k.split("/")[1] in ("flow", "bce", "align", "auth")} | {"img/s": f"{rate:.0f}"})
+                bar.set_postfix(progress_fields(last), refresh=False)
                 sums, t0, steps0 = {}, time.perf_counter(), self.step_idx
             bar.update(1)
             if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.steps:
@@ -206,3 +205,13 @@ class Trainer:
         self.skipped_steps = saved["counters"]["skipped_steps"]
         self.step_idx = int(saved["step"])
         self.log(f"resumed from {ckpt} at step {self.step_idx}")
+
+
+def progress_fields(metrics: dict) -> dict[str, str]:
+    """What the progress bar shows: phase, the main loss parts by name, samples/s."""
+    shown = {"phase": metrics["phase"]}
+    for key, value in metrics.items():
+        if "/" in key and key.split("/")[1] in ("flow", "bce", "align", "auth"):
+            shown[key.split("/")[1]] = f"{value:.3f}"
+    shown["img/s"] = f"{metrics['samples_per_s']:.0f}"
+    return shown

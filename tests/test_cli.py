@@ -1,0 +1,120 @@
+"""The `unigendet` command line: every command, and bad input that must fail clearly and safely."""
+import json
+import pickle
+
+import pytest
+
+from unigendet.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("cli_run")
+    args = ["train", "--config", "tiny_cpu", f"--data.root={demo_root / 'train'}", f"--train.out_dir={run}",
+            "--train.steps=4", "--train.save_every=2", "--model.width=32", "--model.depth=2", "--model.heads=2",
+            "--model.kv_heads=1", "--model.align_layer=1", "--train.batch_size=8", "--phases.pool_size=16",
+            "--phases.refill_count=8", "--phases.sampler_steps=2", "--train.progress=false", "--data.num_workers=0",
+            "--eval.num_images=8", "--eval.sampler_steps=2", "--eval.batch_size=8"]
+    assert main(args) == 0
+    return run
+
+
+def test_info_lists_backends_and_reasons(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "mmsa_attention" in out and "reference" in out and "torch" in out
+
+
+def test_data_demo_is_deterministic(tmp_path, capsys):
+    assert main(["data", "demo", "--out", str(tmp_path / "d")]) == 0
+    counts = json.loads(capsys.readouterr().out.split(": ", 1)[1])
+    assert counts["train"] > 500 and counts["val"] > 100
+    assert any((tmp_path / "d" / "train" / "real").iterdir())
+
+
+def test_train_writes_run_folder(trained_run):
+    assert (trained_run / "config.toml").is_file() and (trained_run / "metrics.jsonl").is_file()
+    assert (trained_run / "checkpoints" / "step_0000004" / "model.safetensors").is_file()
+
+
+def test_train_unknown_key_fails_before_running(tmp_path, capsys):
+    assert main(["train", "--config", "tiny_cpu", "--train.stepz=3", f"--train.out_dir={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key train.stepz" in err
+    assert not (tmp_path / "x").exists()  # nothing ran
+
+
+def test_generate(trained_run, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--ckpt", str(trained_run), "--n", "4", "--out", str(out), "--steps", "2"]) == 0
+    assert Image.open(out).size == (2 + 2 * 34, 2 + 2 * 34)  # 2x2 grid of 32-px images, 2-px padding
+
+
+def test_detect_scores_good_files_and_names_bad_ones(trained_run, demo_root, tmp_path, capsys):
+    good = sorted((demo_root / "val" / "real").iterdir())[:2]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    code = main(["detect", "--ckpt", str(trained_run), str(good[0]), str(bad), str(good[1]), "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 1
+    assert [r["file"] for r in rows] == [str(good[0]), str(bad), str(good[1])]
+    assert "error" in rows[1] and str(bad) in rows[1]["error"]
+    assert 0 <= rows[0]["p_fake"] <= 1 and 0 <= rows[2]["p_fake"] <= 1
+
+
+def test_eval_writes_report(trained_run, demo_root, tmp_path):
+    out = tmp_path / "report"
+    assert main(["eval", "--ckpt", str(trained_run), "--data", str(demo_root / "val"), "--out", str(out),
+                 "--num-images", "8", "--with-init"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("det_auc", "det_acc", "det_f1", "det_eer", "fid", "kid", "fid_init", "fid_reduction"):
+        assert key in m
+    assert (out / "samples.png").is_file() and (out / "report.md").is_file() and (out / "calibration.png").is_file()
+
+
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/unigendet_pwned",))
+
+
+def test_garbage_and_malicious_checkpoints_are_refused(trained_run, tmp_path, capsys):
+    import shutil
+
+    step = tmp_path / "step_0000004"
+    shutil.copytree(trained_run / "checkpoints" / "step_0000004", step)
+    (step / "model.safetensors").write_bytes(b"garbage" * 10)
+    (step / "ema.safetensors").write_bytes(b"garbage" * 10)
+    assert main(["generate", "--ckpt", str(step), "--n", "1", "--out", str(tmp_path / "g.png")]) == 2
+    assert "ema.safetensors" in capsys.readouterr().err
+
+    # a pickle that would run a command when unpickled: refused by weights_only=True, nothing runs
+    from unigendet.train import CheckpointError, load_trainer_state
+
+    with open(step / "trainer_state.pt", "wb") as f:
+        pickle.dump({"format_version": "1", "x": _Exploit()}, f)
+    with pytest.raises(CheckpointError, match="trainer_state.pt"):
+        load_trainer_state(step)
+    import os
+
+    assert not os.path.exists("/tmp/unigendet_pwned")
+
+
+def test_checkpoint_from_another_version_is_refused(trained_run, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    step = tmp_path / "step_0000004"
+    shutil.copytree(trained_run / "checkpoints" / "step_0000004", step)
+    save_file(load_file(step / "ema.safetensors"), step / "ema.safetensors", metadata={"format_version": "99"})
+    assert main(["detect", "--ckpt", str(step), str(step / "config.toml")]) == 2
+    assert "format version '99'" in capsys.readouterr().err
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert main(["generate", "--ckpt", str(tmp_path / "nope")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
