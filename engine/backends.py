@@ -32,19 +32,26 @@ class Candidate:
     name: str
     impl: Callable
     check: CapabilityCheck  # (*args, **kwargs) -> None if it can run, else a reason
+    auto_check: CapabilityCheck | None = None  # extra condition for "auto" (e.g. not the slow interpreter)
 
 
 _REGISTRY: dict[str, list[Candidate]] = {}
 _default_backend = "auto"
 
 
-def register(op: str, name: str, impl: Callable, check: CapabilityCheck | None = None) -> None:
-    """Add a backend for `op`. Candidates registered earlier are preferred by "auto"."""
+def register(op: str, name: str, impl: Callable, check: CapabilityCheck | None = None,
+             auto_check: CapabilityCheck | None = None) -> None:
+    """Add a backend for `op` ("auto" prefers triton, then ext, then reference).
+
+    check: can this backend run these inputs at all (None = yes, else the reason)?
+    auto_check: should "auto" pick it for these inputs (e.g. Triton under the CPU interpreter can
+    run, so `backend="triton"` works in tests, but is far too slow for "auto" to choose)?
+    """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend name {name!r}; expected one of {BACKEND_NAMES}")
     cands = _REGISTRY.setdefault(op, [])
     cands[:] = [c for c in cands if c.name != name]
-    cands.append(Candidate(name, impl, check or (lambda *a, **k: None)))
+    cands.append(Candidate(name, impl, check or (lambda *a, **k: None), auto_check))
     cands.sort(key=lambda c: _PREFERENCE.index(c.name))
 
 
@@ -84,6 +91,8 @@ def select(op: str, backend: str, *args: Any, **kwargs: Any) -> Callable:
         reasons = []
         for c in cands:
             why = c.check(*args, **kwargs)
+            if why is None and c.auto_check is not None:
+                why = c.auto_check(*args, **kwargs)
             if why is None:
                 return c.impl
             reasons.append(f"{c.name}: {why}")

@@ -155,6 +155,9 @@ class TrainConfig:
     """torch.compile the model (for comparison with the fused backends)."""
     fsdp: bool = False
     """Shard with FSDP2 instead of DDP under torchrun."""
+    init_from: str = ""
+    """Start from the weights of this checkpoint (step or run folder), e.g. stage II (diga) from a
+    stage I (joint) run; optimizer and schedule start fresh. '' = random init."""
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss."""
     progress: bool = True

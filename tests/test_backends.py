@@ -57,3 +57,10 @@ def test_auto_skips_candidates_that_cannot_run(toy_op):
     assert backends.availability()["toy_op"] == {"triton": "ok", "reference": "ok"}
     with pytest.raises(ops.BackendError, match="needs a GPU"):
         backends.select("toy_op", "triton", torch.zeros(1))
+
+
+def test_auto_check_keeps_slow_backends_opt_in(toy_op):
+    backends.register("toy_op", "reference", lambda x: "reference")
+    backends.register("toy_op", "triton", lambda x: "triton", auto_check=lambda *a, **k: "interpreter is slow")
+    assert backends.select("toy_op", "auto", torch.zeros(1))(0) == "reference"
+    assert backends.select("toy_op", "triton", torch.zeros(1))(0) == "triton"

@@ -96,3 +96,46 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny_overrides, monkeypatch):
     t.step()
     with pytest.raises(TrainingError, match="3 consecutive steps"):
         t.step()
+
+
+def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_overrides, tmp_path):
+    stage1 = load_config("tiny_cpu", tiny_overrides + ["--train.steps=2", "--train.save_every=2",
+                                                       "--phases.mode=joint", f"--train.out_dir={tmp_path / 's1'}"])
+    first = Trainer(stage1, log=lambda *_: None)
+    first.train()
+    stage2 = load_config("tiny_cpu", tiny_overrides + ["--train.steps=2", "--phases.mode=diga",
+                                                       f"--train.init_from={tmp_path / 's1'}",
+                                                       f"--train.out_dir={tmp_path / 's2'}"])
+    second = Trainer(stage2, log=lambda *_: None)
+    for p, q in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(p, q)
+    second.train()
+    # diga trains the generator expert only: every detector-owned weight is unchanged
+    for name, p in second.model.named_parameters():
+        if second.model.param_owner(name) == "det":
+            assert torch.equal(p, dict(first.model.named_parameters())[name]), name
+
+
+def _class_folder(root, classes=("cats", "dogs"), per_class=8):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c, name in enumerate(classes):
+        folder = root / "real" / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(20, 20, 3, generator=g) * 128 + 100 * c).clamp(0, 255).byte().numpy()
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_class_conditional_training(tiny_overrides, tmp_path):
+    data = _class_folder(tmp_path / "classes")
+    cfg = load_config("tiny_cpu", tiny_overrides + [f"--data.root={data}", "--model.num_classes=2",
+                                                    "--train.steps=3", "--train.save_every=3"])
+    t = Trainer(cfg, log=lambda *_: None)
+    t.train()
+    assert t.model.gen_embed.classes.num_embeddings == 3  # two classes + the "no class" token
+    bad = load_config("tiny_cpu", tiny_overrides + [f"--data.root={data}", "--model.num_classes=5"])
+    with pytest.raises(TrainingError, match="model.num_classes = 5 but .* has 2 class folders"):
+        Trainer(bad, log=lambda *_: None)

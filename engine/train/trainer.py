@@ -21,7 +21,7 @@ from ..config import Config, save_config, to_dict
 from ..data import build_loader
 from ..model import UniGenDet, euler_sample
 from .checkpoint import (CheckpointError, checkpoint_config, list_checkpoints, load_trainer_state, load_weights,
-                         save_checkpoint)
+                         resolve_checkpoint, save_checkpoint)
 from .fake_pool import FakePool
 from .optim import EMA, build_optimizer, lr_multiplier
 from .phases import phase_at, phase_loss, set_trainable
@@ -53,6 +53,10 @@ class Trainer:
                                 f"{self.loader.num_classes} class folders")
         torch.manual_seed(cfg.train.seed)  # model init is a function of the seed
         self.model = UniGenDet(cfg.model).to(self.device)
+        if cfg.train.init_from:  # a resumed run overwrites these with its own checkpoint below
+            init = resolve_checkpoint(cfg.train.init_from)
+            load_weights(init, self.model, "model")
+            log(f"initialised weights from {init}")
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(cfg.optim, cfg.train.steps))

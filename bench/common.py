@@ -1,0 +1,94 @@
+"""Shared benchmark harness: timing, peak memory, result tables tagged with the device name.
+
+GPU: `triton.testing.do_bench` medians (it flushes the L2 cache and synchronises). CPU: the median of
+repeated wall-clock runs after warm-up. Every table row carries the device it was measured on, and
+`write_results` stores CSV + markdown under bench/results/<device>/.
+"""
+from __future__ import annotations
+
+import csv
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def device_name(device: torch.device | str) -> str:
+    """A human-readable device name: the GPU's name, or the CPU model and core count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def measure_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of fn() on `device`."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Peak GPU memory (MiB) allocated while fn() runs, above what was allocated before; None on CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def write_results(name: str, rows: list[dict], device: torch.device | str) -> Path:
+    """Write rows as bench/results/<device>/<name>.csv and .md; returns the folder."""
+    dev = device_name(device)
+    folder = RESULTS / slug(dev)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"device": dev, **r} for r in rows]
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    with open(folder / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / f"{name}.md").write_text(markdown_table(rows, cols, title=f"{name} on {dev}"))
+    return folder
+
+
+def markdown_table(rows: list[dict], cols: list[str], title: str = "") -> str:
+    def fmt(v):
+        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
