@@ -6,10 +6,37 @@ from torch import Tensor
 
 from .. import backends
 from .reference import mmsa_attention_ref
+from .triton_support import auto_reason, triton_reason
 
 OP = "mmsa_attention"
 backends.register(OP, "reference", mmsa_attention_ref)
-backends.mark_unavailable(OP, "triton", "the Triton MMSA kernel is not part of this version")
+
+# ----------------------------------------------------------------------------- triton backend
+# kernels/attention.py is imported on first use, so `import unigendet` works without Triton.
+
+
+def _triton_check(*tensors, **_) -> str | None:
+    """None if the Triton kernels can run these inputs (q_g, k_g, v_g, q_d, k_d, v_d), else why not."""
+    present = [t for t in tensors if t is not None]
+    why = triton_reason(present)
+    if why is None and present:
+        D = present[0].shape[-1]
+        if D % 16 or not 16 <= D <= 256:
+            return f"head dim {D} unsupported (multiples of 16 from 16 to 256)"
+    return why
+
+
+def _triton_auto_check(*tensors, **_) -> str | None:
+    return auto_reason([t for t in tensors if t is not None])
+
+
+def _triton_impl(*args, **kwargs):
+    from ..kernels.attention import mmsa_attention_triton
+
+    return mmsa_attention_triton(*args, **kwargs)
+
+
+backends.register(OP, "triton", _triton_impl, check=_triton_check, auto_check=_triton_auto_check)
 
 
 def _check_stream(name: str, q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None) -> None:

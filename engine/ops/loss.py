@@ -5,10 +5,34 @@ from torch import Tensor
 
 from .. import backends
 from .reference import LossParts, bce_diga_loss_ref
+from .triton_support import auto_reason, triton_reason
 
 OP = "bce_diga_loss"
+
+
+def _tensors(args) -> list[Tensor]:
+    return [t for t in args if isinstance(t, Tensor)]
+
+
+def _triton_check(*args, **_) -> str | None:
+    """None if the fused Triton kernel can run (logits, targets, weights, student, teacher)."""
+    return triton_reason(_tensors(args))
+
+
+def _triton_auto_check(*args, **_) -> str | None:
+    return auto_reason(_tensors(args))
+
+
+def _triton_impl(*args, **kwargs) -> LossParts:
+    # imported on first use: `import unigendet` must not need triton, and TRITON_INTERPRET is read
+    # when the kernel module is imported
+    from ..kernels.loss import bce_diga_loss_triton
+
+    return bce_diga_loss_triton(*args, **kwargs)
+
+
 backends.register(OP, "reference", bce_diga_loss_ref)
-backends.mark_unavailable(OP, "triton", "the fused Triton loss kernel is not part of this version")
+backends.register(OP, "triton", _triton_impl, check=_triton_check, auto_check=_triton_auto_check)
 
 
 def bce_diga_loss(logits: Tensor | None, targets: Tensor | None, weights: Tensor | None,

@@ -1,0 +1,221 @@
+"""Benchmark `mmsa_attention`: forward, backward, forward+backward; ms, TFLOP/s, peak memory.
+
+    python bench/bench_attention.py --device cuda     # the GPU table (bench/results/<gpu>/bench_attention.*)
+    python bench/bench_attention.py --device cpu      # one tiny shape: proves the script runs
+
+Providers:
+  ours        the Triton kernels (`backend="triton"`); on CPU through the Triton interpreter
+  eager       `ops.reference.mmsa_attention_ref` (per stream-pair scores, fp32 softmax)
+  sdpa_dense  the published UniGenDet way: concatenate the streams, build the dense boolean mask,
+              SDPA (`ops.reference.mmsa_attention_dense`; concatenation and mask are timed)
+  flex        torch.compile(flex_attention) on pre-concatenated (B, H, T, D) inputs with the MMSA
+              mask_mod (block mask built once, outside the timing: FlexAttention's best case)
+  fa2         flash_attn_func on pre-concatenated inputs: only where flash-attn is installed and the
+              mask is full (bidirectional layout, no causal stream, no padding)
+FLOPs count only the (query, key) pairs the layout allows: forward 4 * D per pair per head (QK^T
+and PV), backward 2.5x forward (FlashAttention's convention: 5 matmuls vs 2; our dQ pass recomputes
+QK^T and dO V^T, i.e. 7 matmuls, which is not counted), forward+backward 3.5x. Backward alone is
+timed as `torch.autograd.grad` of the outputs of one forward (retain_graph). Peak memory: what the
+timed call allocates above its inputs (CUDA only).
+Targets (issue 3; H100/H200, bf16, published shape): forward >= 450 TFLOP/s, forward+backward >= 300,
+>= 1.3x compiled FlexAttention and >= 5x dense-mask SDPA; memory linear in T.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import device_name, markdown_table, measure_ms, peak_memory_mb, write_results  # noqa: E402
+
+# (name, B, Tg, Td, H, Hkv, D)
+CUDA_SHAPES = [("B4-T1024-H16-D64", 4, 1024, 1024, 16, 16, 64), ("published", 1, 4096, 4096, 28, 4, 128)]
+CPU_SHAPES = [("tiny", 1, 48, 64, 4, 2, 32)]
+LAYOUTS = {"bidirectional": dict(g2d=True, d2g=True), "published": dict(g2d=False, d2g=True)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = ("fwd", "bwd", "fwd+bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+
+def allowed_pairs(Tg: int, Td: int, *, g2d: bool, d2g: bool, g_causal: bool = False, d_causal: bool = False) -> int:
+    """(query, key) pairs MMSA computes per head per sample (no padding)."""
+    own = lambda T, causal: T * (T + 1) // 2 if causal else T * T  # noqa: E731
+    return own(Tg, g_causal) + own(Td, d_causal) + (Tg * Td if g2d else 0) + (Td * Tg if d2g else 0)
+
+
+def make_inputs(B, Tg, Td, H, Hkv, D, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = [(B, Tg, H, D), (B, Tg, Hkv, D), (B, Tg, Hkv, D), (B, Td, H, D), (B, Td, Hkv, D), (B, Td, Hkv, D)]
+    return [torch.randn(s, generator=g, device=device, dtype=dtype).requires_grad_() for s in shapes]
+
+
+def _concat(inputs):
+    """(B, T, H, D) per stream -> leaf tensors over the concatenated streams [G; D], (B, T, H, D)."""
+    q_g, k_g, v_g, q_d, k_d, v_d = inputs
+    pairs = ((q_g, q_d), (k_g, k_d), (v_g, v_d))
+    return [torch.cat([a, b], 1).detach().contiguous().requires_grad_() for a, b in pairs]
+
+
+def provider(name: str, inputs, layout: dict, device):
+    """-> (forward callable returning a list of outputs, its leaf inputs) or raises SystemError(reason)."""
+    from unigendet import ops
+    from unigendet.ops.reference import mmsa_attention_dense, mmsa_attention_ref
+
+    if name == "ours":
+        return (lambda: list(ops.mmsa_attention(*inputs, backend="triton", **layout))), inputs
+    if name == "eager":
+        return (lambda: list(mmsa_attention_ref(*inputs, **layout))), inputs
+    if name == "sdpa_dense":
+        return (lambda: list(mmsa_attention_dense(*inputs, **layout))), inputs
+    B, Tg, H, D = inputs[0].shape
+    Td = inputs[3].shape[1]
+    if name == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        g2d, d2g = layout["g2d"], layout["d2g"]
+
+        def mask_mod(b, h, qi, ki):
+            q_is_g, k_is_g = qi < Tg, ki < Tg
+            return (q_is_g == k_is_g) | (q_is_g & g2d) | (~q_is_g & d2g)
+
+        T = Tg + Td
+        mask = create_block_mask(mask_mod, B, None, T, T, device=device)
+        q, k, v = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in _concat(inputs)]  # (B, H, T, D)
+        flex = torch.compile(flex_attention, dynamic=False)
+        gqa = k.shape[1] != q.shape[1]
+        # no_grad (fwd mode): detached inputs, so CPU FlexAttention (forward only) runs too
+        grad_or_detached = lambda x: x if torch.is_grad_enabled() else x.detach()  # noqa: E731
+        return (lambda: [flex(*map(grad_or_detached, (q, k, v)), block_mask=mask, enable_gqa=gqa)]), [q, k, v]
+    if name == "fa2":
+        if not (layout["g2d"] and layout["d2g"]):
+            raise SystemError("mask not full (FlashAttention-2 has no MMSA block mask)")
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError as e:
+            raise SystemError(f"flash-attn not installed ({e.__class__.__name__})") from None
+        if device.type != "cuda":
+            raise SystemError("flash-attn needs CUDA")
+        q, k, v = _concat(inputs)
+        return (lambda: [flash_attn_func(q, k, v)]), [q, k, v]
+    raise SystemExit(f"unknown provider {name!r}")
+
+
+def timed_fn(fwd, leaves, mode: str):
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fwd()
+        return run
+    if mode == "fwd+bwd":
+        grads_out = [torch.randn_like(o) for o in fwd()]
+        return lambda: torch.autograd.grad(fwd(), leaves, grads_out)
+    outs = fwd()  # bwd: one forward, backward timed repeatedly
+    grads_out = [torch.randn_like(o) for o in outs]
+    return lambda: torch.autograd.grad(outs, leaves, grads_out, retain_graph=True)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--providers", default="ours,eager,sdpa_dense,flex,fa2")
+    ap.add_argument("--layouts", default="bidirectional,published")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--shapes", default="", help="B:Tg:Td:H:Hkv:D,... (default: the device's shape set)")
+    ap.add_argument("--no-save", action="store_true", help="print only; do not write bench/results")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    shapes = ([("custom",) + tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes
+              else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES))
+    providers = [p for p in args.providers.split(",") if p]
+    modes = [m for m in args.modes.split(",") if m]
+    timing = {} if device.type == "cuda" else {"warmup": 1, "reps": 3}
+    dev = device_name(device)
+    print(f"device: {dev}; dtype {dtype}; torch {torch.__version__}")
+    if device.type == "cpu":
+        print("CPU: `ours` runs on the Triton interpreter (correct, not fast): these numbers only show the "
+              "script works")
+    warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+
+    rows, skipped = [], []
+    for shape_name, B, Tg, Td, H, Hkv, D in shapes:
+        for lname in [s for s in args.layouts.split(",") if s]:
+            layout = LAYOUTS[lname]
+            pairs = allowed_pairs(Tg, Td, **layout)
+            fwd_flops = 4.0 * D * pairs * B * H
+            inputs = make_inputs(B, Tg, Td, H, Hkv, D, dtype, device)
+            ours_ms = {}
+            for prov in providers:
+                try:
+                    fwd, leaves = provider(prov, inputs, layout, device)
+                except SystemError as e:
+                    skipped.append(f"{prov} {shape_name} {lname}: {e}")
+                    continue
+                for mode in modes:
+                    try:
+                        fn = timed_fn(fwd, leaves, mode)
+                        fn()  # compile / autotune / warm up outside the timing
+                        ms = measure_ms(fn, device, **timing)
+                        peak = peak_memory_mb(fn, device)
+                    except (torch.OutOfMemoryError, RuntimeError, NotImplementedError) as e:
+                        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                        skipped.append(f"{prov} {shape_name} {lname} {mode}: {type(e).__name__}: {msg}")
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
+                    if prov == "ours":
+                        ours_ms[mode] = ms
+                    rows.append({"shape": shape_name, "B": B, "Tg": Tg, "Td": Td, "H": H, "Hkv": Hkv, "D": D,
+                                 "layout": lname, "dtype": str(dtype).replace("torch.", ""), "provider": prov,
+                                 "mode": mode, "ms": ms, "TFLOP/s": fwd_flops * FLOP_FACTOR[mode] / ms / 1e9,
+                                 "peak_MiB": peak})
+                    del fn
+                del fwd, leaves
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            for r in rows:
+                if r["shape"] == shape_name and r["layout"] == lname and r["mode"] in ours_ms:
+                    r["x_vs_ours"] = r["ms"] / ours_ms[r["mode"]]  # > 1: ours is faster
+            del inputs
+    cols = ["shape", "B", "Tg", "Td", "H", "Hkv", "D", "layout", "dtype", "provider", "mode", "ms", "TFLOP/s",
+            "peak_MiB", "x_vs_ours"]
+    print(markdown_table(rows, cols, title=f"mmsa_attention on {dev}"))
+    for s in skipped:
+        print(f"skipped: {s}")
+    if device.type == "cuda":
+        print(targets_report(rows))
+    if not args.no_save:
+        folder = write_results("bench_attention", rows, device)
+        print(f"wrote {folder}/bench_attention.csv and .md")
+    return rows
+
+
+def targets_report(rows: list[dict]) -> str:
+    """The issue's targets at the published shape, bf16, per layout."""
+    lines = ["targets (published shape):"]
+    get = lambda lay, prov, mode: next((r for r in rows if r["shape"] == "published" and r["layout"] == lay  # noqa
+                                        and r["provider"] == prov and r["mode"] == mode), None)
+    for lay in LAYOUTS:
+        f, fb = get(lay, "ours", "fwd"), get(lay, "ours", "fwd+bwd")
+        if f is None or fb is None:
+            continue
+        checks = [f"fwd {f['TFLOP/s']:.0f} TFLOP/s (>= 450)", f"fwd+bwd {fb['TFLOP/s']:.0f} TFLOP/s (>= 300)"]
+        for prov, need in (("flex", 1.3), ("sdpa_dense", 5.0)):
+            r = get(lay, prov, "fwd+bwd")
+            if r is not None:
+                checks.append(f"{r['x_vs_ours']:.2f}x {prov} fwd+bwd (>= {need})")
+        lines.append(f"  {lay}: " + "; ".join(checks))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
