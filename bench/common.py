@@ -7,6 +7,7 @@ repeated wall-clock runs after warm-up. Every table row carries the device it wa
 from __future__ import annotations
 
 import csv
+import os
 import platform
 import re
 import statistics
@@ -16,7 +17,8 @@ from typing import Callable
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+# where tables go; UNIGENDET_BENCH_RESULTS redirects them (e.g. to $OUT on a lent GPU machine)
+RESULTS = Path(os.environ.get("UNIGENDET_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def device_name(device: torch.device | str) -> str:

@@ -1,12 +1,14 @@
-"""Shared fixtures. TRITON_INTERPRET must be set before any module defining @triton.jit kernels is
-imported, so Triton kernels (when present) run on the CPU interpreter in this test suite."""
+"""Shared fixtures. Without a GPU, TRITON_INTERPRET=1 is set before any module defining @triton.jit
+kernels is imported (unigendet imports kernels/ lazily), so the Triton kernels run on the CPU
+interpreter; with a GPU they are compiled for it."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.pop("UNIGENDET_BACKEND", None)  # tests choose backends explicitly
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("UNIGENDET_BACKEND", None)  # tests choose backends explicitly
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
