@@ -24,7 +24,7 @@ $(STAMP): requirements.txt setup.py pyproject.toml
 
 demo: venv
 	$(VENV)/bin/unigendet data demo --out $(DEMO_DATA)
-	$(VENV)/bin/unigendet train --config tiny_cpu --data.root=$(DEMO_DATA)/train --train.out_dir=$(DEMO_RUN) --train.progress=false --resume
+	$(VENV)/bin/unigendet train --config tiny_cpu --data.root=$(DEMO_DATA)/train --train.out_dir=$(DEMO_RUN) --resume
 	$(VENV)/bin/unigendet eval --ckpt $(DEMO_RUN) --data $(DEMO_DATA)/val --out $(DEMO_RUN) --with-init
 
 test: venv
