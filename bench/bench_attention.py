@@ -23,7 +23,6 @@ Targets (issue 3; H100/H200, bf16, published shape): forward >= 450 TFLOP/s, for
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import device_name, markdown_table, measure_ms, peak_memory_mb, write_results  # noqa: E402
+from bench.common import bench_device, device_name, markdown_table, measure_ms, peak_memory_mb, write_results  # noqa: E402
 
 # (name, B, Tg, Td, H, Hkv, D)
 CUDA_SHAPES = [("B4-T1024-H16-D64", 4, 1024, 1024, 16, 16, 64), ("published", 1, 4096, 4096, 28, 4, 128)]
@@ -129,10 +128,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--shapes", default="", help="B:Tg:Td:H:Hkv:D,... (default: the device's shape set)")
     ap.add_argument("--no-save", action="store_true", help="print only; do not write bench/results")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+    device = bench_device(args.device)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     shapes = ([("custom",) + tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes
               else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES))

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import device_name, markdown_table, measure_ms, peak_memory_mb, write_results  # noqa: E402
+from bench.common import bench_device, device_name, markdown_table, measure_ms, peak_memory_mb, write_results  # noqa: E402
 
 CUDA_SHAPES = [(m, c) for m in (16 * 1024, 256 * 1024, 1024 * 1024) for c in (1024, 3584)]
 CPU_SHAPES = [(m, c) for m in (256, 1024) for c in (128, 1024)]
@@ -83,10 +83,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--shapes", default="", help="M:C,M:C,... (default: the device's shape set)")
     ap.add_argument("--no-save", action="store_true", help="print only; do not write bench/results")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = bench_device(args.device)
     if device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     dtype = DTYPES[args.dtype]
     shapes = ([tuple(int(v) for v in sc.split(":")) for sc in args.shapes.split(",")] if args.shapes

@@ -37,6 +37,17 @@ def device_name(device: torch.device | str) -> str:
     return f"{model} ({torch.get_num_threads()} threads)"
 
 
+def bench_device(name: str) -> torch.device:
+    """`auto` | `cuda` | `cpu` -> the device to benchmark on. On CPU, Triton kernels can only run on
+    the interpreter, so TRITON_INTERPRET=1 is set here, before any kernel module is imported."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return device
+
+
 def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
