@@ -49,8 +49,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, ema_model:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
+    for stale in root.glob(".tmp_step_*"):  # left by a run killed while saving: never a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     meta = {"format_version": FORMAT_VERSION, "step": str(step)}
     save_file(_state_dict(model), tmp / "model.safetensors", metadata=meta)

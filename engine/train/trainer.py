@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -133,12 +135,21 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def train(self) -> dict:
-        """Run until train.steps; log metrics, save checkpoints; returns the last logged metrics."""
+        """Run until train.steps; log metrics, save checkpoints; returns the last logged metrics.
+
+        SIGTERM / SIGINT finish the current step, save a checkpoint and return (resume continues)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg.train
         metrics_path = self.out_dir / "metrics.jsonl"
         bar = tqdm(total=cfg.steps, initial=self.step_idx, disable=not cfg.progress, dynamic_ncols=True)
+        with stop_requests() as stop:
+            last = self._loop(bar, metrics_path, stop)
+        bar.close()
+        return last
+
+    def _loop(self, bar, metrics_path: Path, stop: "StopRequest") -> dict:
+        cfg = self.cfg.train
         last: dict = {}
         sums: dict[str, list[float]] = {}
         t0, steps0 = time.perf_counter(), self.step_idx
@@ -158,9 +169,11 @@ class Trainer:
                 bar.set_postfix(progress_fields(last), refresh=False)
                 sums, t0, steps0 = {}, time.perf_counter(), self.step_idx
             bar.update(1)
-            if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.steps:
+            if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.steps or stop.requested:
                 self.save()
-        bar.close()
+            if stop.requested:
+                self.log(f"{stop.signal_name}: stopped cleanly after step {self.step_idx}; continue with --resume")
+                break
         return last
 
     # ------------------------------------------------------------------ checkpoints
@@ -219,3 +232,30 @@ def progress_fields(metrics: dict) -> dict[str, str]:
             shown[key.split("/")[1]] = f"{value:.3f}"
     shown["img/s"] = f"{metrics['samples_per_s']:.0f}"
     return shown
+
+
+class StopRequest:
+    """Set by a SIGTERM / SIGINT handler; the loop finishes its step, saves, and returns."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Route SIGTERM and SIGINT to a StopRequest while training (main thread only)."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, _frame):
+        stop.requested, stop.signal_name = True, signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
