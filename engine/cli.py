@@ -12,9 +12,6 @@ import platform
 import sys
 from pathlib import Path
 
-USER_ERRORS: tuple[type[Exception], ...] = ()
-
-
 def _user_errors() -> tuple[type[Exception], ...]:
     from .backends import BackendError
     from .config import ConfigError
@@ -86,7 +83,7 @@ def cmd_train(args, overrides: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg, resume=args.resume)
     last = trainer.train()
-    print(json.dumps({k: v for k, v in last.items()}, indent=None))
+    print(json.dumps(last))
     print(f"run folder: {cfg.train.out_dir}")
     return 0
 
@@ -95,8 +92,6 @@ def cmd_train(args, overrides: list[str]) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     from .eval import save_grid
     from .eval.evaluate import generate, load_model
 
@@ -105,13 +100,10 @@ def cmd_generate(args) -> int:
                       args.cfg_scale, seed=args.seed)
     save_grid(images, args.out)
     print(f"wrote {args.n} images from {step_dir} to {args.out}")
-    del torch
     return 0
 
 
 def cmd_detect(args) -> int:
-    import torch
-
     from .data import DataError, load_rgb
     from .data.images import crop_resize
     from .eval.evaluate import load_model
@@ -135,7 +127,6 @@ def cmd_detect(args) -> int:
     if not args.json:
         print(f"# p_fake = probability the image is generated (label 1 = generated, 0 = real); checkpoint {step_dir}",
               file=sys.stderr)
-    del torch
     return 1 if failures else 0
 
 
@@ -152,14 +143,12 @@ def cmd_eval(args, overrides: list[str]) -> int:
 
 
 def cmd_ablations(args, overrides: list[str]) -> int:
-    from .eval.ablations import run_ablations
+    from .eval.ablations import render_table, run_ablations
 
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",") if args.variants else None
     result = run_ablations(args.config, overrides, args.out or "runs/ablations", seeds, variants=variants,
                            data_dir=args.data)
-    from .eval.ablations import render_table
-
     print(render_table(result))
     return 0
 
