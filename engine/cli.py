@@ -10,7 +10,7 @@ import importlib
 import json
 import platform
 import sys
-from pathlib import Path
+
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from .backends import BackendError

@@ -88,9 +88,11 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
     groups: list[BCEGroup] = []
     student = teacher = flow = None
     if phase.generates:
+        x0, ids = images, class_ids
         real = is_fake < 0.5
-        x0 = images if bool(real.all()) else images[real]  # the generator learns from real images only
-        ids = drop_labels(class_ids if bool(real.all()) else class_ids[real], mcfg.class_dropout, generator)
+        if not bool(real.all()):  # the generator learns from real images only
+            x0, ids = images[real], class_ids[real]
+        ids = drop_labels(ids, mcfg.class_dropout, generator)
         ids = ids if mcfg.num_classes > 0 else None
         x_t, t, eps = sample_flow_inputs(x0, generator)
         layer = mcfg.align_layer if w_align > 0 else None
