@@ -9,7 +9,9 @@ Selection for one call:
   2. else the `backend=` argument of the call, unless it is "auto";
   3. else the process default set by `set_default_backend` (the `ops.backend` config key);
   4. "auto" takes the first candidate whose check passes.
-Naming a backend that cannot run raises `BackendError` listing the reason for every candidate.
+Naming a backend that cannot run raises `BackendError` listing the reason for every candidate. A
+process-wide choice (1 or 3, e.g. `ops.backend = "ext"`) applies to the ops that have that backend;
+ops that do not implement it at all (attention has no "ext") choose as for "auto".
 """
 from __future__ import annotations
 
@@ -87,6 +89,8 @@ def select(op: str, backend: str, *args: Any, **kwargs: Any) -> Callable:
     if not cands:
         raise BackendError(f"no backend registered for op {op!r}")
     name, source = _requested(backend)
+    if source != "backend=" and name in BACKEND_NAMES and all(c.name != name for c in cands):
+        name = "auto"  # a process-wide choice for the ops that have that backend (module docstring)
     if name == "auto":
         reasons = []
         for c in cands:

@@ -9,11 +9,10 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .ext_support import acc_dtype, ext_reason, register_ext_op
 from .reference import qk_rmsnorm_rope_ref
 
 OP = "qk_rmsnorm_rope"
-backends.register(OP, "reference", qk_rmsnorm_rope_ref)
-backends.mark_unavailable(OP, "ext", "the C++/CUDA extension unigendet._C is not part of this version")
 
 
 def qk_rmsnorm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
@@ -30,6 +29,51 @@ def qk_rmsnorm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, co
         raise ValueError(f"qk_rmsnorm_rope: q_weight and k_weight must be ({D},)")
     impl = backends.select(OP, backend, q, k, q_weight, k_weight, cos, sin)
     return impl(q, k, q_weight, k_weight, cos, sin, eps)
+
+
+# ----------------------------------------------------------------------------- ext backend
+
+
+def qk_rmsnorm_rope_ext(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
+                        eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    q2, k2, _q_rstd, _k_rstd = torch.ops.unigendet.qk_rmsnorm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+    return q2, k2
+
+
+def _ext_check(q=None, k=None, q_weight=None, k_weight=None, cos=None, sin=None) -> str | None:
+    if (cos is not None and cos.requires_grad) or (sin is not None and sin.requires_grad):
+        return "cos and sin are constants for the ext kernels (they require grad here)"
+    return ext_reason(q, k, q_weight, k_weight, cos, sin)
+
+
+def _fake(q, k, q_weight, k_weight, cos, sin, eps):
+    acc = acc_dtype(q.dtype)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), q.new_empty(q.shape[:3], dtype=acc),
+            k.new_empty(k.shape[:3], dtype=acc))
+
+
+def _fake_backward(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd):
+    return q.new_empty(q.shape), k.new_empty(k.shape), torch.empty_like(q_weight), torch.empty_like(k_weight)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, q_weight, k_weight, cos, sin, _eps = inputs
+    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, output[2], output[3])
+
+
+def _backward(ctx, grad_q, grad_k, _grad_q_rstd, _grad_k_rstd):
+    q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd = ctx.saved_tensors
+    grad_q = torch.zeros_like(q) if grad_q is None else grad_q
+    grad_k = torch.zeros_like(k) if grad_k is None else grad_k
+    dq, dk, dqw, dkw = torch.ops.unigendet.qk_rmsnorm_rope_backward(
+        grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd)
+    return dq, dk, dqw, dkw, None, None, None
+
+
+backends.register(OP, "reference", qk_rmsnorm_rope_ref)
+if register_ext_op(OP, _fake, _setup_context, _backward):
+    register_ext_op(OP + "_backward", _fake_backward)
+backends.register(OP, "ext", qk_rmsnorm_rope_ext, check=_ext_check)
 
 
 def axial_rope_tables(grid: int, head_dim: int, base: float = 100.0, prefix: int = 0,

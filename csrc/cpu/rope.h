@@ -1,0 +1,115 @@
+// CPU kernels of rmsnorm_rope: RMSNorm over the head dimension D, then rotate-half RoPE, for one of
+// q or k. Rows are (b, t, h); the input may be a strided view (e.g. q split out of a fused qkv
+// projection): only unit stride along D is required. Output and gradients are contiguous.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+#include "vec_io.h"
+
+namespace unigendet {
+namespace cpu {
+
+struct RopeShape {
+  int64_t batch, seq, heads, head_dim;
+  int64_t stride_b, stride_t, stride_h;  // of the input x, in elements
+  int64_t rows() const { return batch * seq * heads; }
+  int64_t offset(int64_t row) const {  // row = (b * seq + t) * heads + h
+    const int64_t h = row % heads, t = (row / heads) % seq, b = row / (heads * seq);
+    return b * stride_b + t * stride_t + h * stride_h;
+  }
+  int64_t position(int64_t row) const { return (row / heads) % seq; }
+};
+
+// x: strided (B, T, H, D); weight (D,), cos/sin (T, D/2) fp32; out contiguous; rstd (B*T*H,) fp32.
+template <typename T, typename A = acc_t<T>>
+void rmsnorm_rope_fwd(const T* x, const RopeShape& s, const A* weight, const A* cos,
+                      const A* sin, T* out, A* rstd, float eps) {
+  using V = AccVec<T>;
+  constexpr int64_t kV = lanes<T>();
+  const int64_t D = s.head_dim, half = D / 2;
+  at::parallel_for(0, s.rows(), row_grain(D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + s.offset(r);
+      V sq(A(0));
+      for (int64_t j = 0; j < D; j += kV) {
+        const V v = load_acc(xr + j, std::min<int64_t>(kV, D - j));
+        sq = at::vec::fmadd(v, v, sq);
+      }
+      const A inv = A(1) / std::sqrt(hsum(sq) / static_cast<A>(D) + eps);
+      rstd[r] = inv;
+      const V vinv(inv);
+      const A* c = cos + s.position(r) * half;
+      const A* sn = sin + s.position(r) * half;
+      T* o = out + r * D;
+      for (int64_t j = 0; j < half; j += kV) {
+        const int64_t n = std::min<int64_t>(kV, half - j);
+        const V n1 = load_acc(xr + j, n) * vinv * load_acc(weight + j, n);
+        const V n2 = load_acc(xr + half + j, n) * vinv * load_acc(weight + half + j, n);
+        const V cj = load_acc(c + j, n), sj = load_acc(sn + j, n);
+        store_acc(o + j, n1 * cj - n2 * sj, n);
+        store_acc(o + half + j, n2 * cj + n1 * sj, n);
+      }
+    }
+  });
+}
+
+// grad_out, grad_x contiguous (B, T, H, D); x strided as in `s`. The rotation is orthogonal, so the
+// gradient of the normalised row is the inverse rotation of grad_out:
+//   du1 = do1 * cos + do2 * sin,   du2 = do2 * cos - do1 * sin;
+// then with n = x * rstd and dn = du * weight: grad_x = rstd * (dn - n * mean(dn * n)),
+// grad_weight = sum over rows of du * n (fixed-order partial sums).
+template <typename T, typename A = acc_t<T>>
+void rmsnorm_rope_bwd(const T* grad_out, const T* x, const RopeShape& s, const A* weight,
+                      const A* cos, const A* sin, const A* rstd, T* grad_x,
+                      A* grad_weight) {
+  using V = AccVec<T>;
+  constexpr int64_t kV = lanes<T>();
+  const int64_t D = s.head_dim, half = D / 2, rows = s.rows();
+  const int64_t block = rows_per_partial(rows);
+  const int64_t num_partials = (rows + block - 1) / block;
+  std::vector<A> partial(num_partials * D, A(0));  // (num_partials, D)
+  at::parallel_for(0, num_partials, 1, [&](int64_t pbegin, int64_t pend) {
+    for (int64_t p = pbegin; p < pend; ++p) {
+      A* dw = partial.data() + p * D;
+      for (int64_t r = p * block; r < std::min(rows, (p + 1) * block); ++r) {
+        const T* xr = x + s.offset(r);
+        const T* go = grad_out + r * D;
+        const A* c = cos + s.position(r) * half;
+        const A* sn = sin + s.position(r) * half;
+        const V inv(rstd[r]);
+        // Pass 1: sum(dn * n). Pass 2: grad_x and the weight gradient (du is recomputed: cheaper
+        // than a scratch row, everything is in L1).
+        V dot(A(0));
+        for (int64_t j = 0; j < half; j += kV) {
+          const int64_t n = std::min<int64_t>(kV, half - j);
+          const V do1 = load_acc(go + j, n), do2 = load_acc(go + half + j, n);
+          const V cj = load_acc(c + j, n), sj = load_acc(sn + j, n);
+          const V du1 = do1 * cj + do2 * sj, du2 = do2 * cj - do1 * sj;
+          dot = at::vec::fmadd(du1 * load_acc(weight + j, n), load_acc(xr + j, n), dot);
+          dot = at::vec::fmadd(du2 * load_acc(weight + half + j, n), load_acc(xr + half + j, n), dot);
+        }
+        const V cc(hsum(dot) * rstd[r] / static_cast<A>(D));
+        T* gx = grad_x + r * D;
+        for (int64_t j = 0; j < half; j += kV) {
+          const int64_t n = std::min<int64_t>(kV, half - j);
+          const V do1 = load_acc(go + j, n), do2 = load_acc(go + half + j, n);
+          const V cj = load_acc(c + j, n), sj = load_acc(sn + j, n);
+          const V du1 = do1 * cj + do2 * sj, du2 = do2 * cj - do1 * sj;
+          const V n1 = load_acc(xr + j, n) * inv, n2 = load_acc(xr + half + j, n) * inv;
+          store_acc(gx + j, inv * (du1 * load_acc(weight + j, n) - n1 * cc), n);
+          store_acc(gx + half + j, inv * (du2 * load_acc(weight + half + j, n) - n2 * cc), n);
+          at::vec::fmadd(du1, n1, V::loadu(dw + j, n)).store(dw + j, n);
+          at::vec::fmadd(du2, n2, V::loadu(dw + half + j, n)).store(dw + half + j, n);
+        }
+      }
+    }
+  });
+  sum_partials(partial.data(), num_partials, D, grad_weight);
+}
+
+}  // namespace cpu
+}  // namespace unigendet
