@@ -71,15 +71,20 @@ def _extension_plan():
     _log(f"building unigendet._C: {info}")
 
     sources = ["csrc/library.cpp", "csrc/cpu/ops.cpp"]
-    cxx_flags = ["-O3", "-std=c++20"] + CPU_FLAGS[capability]
+    # -fopenmp: at::parallel_for is inline OpenMP in torch's headers (without it the kernels run on one
+    # thread); libgomp resolves to the copy torch already loaded (same soname).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"] + CPU_FLAGS[capability]
+    link_flags = ["-fopenmp"]
     if not with_cuda:
-        ext = CppExtension("unigendet._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("unigendet._C", sources, extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=link_flags)
     else:
         sources += sorted(str(p.relative_to(ROOT)) for p in (CSRC / "cuda").glob("*.cu"))
         sources += ["csrc/cuda/register.cpp"]
         ext = CUDAExtension("unigendet._C", sources, extra_compile_args={
             "cxx": cxx_flags + ["-DUNIGENDET_WITH_CUDA"],
-            "nvcc": (CSRC / "cuda" / "nvcc_flags.txt").read_text().split()})  # also used by the CI compile test
+            "nvcc": (CSRC / "cuda" / "nvcc_flags.txt").read_text().split()},  # also used by the CI compile test
+            extra_link_args=link_flags)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_device, device_name, markdown_table, measure_ms, peak_memory_mb, write_results  # noqa: E402
+from bench.common import bench_device, copy_bandwidth_gbs, device_name, markdown_table, measure_ms, peak_memory_mb, write_results  # noqa: E402
 
 CUDA_SHAPES = [(m, c) for m in (16 * 1024, 256 * 1024, 1024 * 1024) for c in (1024, 3584)]
 CPU_SHAPES = [(m, c) for m in (256, 1024) for c in (128, 1024)]
@@ -43,15 +43,6 @@ def ours_loss(z, y, w, s, t, w_align: float = 0.5):
     from unigendet import ops
 
     return ops.bce_diga_loss(z, y, w, s, t, w_align=w_align, backend="triton")
-
-
-def copy_bandwidth_gbs(device: torch.device) -> float:
-    """GB/s of a large device copy (bytes read + bytes written)."""
-    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of fp32
-    src = torch.empty(n, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms = measure_ms(lambda: dst.copy_(src), device)
-    return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
 def make_inputs(M: int, C: int, N: int, dtype: torch.dtype, device: torch.device):

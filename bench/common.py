@@ -69,6 +69,16 @@ def measure_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: 
     return statistics.median(times)
 
 
+def copy_bandwidth_gbs(device: torch.device | str) -> float:
+    """GB/s of a large device copy (bytes read + bytes written): the ceiling of memory-bound ops."""
+    device = torch.device(device)
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)  # 1 GiB / 64 MiB of fp32
+    src = torch.empty(n, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = measure_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
     """Peak GPU memory (MiB) allocated while fn() runs, above what was allocated before; None on CPU."""
     device = torch.device(device)

@@ -46,6 +46,9 @@ def cmd_info(args) -> int:
         print(f"  {'inception':<12} {default_inception_path()}")
     except Exception as e:
         print(f"  {'inception':<12} not available ({e})")
+    from .ops import ext_support
+
+    print(f"  {'unigendet._C':<12} {ext_support.describe()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"  cuda:{i}       {torch.cuda.get_device_name(i)}")

@@ -1,0 +1,37 @@
+"""Benchmark `fused_add_rmsnorm` (with residual; gradients reach x, residual, weight and both outputs).
+
+    python bench/bench_norm.py                    # CUDA if present (bf16, N=32k, C=4096), else CPU
+    python bench/bench_norm.py --device cpu       # fp32, N=8192, C in {1024, 4096}
+
+Bytes that must move: forward reads x, residual and writes y, res (4 N C elements); backward reads
+grad_y, grad_res, res and writes grad_x (4 N C). Targets (issue 5): CPU >= 2x eager and >= torch.compile;
+H100/H200 >= 85% of the copy bandwidth. Harness: bench/membound.py.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.membound import Case, run  # noqa: E402
+from unigendet.ops.norm import fused_add_rmsnorm_ext  # noqa: E402
+from unigendet.ops.reference import fused_add_rmsnorm_ref  # noqa: E402
+
+
+def cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
+    shapes = [(32 * 1024, 4096)] if device.type == "cuda" else [(8192, 1024), (8192, 4096)]
+    out = []
+    for N, C in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        x, r, gy, gr = (torch.randn(N, C, generator=g, device=device, dtype=dtype) for _ in range(4))
+        w = torch.randn(C, generator=g, device=device, dtype=dtype)
+        nbytes = 4 * N * C * dtype.itemsize
+        out.append(Case(f"N{N}-C{C}", [x.requires_grad_(), r.requires_grad_(), w.requires_grad_()], [gy, gr],
+                        nbytes, nbytes))
+    return out
+
+
+if __name__ == "__main__":
+    run("fused_add_rmsnorm", "bench_norm", cases, fused_add_rmsnorm_ref, fused_add_rmsnorm_ext)
