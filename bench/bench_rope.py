@@ -12,10 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.membound import Case, run  # noqa: E402
+from bench.membound import Case, run  # noqa: E402  (first: it configures torch's CPU allocator)
+
+import torch  # noqa: E402
 from unigendet.ops.reference import qk_rmsnorm_rope_ref  # noqa: E402
 from unigendet.ops.rope import qk_rmsnorm_rope_ext  # noqa: E402
 

@@ -69,6 +69,21 @@ def measure_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: 
     return statistics.median(times)
 
 
+def measure_interleaved_ms(fns: dict[str, Callable[[], object]], *, warmup: int = 3, reps: int = 10) -> dict[str, float]:
+    """CPU: median milliseconds of each fn, timed round-robin (one call of each per round) so that
+    the slow drift of a shared machine affects every provider alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def copy_bandwidth_gbs(device: torch.device | str) -> float:
     """GB/s of a large device copy (bytes read + bytes written): the ceiling of memory-bound ops."""
     device = torch.device(device)

@@ -84,9 +84,9 @@ def test_trainer_with_ext_matches_reference(tiny_overrides, tmp_path):
 
     def run(backend):
         out = tmp_path / backend
-        cfg = load_config("tiny_cpu", tiny_overrides + ["--train.steps=3", "--train.save_every=3", "--train.log_every=1",
-                                                        "--phases.mode=joint", f"--train.out_dir={out}",
-                                                        f"--ops.backend={backend}"])
+        cfg = load_config("tiny_cpu", tiny_overrides + [
+            "--train.steps=3", "--train.save_every=3", "--train.log_every=1", "--phases.mode=joint",
+            f"--train.out_dir={out}", f"--ops.backend={backend}"])
         Trainer(cfg, log=lambda *_: None).train()
         return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -21,6 +21,7 @@ void fused_add_rmsnorm_fwd(const T* x, const T* residual, const A* weight, T* y,
                            A* rstd, int64_t rows, int64_t cols, float eps) {
   using V = AccVec<T>;
   constexpr int64_t kV = lanes<T>();
+  const bool nt = use_stream_stores(2 * rows * cols * int64_t(sizeof(T)));
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * cols;
@@ -32,7 +33,7 @@ void fused_add_rmsnorm_fwd(const T* x, const T* residual, const A* weight, T* y,
         const int64_t n = std::min<int64_t>(kV, cols - j);
         V s = load_acc(xr + j, n);
         if (rr) s = s + load_acc(rr + j, n);
-        store_acc(resr + j, s, n);
+        store_out(resr + j, s, n, nt);
         sq = at::vec::fmadd(s, s, sq);
       }
       const A inv = A(1) / std::sqrt(hsum(sq) / static_cast<A>(cols) + eps);
@@ -42,9 +43,10 @@ void fused_add_rmsnorm_fwd(const T* x, const T* residual, const A* weight, T* y,
         const int64_t n = std::min<int64_t>(kV, cols - j);
         V s = load_acc(xr + j, n);
         if (rr) s = s + load_acc(rr + j, n);
-        store_acc(yr + j, s * vinv * load_acc(weight + j, n), n);
+        store_out(yr + j, s * vinv * load_acc(weight + j, n), n, nt);
       }
     }
+    stream_fence();
   });
 }
 
@@ -57,6 +59,7 @@ void fused_add_rmsnorm_bwd(const T* grad_y, const T* grad_res, const T* res, con
   using V = AccVec<T>;
   constexpr int64_t kV = lanes<T>();
   const int64_t block = rows_per_partial(rows);
+  const bool nt = use_stream_stores(rows * cols * int64_t(sizeof(T)));
   const int64_t num_partials = (rows + block - 1) / block;
   std::vector<A> partial(num_partials * cols, A(0));  // (num_partials, cols)
   at::parallel_for(0, num_partials, 1, [&](int64_t pbegin, int64_t pend) {
@@ -80,11 +83,12 @@ void fused_add_rmsnorm_bwd(const T* grad_y, const T* grad_res, const T* res, con
           const V nrm = load_acc(rs + j, n) * inv;
           V out = inv * (g * load_acc(weight + j, n) - nrm * c);
           if (gr) out = out + load_acc(gr + j, n);
-          store_acc(gx + j, out, n);
+          store_out(gx + j, out, n, nt);
           at::vec::fmadd(g, nrm, V::loadu(dw + j, n)).store(dw + j, n);
         }
       }
     }
+    stream_fence();
   });
   sum_partials(partial.data(), num_partials, cols, grad_weight);
 }

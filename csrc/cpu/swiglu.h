@@ -27,6 +27,7 @@ template <typename T, typename A = acc_t<T>>
 void swiglu_fwd(const T* gate_up, T* out, int64_t rows, int64_t features) {
   using V = AccVec<T>;
   constexpr int64_t kV = lanes<T>();
+  const bool nt = use_stream_stores(rows * features * int64_t(sizeof(T)));
   at::parallel_for(0, rows, row_grain(2 * features), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = gate_up + r * 2 * features;
@@ -35,9 +36,10 @@ void swiglu_fwd(const T* gate_up, T* out, int64_t rows, int64_t features) {
       for (int64_t j = 0; j < features; j += kV) {
         const int64_t n = std::min<int64_t>(kV, features - j);
         const V g = load_acc(gate + j, n);
-        store_acc(o + j, g * sigmoid(g) * load_acc(up + j, n), n);
+        store_out(o + j, g * sigmoid(g) * load_acc(up + j, n), n, nt);
       }
     }
+    stream_fence();
   });
 }
 
@@ -47,6 +49,7 @@ template <typename T, typename A = acc_t<T>>
 void swiglu_bwd(const T* grad_out, const T* gate_up, T* grad_gate_up, int64_t rows, int64_t features) {
   using V = AccVec<T>;
   constexpr int64_t kV = lanes<T>();
+  const bool nt = use_stream_stores(2 * rows * features * int64_t(sizeof(T)));
   at::parallel_for(0, rows, row_grain(3 * features), [&](int64_t begin, int64_t end) {
     const V one(A(1));
     for (int64_t r = begin; r < end; ++r) {
@@ -60,10 +63,11 @@ void swiglu_bwd(const T* grad_out, const T* gate_up, T* grad_gate_up, int64_t ro
         const V g = load_acc(gate + j, n);
         const V d = load_acc(go + j, n);
         const V s = sigmoid(g);
-        store_acc(dgate + j, d * load_acc(up + j, n) * s * (one + g * (one - s)), n);
-        store_acc(dup + j, d * g * s, n);
+        store_out(dgate + j, d * load_acc(up + j, n) * s * (one + g * (one - s)), n, nt);
+        store_out(dup + j, d * g * s, n, nt);
       }
     }
+    stream_fence();
   });
 }
 

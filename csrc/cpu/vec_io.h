@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 namespace unigendet {
@@ -44,6 +45,41 @@ inline void store_acc(T* p, const AccVec<T>& v, int64_t n = lanes<T>()) {
   } else {
     at::vec::convert_from_float<T>(v, v).store(p, n);
   }
+}
+
+// Outputs of a kernel are written once and not read back by it. When they are too large to stay
+// in the caches anyway, full aligned fp32 vectors go out with non-temporal stores: no
+// read-for-ownership of the destination lines, which otherwise doubles the traffic of the writes.
+// UNIGENDET_CPU_NT_STORES=0|1 forces the choice (A/B measurements); kernels that stream end their
+// parallel region with stream_fence().
+constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
+
+inline bool use_stream_stores(int64_t output_bytes) {
+  static const int forced = [] {
+    const char* v = std::getenv("UNIGENDET_CPU_NT_STORES");
+    return v && *v ? std::atoi(v) : -1;
+  }();
+  return forced >= 0 ? forced != 0 : output_bytes >= kStreamMinBytes;
+}
+
+template <typename T>
+inline void store_out(T* p, const AccVec<T>& v, int64_t n, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream && n == lanes<T>() && reinterpret_cast<uintptr_t>(p) % 64 == 0) return _mm512_stream_ps(p, v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if (stream && n == lanes<T>() && reinterpret_cast<uintptr_t>(p) % 32 == 0) return _mm256_stream_ps(p, v);
+  }
+#endif
+  store_acc(p, v, n);
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
 }
 
 template <typename A>
