@@ -1,5 +1,6 @@
 """The trainer on the demo data: losses go down, checkpoints round-trip, resume is exact, bad steps."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,14 +89,54 @@ def test_nonfinite_loss_is_skipped_then_stops(tiny_overrides, monkeypatch):
     logs = []
     t = Trainer(cfg, log=logs.append)
     t.step()
-    before = [p.detach().clone() for p in t.model.parameters()]
+    state = lambda: [p.detach().clone() for p in [*t.model.parameters(), *t.ema.model.parameters()]]  # noqa: E731
+    moments = lambda: [s["exp_avg"].clone() for s in t.optimizer.state.values()]  # noqa: E731
+    before, before_m = state(), moments()
     poisoned["on"] = True
+    t.step()  # skipped on the device: no exception, no host read
+    t.check_health()
+    assert t.skipped_steps == 1 and t.bad_steps == 1 and any("non-finite" in m for m in logs)
+    assert all(torch.equal(a, b) for a, b in zip(before, state()))  # neither weights nor EMA moved
+    assert all(torch.equal(a, b) for a, b in zip(before_m, moments()))  # nor the Adam moments
     t.step()
-    assert t.skipped_steps == 1 and any("non-finite" in m for m in logs)
-    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))  # nothing was applied
+    t.check_health()  # 2 in a row: still under the limit
     t.step()
     with pytest.raises(TrainingError, match="3 consecutive steps"):
-        t.step()
+        t.check_health()
+    poisoned["on"] = False
+    t.step()
+    assert t.bad_steps == 0 and t.skipped_steps == 3  # a good step resets the run, not the total
+
+
+def test_nonfinite_gradient_with_finite_loss_is_skipped(tiny_overrides, monkeypatch):
+    """A NaN that appears only in the backward (finite loss) is caught by the gradient-norm check."""
+    import unigendet.train.trainer as trainer_mod
+
+    real = trainer_mod.phase_loss
+
+    def nan_grad(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        terms.total = _NanGrad.apply(terms.total)  # forward: the same value; backward: NaN everywhere
+        return terms
+
+    monkeypatch.setattr(trainer_mod, "phase_loss", nan_grad)
+    cfg = load_config("tiny_cpu", tiny_overrides + ["--train.steps=4", "--phases.mode=joint"])
+    t = Trainer(cfg, log=lambda *_: None)
+    before = [p.detach().clone() for p in t.model.parameters()]
+    parts = t.step()
+    assert torch.isfinite(parts["total"])
+    assert t.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
 
 
 def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_overrides, tmp_path):
@@ -139,3 +180,27 @@ def test_class_conditional_training(tiny_overrides, tmp_path):
     bad = load_config("tiny_cpu", tiny_overrides + [f"--data.root={data}", "--model.num_classes=5"])
     with pytest.raises(TrainingError, match="model.num_classes = 5 but .* has 2 class folders"):
         Trainer(bad, log=lambda *_: None)
+
+
+def test_throughput_fields_and_the_flop_count(tiny_overrides):
+    """metrics.jsonl carries samples/s, tokens/s and step time (MFU only on a GPU with a known peak);
+    the dense part of the FLOP count uses exactly the parameters of one expert stack."""
+    from unigendet.train.throughput import tokens_per_sample, train_flops_per_sample
+
+    cfg = load_config("tiny_cpu", tiny_overrides + ["--train.steps=2", "--train.log_every=2"])
+    Trainer(cfg, log=lambda *_: None).train()
+    rows = [json.loads(line) for line in (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert last["tokens_per_s"] == pytest.approx(last["samples_per_s"] * tokens_per_sample(cfg.model))
+    assert last["step_ms"] > 0 and "mfu" not in last  # CPU: no peak to compare with
+    model = UniGenDet(cfg.model)
+    matrices = sum(p.numel() for b in model.blocks for n, p in b.experts["g"].named_parameters() if p.ndim == 2)
+    m = cfg.model
+    t_g = (m.image_size // m.patch_size) ** 2
+    t_d = t_g + m.registers
+    no_mmsa = m.__class__(**{**vars(m), "g2d": False, "d2g": False})
+    attention = 12.0 * (t_g ** 2 + t_d ** 2) * m.width * m.depth  # each stream attends to itself only
+    assert tokens_per_sample(m) == t_g + t_d
+    assert train_flops_per_sample(no_mmsa) - attention == pytest.approx(6.0 * matrices * (t_g + t_d))
+    with_mmsa = train_flops_per_sample(m) - train_flops_per_sample(no_mmsa)
+    assert with_mmsa == pytest.approx(12.0 * 2 * t_g * t_d * m.width * m.depth)

@@ -17,7 +17,11 @@ def _decays(name: str, p: nn.Parameter) -> bool:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with one group per (owner, decay): shared parameters get lr * shared_lr_scale."""
+    """AdamW with one group per (owner, decay): shared parameters get lr * shared_lr_scale.
+
+    The fused implementation (one kernel per step on CPU and CUDA) is the one that honours a
+    device-side `found_inf` flag: a step whose loss or gradients are not finite is skipped without
+    the host reading anything (see `Trainer.step`)."""
     groups = []
     for owner, named in model.params_by_owner().items():
         for decay in (True, False):
@@ -27,7 +31,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
                 groups.append({"params": params, "lr": cfg.lr * scale, "owner": owner,
                                "weight_decay": cfg.weight_decay if decay else 0.0})
     assert {g["owner"] for g in groups} <= set(OWNERS)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
 
 
 def lr_multiplier(cfg: OptimConfig, total_steps: int):
@@ -51,12 +55,14 @@ class EMA:
         self.updates = 0
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """ema += (1 - d) * (model - ema); `skip` (0-d, 1.0 = skipped step) zeroes the update on the
+        device, so a skipped step leaves the average unchanged without a host sync."""
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         ema = list(self.model.parameters())
         cur = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema, cur, 1.0 - d)
+        torch._foreach_lerp_(ema, cur, 1.0 - d if skip is None else (1.0 - d) * (1.0 - skip))
 
     def state_dict(self) -> dict:
         return {"updates": self.updates}

@@ -27,6 +27,7 @@ from .checkpoint import (CheckpointError, checkpoint_config, list_checkpoints, l
 from .fake_pool import FakePool
 from .optim import EMA, build_optimizer, lr_multiplier
 from .phases import phase_at, phase_loss, set_trainable
+from .throughput import device_peak_flops, tokens_per_sample, train_flops_per_sample
 
 
 class TrainingError(RuntimeError):
@@ -67,8 +68,14 @@ class Trainer:
         self.pool = FakePool(cfg.phases.pool_size, cfg.data.image_size, self.device)
         self.uses_pool = cfg.phases.mode != "diga"
         self.step_idx = 0
-        self.bad_steps = 0
-        self.skipped_steps = 0
+        # Non-finite steps are counted on the device (no host sync per step) and read by
+        # check_health() every train.log_every steps and before each checkpoint.
+        self._bad_run = torch.zeros((), device=self.device)  # consecutive skipped steps
+        self._skipped = torch.zeros((), device=self.device)  # skipped steps in the whole run
+        self._skipped_reported = 0
+        self._tokens_per_sample = tokens_per_sample(cfg.model)
+        self._flops_per_sample = train_flops_per_sample(cfg.model)
+        self._peak_flops = device_peak_flops(self.device)  # None on CPU: no MFU
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
         if resume:
@@ -107,30 +114,53 @@ class Trainer:
             terms = phase_loss(self.model, phase, batch.images, batch.is_fake, batch.class_ids, fakes,
                                cfg.loss, self.noise)
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(terms.total):
-            self._bad_step(phase.name, terms)
+        terms.total.backward()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if cfg.optim.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                                  cfg.optim.grad_clip, foreach=True)
+            terms.parts["grad_norm"] = norm
         else:
-            self.bad_steps = 0
-            terms.total.backward()
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            if cfg.optim.grad_clip > 0:
-                terms.parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.ema.update(self.model)
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # 1.0 when the loss or a gradient is not finite: the fused AdamW then skips the update (moments
+        # and step counts included) and the EMA does not move; all on the device, no host sync.
+        found_inf = (~(torch.isfinite(terms.total.detach()) & torch.isfinite(norm))).float()
+        self.optimizer.found_inf = found_inf
+        self.optimizer.step()
+        self.ema.update(self.model, skip=found_inf)
+        self._bad_run = (self._bad_run + found_inf) * found_inf
+        self._skipped = self._skipped + found_inf
         self.scheduler.step()
         self.step_idx += 1
         return {"phase": phase.name, **terms.parts}
 
-    def _bad_step(self, phase: str, terms) -> None:
-        self.bad_steps += 1
-        self.skipped_steps += 1
-        bad = {k: float(v) for k, v in terms.parts.items()}
-        self.log(f"step {self.step_idx}: non-finite loss in phase {phase} ({bad}); step skipped "
-                 f"({self.bad_steps} in a row, limit train.max_bad_steps = {self.cfg.train.max_bad_steps})")
-        if self.bad_steps >= self.cfg.train.max_bad_steps:
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far for a non-finite loss or gradient (reads the device counter)."""
+        return int(self._skipped.item())
+
+    @property
+    def bad_steps(self) -> int:
+        """Consecutive skipped steps up to now (reads the device counter)."""
+        return int(self._bad_run.item())
+
+    def check_health(self) -> None:
+        """Report newly skipped steps; stop the run after train.max_bad_steps consecutive ones.
+
+        Called every train.log_every steps and before each checkpoint (one host read of two device
+        scalars), so a run of bad steps is noticed within log_every steps; skipped steps change
+        nothing, and the checkpoint of the last good state is kept."""
+        skipped, run = self.skipped_steps, self.bad_steps
+        if skipped > self._skipped_reported:
+            self.log(f"step {self.step_idx}: {skipped - self._skipped_reported} step(s) skipped since the last "
+                     f"check for a non-finite loss or gradient ({skipped} in this run, {run} in a row now; "
+                     f"limit train.max_bad_steps = {self.cfg.train.max_bad_steps} in a row)")
+            self._skipped_reported = skipped
+        if run >= self.cfg.train.max_bad_steps:
             kept = list_checkpoints(self.out_dir)
-            raise TrainingError(f"{self.bad_steps} consecutive steps had a non-finite loss (last: {bad}); stopping. "
-                                f"Last good checkpoint: {kept[-1] if kept else 'none written yet'}")
+            raise TrainingError(f"{run} consecutive steps had a non-finite loss or gradient (up to step "
+                                f"{self.step_idx}); stopping. Last good checkpoint: "
+                                f"{kept[-1] if kept else 'none written yet'}")
 
     # ------------------------------------------------------------------ loop
 
@@ -159,10 +189,14 @@ class Trainer:
             for k, v in parts.items():
                 sums.setdefault(f"{phase}/{k}", []).append(v.detach())
             if self.step_idx % cfg.log_every == 0 or self.step_idx == cfg.steps:
+                self.check_health()
                 elapsed = time.perf_counter() - t0
                 rate = (self.step_idx - steps0) * cfg.batch_size / max(elapsed, 1e-9)
                 last = {"step": self.step_idx, "phase": phase, "lr": self.scheduler.get_last_lr()[0],
-                        "samples_per_s": rate, "skipped_steps": self.skipped_steps,
+                        "samples_per_s": rate, "tokens_per_s": rate * self._tokens_per_sample,
+                        "step_ms": 1e3 * elapsed / max(self.step_idx - steps0, 1),
+                        **({"mfu": rate * self._flops_per_sample / self._peak_flops} if self._peak_flops else {}),
+                        "skipped_steps": self.skipped_steps,
                         **{k: float(torch.stack(v).mean()) for k, v in sums.items()}}
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -170,6 +204,7 @@ class Trainer:
                 sums, t0, steps0 = {}, time.perf_counter(), self.step_idx
             bar.update(1)
             if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.steps or stop.requested:
+                self.check_health()  # never checkpoint in the middle of a run of bad steps past the limit
                 self.save()
             if stop.requested:
                 self.log(f"{stop.signal_name}: stopped cleanly after step {self.step_idx}; continue with --resume")
@@ -218,8 +253,9 @@ class Trainer:
         self.noise.set_state(saved["rng"]["noise"])
         if "cuda" in saved["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(saved["rng"]["cuda"])
-        self.bad_steps = saved["counters"]["bad_steps"]
-        self.skipped_steps = saved["counters"]["skipped_steps"]
+        self._bad_run.fill_(saved["counters"]["bad_steps"])
+        self._skipped.fill_(saved["counters"]["skipped_steps"])
+        self._skipped_reported = saved["counters"]["skipped_steps"]
         self.step_idx = int(saved["step"])
         self.log(f"resumed from {ckpt} at step {self.step_idx}")
 
