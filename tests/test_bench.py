@@ -1,0 +1,70 @@
+"""The benchmark harnesses run end to end on tiny CPU shapes and write the tables they promise."""
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench.common  # noqa: E402
+from bench import bench_activation, bench_norm, bench_rope  # noqa: E402
+from bench.membound import Case, run  # noqa: E402
+from op_testing import EXT_ONLY  # noqa: E402
+
+MEMBOUND_COLUMNS = {"device", "case", "dtype", "thp", "mode", "provider", "ms", "GB/s", "%copy", "x_eager",
+                    "x_compile", "copy_GB/s"}
+
+
+def tiny_cases(module, shape):
+    """The module's case builder, on a tiny shape instead of the benchmark's own."""
+    def cases(device, dtype):
+        if module is bench_norm:
+            N, C = shape
+            x, r, gy, gr = (torch.randn(N, C, dtype=dtype) for _ in range(4))
+            w = torch.randn(C, dtype=dtype)
+            return [Case("tiny", [x.requires_grad_(), r.requires_grad_(), w.requires_grad_()], [gy, gr], 1, 1)]
+        if module is bench_activation:
+            N, F = shape
+            return [Case("tiny", [torch.randn(N, 2 * F, dtype=dtype).requires_grad_()], [torch.randn(N, F)], 1, 1)]
+        B, T, H, D = shape
+        q, k = (torch.randn(B, T, H, D, dtype=dtype).requires_grad_() for _ in range(2))
+        qw, kw = (torch.ones(D, requires_grad=True) for _ in range(2))
+        ang = torch.rand(T, D // 2)
+        return [Case("tiny", [q, k, qw, kw, ang.cos(), ang.sin()], [torch.randn(B, T, H, D)] * 2, 1, 1)]
+    return cases
+
+
+@EXT_ONLY
+@pytest.mark.parametrize("module,shape,name", [(bench_norm, (8, 32), "bench_norm"),
+                                               (bench_activation, (8, 16), "bench_activation"),
+                                               (bench_rope, (1, 4, 2, 8), "bench_rope")])
+def test_membound_harness_writes_csv_and_markdown(module, shape, name, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench.common, "copy_bandwidth_gbs", lambda device: 10.0)
+    monkeypatch.setattr(sys.modules["bench.membound"], "copy_bandwidth_gbs", lambda device: 10.0)
+    fwd = {bench_norm: "fused_add_rmsnorm", bench_activation: "swiglu", bench_rope: "qk_rmsnorm_rope"}[module]
+    ref = getattr(module, {"fused_add_rmsnorm": "fused_add_rmsnorm_ref", "swiglu": "swiglu_ref",
+                           "qk_rmsnorm_rope": "qk_rmsnorm_rope_ref"}[fwd])
+    ext = getattr(module, f"{fwd}_ext")
+    rows = run(fwd, name, tiny_cases(module, shape), ref, ext, argv=["--device", "cpu", "--reps", "1"])
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in ("ext", "eager", "compile")
+                                                          for m in ("fwd", "bwd", "fwd+bwd")}
+    folders = list(tmp_path.iterdir())
+    assert len(folders) == 1  # one folder per device name
+    with open(folders[0] / f"{name}.csv") as f:
+        table = list(csv.DictReader(f))
+    assert set(table[0]) == MEMBOUND_COLUMNS and len(table) == 9
+    assert all(float(r["ms"]) > 0 for r in table)
+    assert (folders[0] / f"{name}.md").read_text().startswith(f"### {name} on ")
+
+
+def test_train_step_benchmark_runs_each_provider(tmp_path, monkeypatch):
+    from bench import bench_train_step
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    rows = bench_train_step.main(["--device", "cpu", "--steps", "1", "--warmup", "1"])
+    measured = {r["provider"]: r for r in rows if r["ms_per_step"] is not None}
+    assert set(measured) == {"reference", "fused"} and measured["reference"]["x_reference"] == 1.0
+    assert {r["provider"] for r in rows if r["ms_per_step"] is None} == set(bench_train_step.NOT_IMPLEMENTED)
+    assert (next(tmp_path.iterdir()) / "bench_train_step.csv").exists()
