@@ -73,6 +73,43 @@ def cmd_data_demo(args) -> int:
     return 0
 
 
+def cmd_data_check(args) -> int:
+    """Decode every image of DIR, write the quarantine list, print counts per reason; exit 0."""
+    import os
+
+    from .data import DataError, default_quarantine_path, scan_folder
+    from .data.check import check_index
+    from .data.images import is_image_file
+    from .data.quarantine import is_quarantine_list, write_quarantine
+
+    if args.workers is not None and args.workers < 1:
+        raise DataError(f"--workers must be >= 1, got {args.workers}")
+    index = scan_folder(args.dir, quarantine=None)  # a missing DIR or real/ fails here (exit 2)
+    out = args.out or default_quarantine_path(args.dir)
+    # The list is the only file the check writes: never over a user's file, never as an "image".
+    if is_image_file(out):
+        raise DataError(f"{out}: --out must not have an image extension (scans would read it as an image)")
+    if os.path.isdir(out):
+        raise DataError(f"{out}: --out is a folder; give a file name, e.g. {os.path.join(out, 'quarantine.tsv')}")
+    if os.path.exists(out) and not is_quarantine_list(out):
+        raise DataError(f"{out}: exists and is not a quarantine list; refusing to overwrite it")
+    if not os.path.isdir(os.path.dirname(out) or "."):
+        raise DataError(f"{out}: folder {os.path.dirname(out)} does not exist")
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rchecked {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    result = check_index(index, args.workers, progress if sys.stderr.isatty() else None)
+    write_quarantine(out, result.bad)
+    print(f"data check {args.dir}: {result.checked} images checked, {len(result.bad)} unreadable, "
+          f"{result.checked - len(result.bad)} ok")
+    for reason, count in result.counts().items():
+        print(f"  {reason:<20}{count:>8}")
+    use = "" if out == default_quarantine_path(args.dir) else f"; train with --data.quarantine={out}"
+    print(f"quarantine list: {out} (the loaders skip the files listed there{use}; no data file was changed)")
+    return 0
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -169,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = data.add_parser("demo", help="write the embedded demo dataset (train/ and val/)")
     demo.add_argument("--out", required=True, help="output folder")
     demo.add_argument("--seed", type=int, default=0)
+    check = data.add_parser("check", help="decode every image of a data root; list unreadable files in a "
+                                          "quarantine list that the loaders skip (no file is changed)")
+    check.add_argument("dir", metavar="DIR", help="data root holding real/ and optionally fake/")
+    check.add_argument("--out", default=None,
+                       help="quarantine list to write (default: DIR/.unigendet_quarantine.tsv)")
+    check.add_argument("--workers", type=int, default=None, help="decoding threads (default: min(4, CPU count))")
 
     tr = sub.add_parser("train", help="train a model; extra --section.key=value arguments override the config")
     tr.add_argument("--config", default="tiny_cpu", help="a name in engine/configs/ or a .toml path")
@@ -221,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "eval"):
             return (cmd_train if args.command == "train" else cmd_eval)(args, rest)
         if args.command == "data":
-            return cmd_data_demo(args)
+            return cmd_data_check(args) if args.data_command == "check" else cmd_data_demo(args)
         return handlers[args.command](args)
     except _user_errors() as e:
         print(f"unigendet {args.command}: error: {e}", file=sys.stderr)

@@ -39,6 +39,10 @@ class DataConfig:
     """Random horizontal flip."""
     num_workers: int = 2
     """DataLoader worker processes (0 = load in the main process)."""
+    quarantine: str = ""
+    """Quarantine list of unreadable files the loaders skip, as written by `unigendet data check ROOT`
+    (TSV: path relative to data.root, reason, detail). '' = ROOT/.unigendet_quarantine.tsv when it
+    exists; a path must exist. An unlisted bad file stops training with a message naming it."""
 
 
 @dataclass

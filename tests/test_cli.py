@@ -32,6 +32,69 @@ def test_data_demo_is_deterministic(tmp_path, capsys):
     assert any((tmp_path / "d" / "train" / "real").iterdir())
 
 
+def test_data_check_quarantines_bad_files_and_changes_nothing(bad_root, snapshot, tmp_path, capsys):
+    import re
+
+    from unigendet.data import build_loader
+
+    root, expected = bad_root
+    before = snapshot(root)
+    assert main(["data", "check", str(root), "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"{12 + len(expected)} images checked, {len(expected)} unreadable, 12 ok" in out
+    for reason in ("empty", "truncated", "not_an_image", "unsupported_format", "decompression_bomb", "corrupt"):
+        count = sum(r == reason for r in expected.values())
+        assert re.search(rf"^ +{reason} +{count}$", out, re.MULTILINE), (reason, out)
+    listing = root / ".unigendet_quarantine.tsv"
+    lines = listing.read_text().splitlines()
+    assert lines[0] == "path\treason\tdetail"
+    rows = [line.split("\t") for line in lines[1:]]
+    assert {path: reason for path, reason, _ in rows} == expected and [r[0] for r in rows] == sorted(expected)
+    after = snapshot(root)
+    assert set(after) - set(before) == {".unigendet_quarantine.tsv"}  # the only file written
+    assert {k: after[k] for k in before} == before  # every data file: same bytes, same mtime
+
+    # Deterministic: another worker count writes the same bytes; --out puts the list elsewhere.
+    first = listing.read_bytes()
+    assert main(["data", "check", str(root), "--workers", "1"]) == 0
+    assert listing.read_bytes() == first
+    assert main(["data", "check", str(root), "--out", str(tmp_path / "q.tsv")]) == 0
+    assert (tmp_path / "q.tsv").read_bytes() == first
+    assert "--data.quarantine=" in capsys.readouterr().out
+    # The loaders now skip the listed files and train on the rest.
+    loader = build_loader(root, 16, 4, num_workers=0)
+    assert len(loader.index) == 12
+    next(iter(loader)).validate()
+    assert {k: snapshot(root)[k] for k in before} == before
+
+
+def test_data_check_clean_folder_and_bad_arguments(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "real").mkdir()
+    for i in range(3):
+        Image.new("RGB", (9, 7), (i, 2 * i, 3 * i)).save(tmp_path / "real" / f"{i}.png")
+    assert main(["data", "check", str(tmp_path)]) == 0
+    assert "3 images checked, 0 unreadable, 3 ok" in capsys.readouterr().out
+    assert (tmp_path / ".unigendet_quarantine.tsv").read_text() == "path\treason\tdetail\n"
+
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine")
+    cases = [
+        (["data", "check", str(tmp_path / "nope")], "data root not found"),
+        (["data", "check", str(tmp_path / "real")], "must hold real/"),  # a folder without real/
+        (["data", "check", str(tmp_path), "--out", str(user_file)], "not a quarantine list; refusing to overwrite"),
+        (["data", "check", str(tmp_path), "--out", str(tmp_path / "real" / "list.png")], "image extension"),
+        (["data", "check", str(tmp_path), "--out", str(tmp_path / "no" / "list.tsv")], "does not exist"),
+        (["data", "check", str(tmp_path), "--workers", "0"], "--workers must be >= 1"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("unigendet data: error: ") and message in err, (argv, err)
+    assert user_file.read_text() == "mine"
+
+
 def test_train_writes_run_folder(trained_run):
     assert (trained_run / "config.toml").is_file() and (trained_run / "metrics.jsonl").is_file()
     assert (trained_run / "checkpoints" / "step_0000004" / "model.safetensors").is_file()

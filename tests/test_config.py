@@ -63,3 +63,10 @@ def test_every_field_is_documented():
             assert len(entry) == 2, f"{section}.{key} missing from describe()"
             doc = entry[1].split("\n", 2)[1].strip()
             assert doc, f"{section}.{key} has no docstring"
+
+
+def test_data_quarantine_key(tmp_path):
+    assert load_config("tiny_cpu").data.quarantine == ""  # '' = DATA_ROOT/.unigendet_quarantine.tsv if present
+    cfg = load_config("tiny_cpu", [f"--data.quarantine={tmp_path / 'bad.tsv'}"])
+    assert cfg.data.quarantine == str(tmp_path / "bad.tsv")
+    assert "quarantine = ''" in describe() and "unigendet data check" in describe()

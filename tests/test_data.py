@@ -1,9 +1,10 @@
 """Tests for unigendet.data: Batch contract, decoding, folder scanning, loader determinism, demo data."""
 from __future__ import annotations
 
-import hashlib
 import io
 import os
+import re
+import shlex
 
 import numpy as np
 import pytest
@@ -12,16 +13,24 @@ from PIL import Image
 
 from unigendet.data import (
     IMAGE_EXTENSIONS,
+    QUARANTINE_NAME,
+    REASONS,
+    BadFile,
     Batch,
     DataError,
     FolderDataset,
     FolderLoader,
     build_loader,
+    check_folder,
+    default_quarantine_path,
     load_eval_images,
     load_rgb,
+    read_quarantine,
     scan_folder,
     write_demo_dataset,
 )
+from unigendet.data.images import is_image_file
+from unigendet.data.quarantine import write_quarantine
 
 S = 16  # image size of the loader tests
 
@@ -41,17 +50,6 @@ def _make_root(root, n_real=11, n_fake=0, classes=()):
             _write_noise(os.path.join(root, sub, f"{i:03d}.png"), 20 + 3 * (k % 7), 18 + 5 * (k % 5), seed=k)
             k += 1
     return str(root)
-
-
-def _snapshot(folder):
-    """{relative path: sha1 of bytes} of every file below `folder`."""
-    out = {}
-    for dirpath, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha1(f.read()).hexdigest()
-    return out
 
 
 def _take(loader, n):
@@ -250,17 +248,130 @@ def _corrupt_bytes():
 
 
 @pytest.mark.parametrize("name", ["empty.jpg", "truncated.jpg", "random.png"])
-def test_corrupt_file_raises_naming_it(tmp_path, name):
+def test_corrupt_file_raises_naming_it(tmp_path, name, snapshot):
     root = _make_root(tmp_path, n_real=4)
     bad = tmp_path / "real" / name
     bad.write_bytes(_corrupt_bytes()[name])
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(DataError, match=f"{name}: cannot decode image"):
         load_rgb(bad)
     for workers in (0, 2):
-        with pytest.raises(DataError, match=rf"bad file in dataset folder.*{name}"):
+        # One line (a worker's traceback is stripped), naming the file and the command that lists it.
+        one_line = rf"^bad file in dataset folder.*{name}.*`unigendet data check {re.escape(root)}`[^\n]*$"
+        with pytest.raises(DataError, match=one_line):
             _take(build_loader(root, S, 5, num_workers=workers), 1)
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------ data check and quarantine
+
+def test_check_gives_each_bad_file_its_reason(bad_root, snapshot):
+    root, expected = bad_root
+    before = snapshot(root)
+    result = check_folder(root, workers=2)
+    assert result.checked == 12 + len(expected)
+    assert {b.path: b.reason for b in result.bad} == expected
+    assert [b.path for b in result.bad] == sorted(expected)  # sorted, relative to the root, "/" separators
+    assert all(b.detail and "\n" not in b.detail and str(root) not in b.detail for b in result.bad)
+    assert result.counts() == {r: sum(v == r for v in expected.values()) for r in REASONS}
+    assert set(expected.values()) == set(REASONS)  # every reason is exercised
+    assert check_folder(root, workers=1).bad == result.bad  # deterministic whatever the worker count
+    assert snapshot(root) == before  # nothing read was changed, nothing was written
+
+
+def test_loader_skips_quarantined_files(bad_root, snapshot):
+    root, expected = bad_root
+    write_quarantine(default_quarantine_path(root), check_folder(root).bad)
+    before = snapshot(root)
+    listed = {os.path.join(str(root), rel) for rel in expected}
+    for workers in (0, 2):
+        loader = build_loader(root, S, 4, seed=1, num_workers=workers)
+        assert len(loader.index) == 12 and not listed & set(loader.index.files)
+        assert sorted(loader.index.skipped) == sorted(listed)
+        assert loader.index.quarantine == default_quarantine_path(root)
+        assert QUARANTINE_NAME not in " ".join(loader.index.files)  # the list itself is not an image
+        for batch in _take(loader, 7):  # 3 batches per epoch: crosses two epochs, every good file loaded
+            batch.validate()
+    images, is_fake = load_eval_images(root, S, num_workers=2)
+    assert images.shape == (12, 3, S, S) and is_fake.sum() == 4
+    assert snapshot(root) == before
+
+
+def test_loader_without_list_names_the_file_and_the_command(bad_root):
+    root, expected = bad_root
+    command = f"`unigendet data check {shlex.quote(str(root))}`"
+    for workers in (0, 2):
+        loader = build_loader(root, S, 12 + len(expected), num_workers=workers)  # one batch holds every file
+        with pytest.raises(DataError) as info:
+            _take(loader, 1)
+        message = str(info.value)
+        assert message.startswith(f"bad file in dataset folder {root}: ") and "\n" not in message
+        assert command in message
+        assert any(os.path.join(str(root), rel) + ": cannot decode image" in message for rel in expected)
+    with pytest.raises(DataError, match=re.escape(command)):
+        load_eval_images(root, S, num_workers=2)
+    # An existing list is ignored on request (the check itself reads every file).
+    write_quarantine(default_quarantine_path(root), check_folder(root).bad)
+    assert len(scan_folder(root, quarantine=None)) == 12 + len(expected) and len(scan_folder(root)) == 12
+
+
+def test_quarantine_list_at_another_path(bad_root, tmp_path):
+    root, _ = bad_root
+    elsewhere = tmp_path / "lists" / "bad.tsv"
+    elsewhere.parent.mkdir()
+    write_quarantine(elsewhere, check_folder(root).bad)
+    assert not os.path.exists(default_quarantine_path(root))
+    index = scan_folder(root, quarantine=elsewhere)
+    assert len(index) == 12 and index.quarantine == str(elsewhere)
+    assert len(build_loader(root, S, 4, num_workers=0, quarantine=str(elsewhere)).index) == 12
+    assert load_eval_images(root, S, quarantine=str(elsewhere))[0].shape[0] == 12
+    with pytest.raises(DataError, match=r"missing.tsv: quarantine list not found"):
+        scan_folder(root, quarantine=tmp_path / "missing.tsv")
+
+
+def test_quarantine_keeps_class_ids(tmp_path):
+    root = _make_root(tmp_path, n_real=6, n_fake=2, classes=("cat", "dog"))
+    dogs = sorted(os.listdir(tmp_path / "real" / "dog"))
+    write_quarantine(default_quarantine_path(root), [BadFile(f"real/dog/{f}", "corrupt", "x") for f in dogs])
+    index = scan_folder(root)
+    assert index.classes == ["cat", "dog"]  # decided before the list is applied: ids never shift
+    assert all("dog" not in path or "fake" in path for path in index.files)
+    assert index.class_ids[: index.num_real] == [0] * index.num_real
+    every_real = [f"real/{c}/{f}" for c in ("cat", "dog") for f in os.listdir(tmp_path / "real" / c)]
+    write_quarantine(default_quarantine_path(root), [BadFile(p, "corrupt", "x") for p in every_real])
+    with pytest.raises(DataError, match="all 6 real images are listed in the quarantine list"):
+        scan_folder(root)
+
+
+def test_quarantine_list_format(tmp_path):
+    odd = [BadFile("real/tab\there.jpg", "empty", "0 bytes"), BadFile("real/back\\slash\nnew.png", "corrupt", "a\tb"),
+           BadFile("fake/ünï cödé.webp", "truncated", "cut")]
+    path = tmp_path / "q.tsv"
+    write_quarantine(path, odd)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "path\treason\tdetail" and len(lines) == 4
+    assert all(line.count("\t") == 2 for line in lines)
+    assert read_quarantine(path) == sorted(odd, key=lambda b: b.path)
+    assert not is_image_file(QUARANTINE_NAME) and QUARANTINE_NAME.startswith(".")
+    for text, match in [("path\treason\n", "not a quarantine list"), ("", "not a quarantine list"),
+                        ("path\treason\tdetail\nreal/a.jpg\tbroken\tx\n", r"q.tsv:2: unknown reason 'broken'"),
+                        ("path\treason\tdetail\nreal/a.jpg\tempty\n", r"q.tsv:2: expected 3 tab-separated"),
+                        ("path\treason\tdetail\n/abs/a.jpg\tempty\tx\n", r"q.tsv:2: path must be relative")]:
+        path.write_text(text)
+        with pytest.raises(DataError, match=match):
+            read_quarantine(path)
+
+
+def test_pixel_limit_is_shared_by_check_and_loader(tmp_path, monkeypatch):
+    root = _make_root(tmp_path, n_real=4)  # images of at most 38 x 38 pixels
+    _write_noise(str(tmp_path / "real" / "big.png"), 60, 50, seed=5)  # 3000 pixels
+    assert check_folder(root).bad == []
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses more than 2 x 1000 pixels
+    assert [(b.path, b.reason) for b in check_folder(root, workers=2).bad] == [("real/big.png", "decompression_bomb")]
+    with pytest.raises(DataError, match=r"big.png: cannot decode image \(Image size \(3000 pixels\)"):
+        load_rgb(tmp_path / "real" / "big.png")
+    with pytest.raises(DataError, match=r"bad file in dataset folder.*big.png"):
+        _take(build_loader(root, S, 5, num_workers=0), 1)
 
 
 # --------------------------------------------------------------------------------- unusual images
@@ -284,9 +395,38 @@ def test_unusual_modes(tmp_path):
     Image.fromarray(np.full((30, 30), 65535, np.uint16)).save(real / "white16.png")
     Image.fromarray(np.full((30, 30), 32896, np.uint16)).save(real / "mid16.png")  # 128 * 257
     Image.fromarray(np.full((7, 5, 3), 10, np.uint8)).save(real / "tiny.png")  # smaller than S
+    palette = Image.fromarray(np.ones((30, 30), np.uint8), mode="P")  # every pixel is palette entry 1
+    palette.putpalette([255, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.save(real / "palette.png")
+    palette.putdata([0] * 900)  # entry 0 (red) declared transparent -> white
+    palette.save(real / "palette_tr.png", transparency=0)
+    Image.fromarray(np.dstack([np.full((30, 30), 50, np.uint8), np.full((30, 30), 255, np.uint8)]), mode="LA").save(
+        real / "la.png")
+    Image.new("1", (30, 30), 1).save(real / "bilevel.png")
+    Image.fromarray(np.full((30, 30), 200, np.uint8)).save(real / "gray.jpg", quality=95)
+    Image.new("RGB", (40, 30), (30, 60, 90)).save(real / "progressive.jpg", quality=95, progressive=True)
+    Image.fromarray(rgba).save(real / "rgba.webp", lossless=True)
 
     assert load_rgb(real / "white16.png").mode == "RGB"
+    assert Image.open(real / "palette.png").mode == "P" and Image.open(real / "bilevel.png").mode == "1"
+    assert Image.open(real / "white16.png").mode.startswith("I")  # really 16 bit on disk
+    assert check_folder(tmp_path).bad == []  # valid files are never quarantined
+    batch = _take(build_loader(tmp_path, S, 13, num_workers=2), 1)[0]  # all 13 files, through the loader
+    batch.validate()
+    assert batch.images.shape == (13, 3, S, S)
+
+    def color(rgb):
+        return torch.tensor(rgb, dtype=torch.float32).div(127.5).sub(1).view(3, 1, 1).expand(3, S, S)
+
     for train in (True, False):
+        torch.testing.assert_close(_tensor_of(real / "palette.png", train), color((10, 200, 30)))
+        torch.testing.assert_close(_tensor_of(real / "palette_tr.png", train), torch.ones(3, S, S))
+        torch.testing.assert_close(_tensor_of(real / "la.png", train), color((50, 50, 50)))
+        torch.testing.assert_close(_tensor_of(real / "bilevel.png", train), torch.ones(3, S, S))
+        torch.testing.assert_close(_tensor_of(real / "gray.jpg", train), color((200,) * 3), atol=2 / 127.5, rtol=0)
+        torch.testing.assert_close(_tensor_of(real / "progressive.jpg", train), color((30, 60, 90)), atol=3 / 127.5,
+                                   rtol=0)
+        torch.testing.assert_close(_tensor_of(real / "rgba.webp", train), torch.ones(3, S, S))
         torch.testing.assert_close(_tensor_of(real / "gray.png", train), torch.full((3, S, S), 200 / 127.5 - 1))
         red = _tensor_of(real / "cmyk.jpg", train).mean(dim=(1, 2))
         assert red[0] > 0.9 and red[1] < -0.9 and red[2] < -0.9

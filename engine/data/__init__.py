@@ -1,11 +1,14 @@
-"""Data: the `Batch` contract, image decoding, image-folder loaders and the embedded demo dataset.
+"""Data: the `Batch` contract, image decoding, image-folder loaders, the bad-file check and its
+quarantine list, and the embedded demo dataset.
 
 Label convention: `is_fake = 1.0` marks a generated image, `0.0` a real one.
 """
 from .batch import Batch, DataError
+from .check import CheckResult, check_folder
 from .demo import write_demo_dataset
 from .folder import FolderDataset, FolderIndex, FolderLoader, build_loader, load_eval_images, scan_folder
 from .images import IMAGE_EXTENSIONS, load_rgb
+from .quarantine import QUARANTINE_NAME, REASONS, BadFile, default_quarantine_path, read_quarantine
 
 __all__ = [
     "Batch",
@@ -19,4 +22,11 @@ __all__ = [
     "build_loader",
     "load_eval_images",
     "write_demo_dataset",
+    "check_folder",
+    "CheckResult",
+    "BadFile",
+    "QUARANTINE_NAME",
+    "REASONS",
+    "default_quarantine_path",
+    "read_quarantine",
 ]

@@ -11,6 +11,11 @@ directly under `fake/` get class -1 (unknown). Without classes every class id is
 of `fake/` (e.g. one per generator) only organise files. Files are found recursively by extension,
 hidden files and folders (".name") are ignored, and everything is sorted so scans are deterministic.
 
+Bad files: files listed in the quarantine list (engine/data/quarantine.py; written by `unigendet data
+check ROOT`, by default ROOT/.unigendet_quarantine.tsv) are dropped from the scan; classes are decided
+before that, so class ids do not change when a list is added. A bad file that is not listed stops the
+loaders with a `DataError` naming it and the `data check` command (they never skip on their own).
+
 Determinism: the augmentation of sample i in epoch e is a pure function of (seed, e, i) and the batch
 order of epoch e a function of (seed + e), so batches do not depend on worker count, and a loader
 restored from `state_dict()` yields exactly the batches an uninterrupted one would have.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import os
 import random
+import shlex
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -27,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batch import Batch, DataError, collate_samples
 from .images import IMAGE_EXTENSIONS, crop_resize, list_images, load_rgb
+from .quarantine import quarantined_paths, resolve_quarantine
 
 
 @dataclass
@@ -38,6 +45,8 @@ class FolderIndex:
     class_ids: list[int]  # index into `classes`, -1 when unknown / no classes
     classes: list[str] = field(default_factory=list)  # sorted class names; [] = no classes
     root: str = ""  # the scanned data root, for messages
+    quarantine: str = ""  # the quarantine list applied by the scan ("" = none)
+    skipped: list[str] = field(default_factory=list)  # listed files present under root, not loaded
 
     def __len__(self) -> int:
         return len(self.files)
@@ -58,6 +67,8 @@ class FolderIndex:
             class_ids=[self.class_ids[p] for p in positions],
             classes=list(self.classes),
             root=self.root,
+            quarantine=self.quarantine,
+            skipped=list(self.skipped),
         )
 
 
@@ -73,8 +84,13 @@ def _split_top(rel_paths: list[str]) -> tuple[list[str], dict[str, list[str]]]:
     return top, by_sub
 
 
-def scan_folder(root: str | os.PathLike) -> FolderIndex:
-    """Index the images of a data root (layout and class rules in the module docstring)."""
+def scan_folder(root: str | os.PathLike, quarantine: str | os.PathLike | None = "") -> FolderIndex:
+    """Index the images of a data root (layout and class rules in the module docstring).
+
+    `quarantine` (`data.quarantine`): "" -> skip the files listed in ROOT/.unigendet_quarantine.tsv
+    when it exists; a path -> the files listed there (it must exist); None -> list every image
+    (what `data check` reads).
+    """
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"{root}: data root not found (expected a folder holding real/ and optionally fake/)")
@@ -120,7 +136,35 @@ def scan_folder(root: str | os.PathLike) -> FolderIndex:
                 add(fake_dir, fake_sub[name], 1, class_of[name])
         else:
             add(fake_dir, fake_rel, 1, -1)
-    return index
+    listed = resolve_quarantine(root, quarantine)
+    return _drop_quarantined(index, listed) if listed else index
+
+
+def command_for(root: str) -> str:
+    """The `data check` command line for `root`, quoted for a POSIX shell (used in messages)."""
+    return f"unigendet data check {shlex.quote(root)}"
+
+
+def _drop_quarantined(index: FolderIndex, listed: str) -> FolderIndex:
+    """`index` without the files named in the quarantine list at `listed` (paths relative to the root)."""
+    bad = quarantined_paths(listed)
+    # Every path in the index is os.path.join(root, rel): cutting the prefix gives rel exactly and is
+    # much cheaper than os.path.relpath on a million files.
+    prefix = os.path.join(index.root, "")
+    keep, skipped = [], []
+    for position, path in enumerate(index.files):
+        if path[len(prefix):] in bad:
+            skipped.append(path)
+        else:
+            keep.append(position)
+    out = index.subset(keep)
+    out.quarantine, out.skipped = listed, skipped
+    if out.num_real == 0:
+        raise DataError(
+            f"{os.path.join(index.root, 'real')}: all {index.num_real} real images are listed in the quarantine "
+            f"list {listed}; nothing left to load"
+        )
+    return out
 
 
 class FolderDataset(Dataset):
@@ -129,7 +173,8 @@ class FolderDataset(Dataset):
     train=True: random resized crop (area ~ U[crop_scale_min, 1], aspect log-uniform in [3/4, 4/3]),
     bicubic resize to S x S, random horizontal flip; the randomness of item i is seeded by
     (seed, epoch, i), with the epoch set through `set_epoch`. train=False: shorter side resized to S,
-    center crop, no flip. An undecodable file raises `DataError` naming it: files are never skipped.
+    center crop, no flip. An undecodable file raises `DataError` naming it and the `data check` command:
+    files are never skipped here (quarantined files are already left out of the index).
     """
 
     def __init__(
@@ -166,9 +211,11 @@ class FolderDataset(Dataset):
         try:
             img = load_rgb(path)
         except DataError as exc:
+            root = self.index.root or os.path.dirname(path)
             raise DataError(
-                f"bad file in dataset folder {self.index.root or os.path.dirname(path)}: {exc}; "
-                "fix or remove it (the loader never skips files)"
+                f"bad file in dataset folder {root}: {exc}; run `{command_for(root)}` to list every "
+                "unreadable file in a quarantine list, which the loaders then skip (they never skip "
+                "unlisted files)"
             ) from None
         # String seeds are hashed with SHA-512: stable across processes, runs and Python versions.
         rng = random.Random(f"unigendet/{self.seed}/{self.epoch}/{i}") if self.train else None
@@ -216,9 +263,11 @@ class FolderLoader:
         self.per_rank = len(index) // self.world_size  # images each rank sees per epoch
         self.batches_per_epoch = self.per_rank // self.batch_size
         if self.batches_per_epoch == 0:
+            skipped = f"; {len(index.skipped)} more are quarantined in {index.quarantine}" if index.skipped else ""
             raise DataError(
                 f"{index.root}: {len(index)} images ({index.num_real} real, {index.num_fake} fake) is fewer "
                 f"than one batch: batch size {batch_size} x world size {world_size} = {batch_size * world_size}"
+                f"{skipped}"
             )
         self._epoch = 0
         self._position = 0  # batches already yielded in epoch `_epoch`
@@ -260,6 +309,8 @@ class FolderLoader:
                 for batch in batch_iter:
                     self._position += 1  # counted before the yield: state_dict() includes this batch
                     yield batch
+            except DataError as exc:
+                raise DataError(_worker_message(exc)) from None
             finally:
                 _stop_workers(batch_iter)
             self._epoch, self._position = epoch + 1, 0
@@ -282,6 +333,20 @@ class FolderLoader:
         if position == self.batches_per_epoch:  # saved right after an epoch's last batch
             epoch, position = epoch + 1, 0
         self._epoch, self._position = epoch, position
+
+
+def _worker_message(exc: DataError) -> str:
+    """The original message of a `DataError` raised in a DataLoader worker process.
+
+    DataLoader re-raises a worker's exception as `DataError("Caught DataError in DataLoader worker
+    process N.\\nOriginal Traceback ...")`; the user-facing line (the one naming the file, which the
+    CLI prints) is the last line of that traceback. Messages from the main process pass unchanged.
+    """
+    text = str(exc)
+    if not text.startswith("Caught DataError in DataLoader worker"):
+        return text
+    last = text.rstrip().splitlines()[-1]  # "unigendet.data.batch.DataError: bad file in ..."
+    return last.split("DataError: ", 1)[1] if "DataError: " in last else text
 
 
 def _stop_workers(batch_iter) -> None:
@@ -309,8 +374,13 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    quarantine: str | os.PathLike | None = "",
 ) -> FolderLoader:
-    """The training loader for `data.root` (`data.loader`: "auto" | "pil"; "dali" is not available yet)."""
+    """The training loader for `data.root` (`data.loader`: "auto" | "pil"; "dali" is not available yet).
+
+    `quarantine` (`data.quarantine`): the list of bad files to skip; "" = ROOT/.unigendet_quarantine.tsv
+    when it exists (see `scan_folder`).
+    """
     if loader == "dali":
         raise DataError(
             "data.loader = 'dali': the DALI pipeline is not part of this version yet; "
@@ -319,7 +389,7 @@ def build_loader(
     if loader not in ("auto", "pil"):
         raise DataError(f"data.loader = {loader!r}: expected 'auto', 'pil' or 'dali'")
     return FolderLoader(
-        scan_folder(root),
+        scan_folder(root, quarantine),
         image_size,
         batch_size,
         seed=seed,
@@ -333,21 +403,33 @@ def build_loader(
 
 
 def load_eval_images(
-    root: str | os.PathLike, image_size: int, max_images: int | None = None, *, num_workers: int = 0
+    root: str | os.PathLike,
+    image_size: int,
+    max_images: int | None = None,
+    *,
+    num_workers: int = 0,
+    quarantine: str | os.PathLike | None = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic evaluation set: (images (N, 3, S, S) in [-1, 1], is_fake (N,) float32).
 
     The first `max_images` real images (sorted order), then, separately, up to `max_images` fakes;
-    eval transform (shorter side to S, center crop, no flip).
+    eval transform (shorter side to S, center crop, no flip). Quarantined files are skipped as in
+    `scan_folder` (`quarantine` "" = the default list of `root`, when it exists).
     """
     if max_images is not None and max_images < 1:
         raise DataError(f"max_images must be >= 1 or None, got {max_images}")
-    index = scan_folder(root)
+    index = scan_folder(root, quarantine)
     real = [p for p, fake in enumerate(index.is_fake) if not fake][:max_images]
     fake = [p for p, fake in enumerate(index.is_fake) if fake][:max_images]
     dataset = FolderDataset(index.subset(real + fake), image_size, seed=0, train=False)
     loader = DataLoader(
         dataset, batch_size=64, num_workers=num_workers, collate_fn=collate_samples, generator=torch.Generator()
     )
-    batches = list(loader)
+    batch_iter = iter(loader)
+    try:
+        batches = list(batch_iter)
+    except DataError as exc:
+        raise DataError(_worker_message(exc)) from None
+    finally:
+        _stop_workers(batch_iter)
     return torch.cat([b.images for b in batches]), torch.cat([b.is_fake for b in batches])

@@ -50,7 +50,8 @@ class Trainer:
         self.out_dir = Path(cfg.train.out_dir)
         self.loader = build_loader(cfg.data.root, cfg.data.image_size, cfg.train.batch_size, seed=cfg.train.seed,
                                    crop_scale_min=cfg.data.crop_scale_min, flip=cfg.data.flip,
-                                   num_workers=cfg.data.num_workers, loader=cfg.data.loader)
+                                   num_workers=cfg.data.num_workers, loader=cfg.data.loader,
+                                   quarantine=cfg.data.quarantine)
         if cfg.model.num_classes and self.loader.num_classes != cfg.model.num_classes:
             raise TrainingError(f"model.num_classes = {cfg.model.num_classes} but {cfg.data.root} has "
                                 f"{self.loader.num_classes} class folders")
