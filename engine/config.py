@@ -154,16 +154,17 @@ class TrainConfig:
     device: str = "auto"
     """`auto` (cuda if present), `cpu` or `cuda`."""
     cuda_graphs: bool = False
-    """Capture each phase step as a CUDA graph (GPU only)."""
+    """Capture each phase step as a CUDA graph (GPU only). Not implemented yet: true is refused."""
     compile: bool = False
-    """torch.compile the model (for comparison with the fused backends)."""
+    """torch.compile the step (for comparison with the fused backends). Not implemented yet: true is refused."""
     fsdp: bool = False
-    """Shard with FSDP2 instead of DDP under torchrun."""
+    """Shard with FSDP2 instead of data parallel under torchrun. Not implemented yet: true is refused."""
     init_from: str = ""
     """Start from the weights of this checkpoint (step or run folder), e.g. stage II (diga) from a
     stage I (joint) run; optimizer and schedule start fresh. '' = random init."""
     max_bad_steps: int = 10
-    """Stop after this many consecutive steps with a non-finite loss."""
+    """Stop after this many consecutive steps with a non-finite loss or gradient (checked every
+    log_every steps and before each checkpoint)."""
     progress: bool = True
     """Show a tqdm progress bar."""
 

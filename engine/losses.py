@@ -14,16 +14,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .rng import Gen, batch_randn
 
 
-def sample_flow_inputs(x0: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def sample_flow_inputs(x0: Tensor, generator: Gen = None) -> tuple[Tensor, Tensor, Tensor]:
     """Rectified-flow training inputs: t = sigmoid(n), n ~ N(0, 1); x_t = (1 - t) x0 + t eps.
 
     x0: (B, 3, S, S) -> (x_t (B, 3, S, S), t (B,), eps (B, 3, S, S)).
     """
     B = x0.shape[0]
-    t = torch.sigmoid(torch.randn(B, device=x0.device, generator=generator))
-    eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+    t = torch.sigmoid(batch_randn((B,), generator, device=x0.device))
+    eps = batch_randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
     tb = t.view(B, 1, 1, 1).to(x0.dtype)
     return (1 - tb) * x0 + tb * eps, t, eps
 

@@ -204,3 +204,10 @@ def test_throughput_fields_and_the_flop_count(tiny_overrides):
     assert train_flops_per_sample(no_mmsa) - attention == pytest.approx(6.0 * matrices * (t_g + t_d))
     with_mmsa = train_flops_per_sample(m) - train_flops_per_sample(no_mmsa)
     assert with_mmsa == pytest.approx(12.0 * 2 * t_g * t_d * m.width * m.depth)
+
+
+@pytest.mark.parametrize("key", ["cuda_graphs", "compile", "fsdp"])
+def test_unimplemented_switches_are_refused_not_ignored(tiny_overrides, key):
+    cfg = load_config("tiny_cpu", tiny_overrides + [f"--train.{key}=true"])
+    with pytest.raises(TrainingError, match=f"train.{key} = true is not implemented"):
+        Trainer(cfg, log=lambda *_: None)

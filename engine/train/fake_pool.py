@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..rng import Gen, batch_randint
+
 
 class FakePool:
     def __init__(self, capacity: int, image_size: int, device, dtype=torch.float32):
@@ -23,11 +25,11 @@ class FakePool:
         self.ptr = (self.ptr + n) % self.capacity
         self.count = min(self.capacity, self.count + n)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, n: int, generator: Gen = None) -> Tensor:
         """(n, 3, S, S) images drawn uniformly with replacement from the filled slots."""
         if self.count == 0:
             raise RuntimeError("FakePool.sample: the pool is empty (refill it before the det phase)")
-        idx = torch.randint(0, self.count, (n,), device=self.images.device, generator=generator)
+        idx = batch_randint(self.count, (n,), generator, device=self.images.device)
         return self.images[idx]
 
     def state_dict(self) -> dict:

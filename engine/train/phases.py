@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..config import LossConfig
 from ..losses import BCEGroup, LossTerms, combined_bce_align, flow_loss, one_step_estimate, sample_flow_inputs
+from ..rng import Gen, batch_rand
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,16 @@ def frozen_detection_logit(model: nn.Module, images: Tensor) -> Tensor:
     return torch.func.functional_call(core, (params, dict(core.named_buffers())), ("det", images)).logit
 
 
-def drop_labels(class_ids: Tensor, p: float, generator: torch.Generator | None) -> Tensor:
+def drop_labels(class_ids: Tensor, p: float, generator: Gen) -> Tensor:
     """Replace each label by -1 ("no class") with probability p (classifier-free guidance training)."""
     if p <= 0:
         return class_ids
-    drop = torch.rand(class_ids.shape, device=class_ids.device, generator=generator) < p
+    drop = batch_rand(class_ids.shape, generator, device=class_ids.device) < p
     return torch.where(drop, torch.full_like(class_ids, -1), class_ids)
 
 
 def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, class_ids: Tensor,
-               fakes: Tensor | None, loss_cfg: LossConfig, generator: torch.Generator | None) -> LossTerms:
+               fakes: Tensor | None, loss_cfg: LossConfig, generator: Gen) -> LossTerms:
     """Loss of one step of `phase`.
 
     images: (B, 3, S, S) in [-1, 1]; is_fake: (B,) 1 for external fakes; class_ids: (B,) (-1 = none);

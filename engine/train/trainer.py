@@ -27,6 +27,8 @@ from .checkpoint import (CheckpointError, checkpoint_config, list_checkpoints, l
 from .fake_pool import FakePool
 from .optim import EMA, build_optimizer, lr_multiplier
 from .phases import phase_at, phase_loss, set_trainable
+from ..rng import ShardedGenerator
+from .distributed import init_distributed
 from .throughput import device_peak_flops, tokens_per_sample, train_flops_per_sample
 
 
@@ -44,14 +46,23 @@ def resolve_device(name: str) -> torch.device:
 
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, log=print):
-        self.cfg, self.log = cfg, log
+        self.cfg = cfg
+        for key in ("cuda_graphs", "compile", "fsdp"):  # in the config already, not implemented yet
+            if getattr(cfg.train, key):
+                raise TrainingError(f"train.{key} = true is not implemented in this version of unigendet; "
+                                    f"set train.{key} = false")
         self.device = resolve_device(cfg.train.device)
+        self.dist = init_distributed(self.device)  # single process unless started by torchrun
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.log = log if self.dist.is_main else (lambda *_: None)
         ops.set_default_backend(cfg.ops.backend)
         self.out_dir = Path(cfg.train.out_dir)
         self.loader = build_loader(cfg.data.root, cfg.data.image_size, cfg.train.batch_size, seed=cfg.train.seed,
                                    crop_scale_min=cfg.data.crop_scale_min, flip=cfg.data.flip,
                                    num_workers=cfg.data.num_workers, loader=cfg.data.loader,
-                                   quarantine=cfg.data.quarantine)
+                                   quarantine=cfg.data.quarantine, rank=self.dist.rank,
+                                   world_size=self.dist.world_size)
         if cfg.model.num_classes and self.loader.num_classes != cfg.model.num_classes:
             raise TrainingError(f"model.num_classes = {cfg.model.num_classes} but {cfg.data.root} has "
                                 f"{self.loader.num_classes} class folders")
@@ -66,6 +77,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(cfg.optim, cfg.train.steps))
         self.noise = torch.Generator(device=self.device)  # flow noise, timesteps, label dropout, pool draws
         self.noise.manual_seed(cfg.train.seed + 1)
+        # batch-dimension draws of the global batch, this rank's rows (unigendet.rng); the pool
+        # refill draws with self.noise in full on every rank, so all ranks hold the same pool
+        self.draws = ShardedGenerator(self.noise, self.dist.rank, self.dist.world_size)
         self.pool = FakePool(cfg.phases.pool_size, cfg.data.image_size, self.device)
         self.uses_pool = cfg.phases.mode != "diga"
         self.step_idx = 0
@@ -84,8 +98,10 @@ class Trainer:
         elif list_checkpoints(self.out_dir):
             raise TrainingError(f"{self.out_dir} already holds checkpoints; pass --resume to continue that run "
                                 f"or set another train.out_dir")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.out_dir / "config.toml")
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.toml")
+        self.dist.barrier()
         self._data_iter = iter(self.loader)
 
     # ------------------------------------------------------------------ one step
@@ -108,15 +124,16 @@ class Trainer:
         if self.uses_pool and (self.pool.count == 0 or self.step_idx % cfg.phases.refill_every == 0):
             self.refill_pool(self.pool.capacity if self.pool.count == 0 else cfg.phases.refill_count)
         batch = next(self._data_iter).to(self.device, non_blocking=True)
-        fakes = self.pool.sample(len(batch), self.noise) if phase.detects else None
+        fakes = self.pool.sample(len(batch), self.draws) if phase.detects else None
         set_trainable(self.model, phase)
         self.model.train()
         with self.autocast:
             terms = phase_loss(self.model, phase, batch.images, batch.is_fake, batch.class_ids, fakes,
-                               cfg.loss, self.noise)
+                               cfg.loss, self.draws)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        self.dist.average_(grads)  # data parallel: every rank now holds the global-batch gradient
         if cfg.optim.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
                                                   cfg.optim.grad_clip, foreach=True)
@@ -173,7 +190,8 @@ class Trainer:
 
         cfg = self.cfg.train
         metrics_path = self.out_dir / "metrics.jsonl"
-        bar = tqdm(total=cfg.steps, initial=self.step_idx, disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step_idx, disable=not cfg.progress or not self.dist.is_main,
+                   dynamic_ncols=True)
         with stop_requests() as stop:
             last = self._loop(bar, metrics_path, stop)
         bar.close()
@@ -192,22 +210,27 @@ class Trainer:
             if self.step_idx % cfg.log_every == 0 or self.step_idx == cfg.steps:
                 self.check_health()
                 elapsed = time.perf_counter() - t0
-                rate = (self.step_idx - steps0) * cfg.batch_size / max(elapsed, 1e-9)
+                # train.batch_size is per rank; samples/s counts every rank's samples
+                rate = (self.step_idx - steps0) * cfg.batch_size * self.dist.world_size / max(elapsed, 1e-9)
+                means = torch.stack([torch.stack(v).float().mean() for v in sums.values()])
+                self.dist.average_([means])  # the global-batch value of each loss part
                 last = {"step": self.step_idx, "phase": phase, "lr": self.scheduler.get_last_lr()[0],
                         "samples_per_s": rate, "tokens_per_s": rate * self._tokens_per_sample,
                         "step_ms": 1e3 * elapsed / max(self.step_idx - steps0, 1),
                         **({"mfu": rate * self._flops_per_sample / self._peak_flops} if self._peak_flops else {}),
                         "skipped_steps": self.skipped_steps,
-                        **{k: float(torch.stack(v).mean()) for k, v in sums.items()}}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
+                        **{k: float(m) for k, m in zip(sums, means.tolist())}}
+                if self.dist.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
                 bar.set_postfix(progress_fields(last), refresh=False)
                 sums, t0, steps0 = {}, time.perf_counter(), self.step_idx
             bar.update(1)
-            if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.steps or stop.requested:
+            stopping = self.dist.any(stop.requested)  # ranks must agree on the step they stop after
+            if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.steps or stopping:
                 self.check_health()  # never checkpoint in the middle of a run of bad steps past the limit
                 self.save()
-            if stop.requested:
+            if stopping:
                 self.log(f"{stop.signal_name}: stopped cleanly after step {self.step_idx}; continue with --resume")
                 break
         return last
@@ -227,9 +250,15 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        path = save_checkpoint(self.out_dir, self.step_idx, self.model, self.ema.model, self._state(), self.cfg,
-                               keep_last=self.cfg.train.keep_last)
-        self.log(f"saved checkpoint {path}")
+        """Rank 0 writes the checkpoint; with several ranks, replicas are first checked bit-identical."""
+        if not self.dist.replicas_in_sync(list(self.model.parameters())):
+            raise TrainingError(f"step {self.step_idx}: model replicas differ across ranks; not saving")
+        path = self.out_dir / "checkpoints" / f"step_{self.step_idx:07d}"
+        if self.dist.is_main:
+            path = save_checkpoint(self.out_dir, self.step_idx, self.model, self.ema.model, self._state(), self.cfg,
+                                   keep_last=self.cfg.train.keep_last)
+            self.log(f"saved checkpoint {path}")
+        self.dist.barrier()
         return path
 
     def _resume(self) -> None:
