@@ -190,7 +190,7 @@ def main(argv=None) -> list[dict]:
     if device.type == "cuda":
         print(targets_report(rows))
     if not args.no_save:
-        folder = write_results("bench_attention", rows, device)
+        folder = write_results("bench_attention", rows, device, plot=("TFLOP/s", ["shape", "layout", "mode"]))
         print(f"wrote {folder}/bench_attention.csv and .md")
     return rows
 

@@ -129,7 +129,8 @@ def main(argv=None) -> list[dict]:
     cols = ["M", "C", "N", "dtype", "provider", "ms", "GB/s", "%copy", "peak_MiB", "mem_x", "ours_speedup"]
     print(markdown_table(rows, cols, title=f"bce_diga_loss fwd+bwd on {dev} (copy {copy_gbs:.1f} GB/s)"))
     if not args.no_save:
-        folder = write_results("bench_loss", [{**r, "copy_GB/s": copy_gbs} for r in rows], device)
+        folder = write_results("bench_loss", [{**r, "copy_GB/s": copy_gbs} for r in rows], device,
+                               plot=("GB/s", ["M", "C"]))
         print(f"wrote {folder}/bench_loss.csv and .md")
     return rows
 

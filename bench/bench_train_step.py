@@ -88,7 +88,7 @@ def main(argv=None) -> list[dict]:
     cols = ["config", "provider", "ms_per_step", "samples_per_s", "x_reference", "mfu", "note"]
     print(markdown_table(rows, cols, title=f"train step ({config}) on {dev}"))
     if not args.no_save:
-        folder = write_results("bench_train_step", rows, device)
+        folder = write_results("bench_train_step", rows, device, plot=("samples_per_s", ["config"]))
         print(f"wrote {folder}/bench_train_step.csv and .md")
     return rows
 

@@ -107,8 +107,10 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def write_results(name: str, rows: list[dict], device: torch.device | str) -> Path:
-    """Write rows as bench/results/<device>/<name>.csv and .md; returns the folder."""
+def write_results(name: str, rows: list[dict], device: torch.device | str,
+                  plot: tuple[str, list[str]] | None = None) -> Path:
+    """Write rows as bench/results/<device>/<name>.csv and .md (and <name>.png when `plot` names the
+    value column and the grouping columns of a bar chart, one bar per provider); returns the folder."""
     dev = device_name(device)
     folder = RESULTS / slug(dev)
     folder.mkdir(parents=True, exist_ok=True)
@@ -119,6 +121,11 @@ def write_results(name: str, rows: list[dict], device: torch.device | str) -> Pa
         writer.writeheader()
         writer.writerows(rows)
     (folder / f"{name}.md").write_text(markdown_table(rows, cols, title=f"{name} on {dev}"))
+    if plot is not None:
+        from bench.plot import bar_chart
+
+        value, group_by = plot
+        bar_chart(rows, value, group_by, folder / f"{name}.png", title=f"{name}: {value} on {dev}")
     return folder
 
 

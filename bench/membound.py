@@ -126,6 +126,7 @@ def run(title: str, result_name: str, cases_for: Callable[[torch.device, torch.d
     cols = ["case", "dtype", "thp", "mode", "provider", "ms", "GB/s", "%copy", "x_eager", "x_compile"]
     print(markdown_table(rows, cols, title=f"{title} on {dev} (copy {copy_gbs:.1f} GB/s)"))
     if not args.no_save:
-        folder = write_results(result_name, [{**r, "copy_GB/s": copy_gbs} for r in rows], device)
+        folder = write_results(result_name, [{**r, "copy_GB/s": copy_gbs} for r in rows], device,
+                               plot=("GB/s", ["case", "mode"]))
         print(f"wrote {folder}/{result_name}.csv and .md")
     return rows

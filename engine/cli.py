@@ -1,4 +1,4 @@
-"""`unigendet {info,data,train,generate,detect,eval}`: the command line.
+"""`unigendet {info,data,train,generate,detect,eval,bench}`: the command line.
 
 Each command prints what it did and exits non-zero with a one-line message naming the bad file,
 key or value on user errors (no traceback for those; real bugs still show theirs).
@@ -16,9 +16,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .backends import BackendError
     from .config import ConfigError
     from .data import DataError
+    from .benchrun import BenchError
     from .train import CheckpointError, TrainingError
 
-    return (ConfigError, DataError, CheckpointError, TrainingError, BackendError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, TrainingError, BackendError, BenchError, FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------- info
@@ -193,6 +194,16 @@ def cmd_ablations(args, overrides: list[str]) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+def cmd_bench(args) -> int:
+    from .benchrun import run_benchmarks
+
+    ops = [op for op in args.ops.split(",") if op]
+    return 1 if run_benchmarks(ops, args.device, args.out) else 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -235,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("files", nargs="+")
     d.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    b = sub.add_parser("bench", help="run the per-op benchmarks (source checkout): CSV, markdown, PNG, summary")
+    b.add_argument("--ops", default="attention,loss,norm,activation,rope,train_step",
+                   help="comma-separated: attention, loss, norm, activation, rope, train_step")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--out", default=None, help="results folder (default bench/results; one subfolder per device)")
+
     e = sub.add_parser("eval", help="detection AUC/ACC/F1/EER and FID/KID of a checkpoint, or --ablations")
     add_ckpt(e, required=False)
     e.add_argument("--data", default=None, help="held-out folder with real/ (default: the config's eval.data)")
@@ -259,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (config overrides go with train or eval --ablations)")
     if args.command == "eval" and not (args.ckpt or args.ablations):
         parser.error("eval needs --ckpt (or --ablations)")
-    handlers = {"info": cmd_info, "generate": cmd_generate, "detect": cmd_detect}
+    handlers = {"info": cmd_info, "generate": cmd_generate, "detect": cmd_detect, "bench": cmd_bench}
     try:
         if args.command in ("train", "eval"):
             return (cmd_train if args.command == "train" else cmd_eval)(args, rest)

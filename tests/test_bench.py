@@ -68,3 +68,15 @@ def test_train_step_benchmark_runs_each_provider(tmp_path, monkeypatch):
     assert set(measured) == {"reference", "fused"} and measured["reference"]["x_reference"] == 1.0
     assert {r["provider"] for r in rows if r["ms_per_step"] is None} == set(bench_train_step.NOT_IMPLEMENTED)
     assert (next(tmp_path.iterdir()) / "bench_train_step.csv").exists()
+
+
+@EXT_ONLY
+def test_bench_command_runs_a_benchmark_and_writes_the_summary(tmp_path):
+    """`unigendet bench` runs bench/bench_rope.py in its own process and collects CSV, markdown, PNG."""
+    from unigendet.cli import main
+
+    assert main(["bench", "--ops", "rope", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    (folder,) = list(tmp_path.iterdir())
+    assert {p.name for p in folder.iterdir()} >= {"bench_rope.csv", "bench_rope.md", "bench_rope.png", "summary.md"}
+    assert (folder / "summary.md").read_text() == (folder / "bench_rope.md").read_text()
+    assert main(["bench", "--ops", "nope"]) == 2

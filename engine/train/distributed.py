@@ -68,7 +68,8 @@ class DistContext:
         return len(set(digests)) == 1
 
     def _device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        nccl = dist.get_backend() == "nccl"
+        return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
 
 def init_distributed(device: torch.device) -> DistContext:
