@@ -1,16 +1,17 @@
 """Benchmark one training step of the engine: ms per step and samples/s per backend choice.
 
     python bench/bench_train_step.py                  # tiny_cpu here; small_gpu on a GPU
-    python bench/bench_train_step.py --config tiny_cpu --steps 30
+    python bench/bench_train_step.py --config tiny_cpu --steps 30 --model.depth=2   # config overrides too
 
-Each provider builds a Trainer on the embedded demo data (written once to a temporary folder) and
-times `Trainer.step()` (phase alternation, fake-pool refills, forward, backward, fused AdamW, EMA,
+Each provider builds a Trainer on the embedded demo data (written once to a temporary folder); the
+trainers step round-robin and each `Trainer.step()` is timed (phase alternation, fake-pool refills, forward, backward, fused AdamW, EMA,
 device-side non-finite check) after warm-up steps; the pool refill cost is part of the step, as in
 training. Providers:
-  reference  every op on the eager reference (`ops.backend = reference`)
-  fused      `ops.backend = auto`: the extension (CPU, CUDA) and the Triton kernels (CUDA only)
-Not yet implemented (issue 7): `train.compile` and `train.cuda_graphs`; the table says so instead of
-leaving rows out. MFU is reported on GPUs with a known bf16 peak (unigendet.train.throughput).
+  reference          every op on the eager reference (`ops.backend = reference`)
+  reference+compile  the same with `train.compile = true` (warm-up steps cover each phase's compile)
+  fused              `ops.backend = auto`: the extension (CPU, CUDA) and the Triton kernels (CUDA only)
+Not yet implemented (issue 7): `train.cuda_graphs`; the table says so instead of leaving the row out.
+MFU is reported on GPUs with a known bf16 peak (unigendet.train.throughput).
 """
 from __future__ import annotations
 
@@ -31,23 +32,33 @@ from unigendet.data import write_demo_dataset  # noqa: E402
 from unigendet.train import Trainer  # noqa: E402
 from unigendet.train.throughput import device_peak_flops, train_flops_per_sample  # noqa: E402
 
-PROVIDERS = {"reference": "reference", "fused": "auto"}
-NOT_IMPLEMENTED = ("reference+compile", "fused+cuda_graphs")
+# name -> (ops.backend, train.compile)
+PROVIDERS = {"reference": ("reference", False), "reference+compile": ("reference", True), "fused": ("auto", False)}
+NOT_IMPLEMENTED = ("fused+cuda_graphs",)
 
 
-def time_steps(cfg, warmup: int, steps: int, device: torch.device) -> list[float]:
-    trainer = Trainer(cfg, log=lambda *_: None)
-    for _ in range(warmup):
-        trainer.step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        trainer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+def time_steps(cfgs: dict, warmup: int, steps: int, device: torch.device) -> dict[str, list[float]]:
+    """ms of each step, per provider. The providers' trainers step round-robin (one step of each per
+    round), so that the drift of a shared machine hits them alike; the op backend is a process-wide
+    setting, so it is set to each trainer's choice before its step."""
+    trainers = {}
+    for name, cfg in cfgs.items():
+        trainers[name] = Trainer(cfg, log=lambda *_: None)
+    times: dict[str, list[float]] = {name: [] for name in cfgs}
+    try:
+        for i in range(warmup + steps):
+            for name, trainer in trainers.items():
+                ops.set_default_backend(cfgs[name].ops.backend)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                trainer.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        ops.set_default_backend("auto")
     return times
 
 
@@ -57,8 +68,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--config", default=None, help="default: small_gpu on CUDA, tiny_cpu on CPU")
     ap.add_argument("--steps", type=int, default=40, help="timed steps per provider")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {', '.join(PROVIDERS)}")
     ap.add_argument("--no-save", action="store_true")
-    args = ap.parse_args(argv)
+    args, overrides = ap.parse_known_args(argv)  # the rest: --section.key=value config overrides
     device = bench_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
@@ -66,17 +78,23 @@ def main(argv=None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_demo_dataset(Path(tmp) / "demo", seed=0)
-        for name, backend in PROVIDERS.items():
-            cfg = load_config(config, [f"--data.root={tmp}/demo/train", f"--train.out_dir={tmp}/run-{name}",
-                                       f"--train.device={device.type}", f"--ops.backend={backend}",
-                                       "--train.progress=false", "--data.num_workers=0"])
-            try:
-                times = time_steps(cfg, args.warmup, args.steps, device)
-            finally:
-                ops.set_default_backend("auto")
-            ms = statistics.median(times)
+        chosen = [p for p in args.providers.split(",") if p]
+        unknown = set(chosen) - set(PROVIDERS)
+        if unknown or "reference" not in chosen:
+            raise SystemExit(f"--providers: need 'reference' and names from {list(PROVIDERS)}; got {chosen}")
+        cfgs = {}
+        for name in chosen:
+            backend, compile_ = PROVIDERS[name]
+            cfgs[name] = load_config(config, [
+                f"--data.root={tmp}/demo/train", f"--train.out_dir={tmp}/run-{name}",
+                f"--train.device={device.type}", f"--ops.backend={backend}",
+                f"--train.compile={str(compile_).lower()}", "--train.progress=false", "--data.num_workers=0",
+                *overrides])
+        times = time_steps(cfgs, args.warmup, args.steps, device)
+        peak = device_peak_flops(device)
+        for name, cfg in cfgs.items():
+            ms = statistics.median(times[name])
             rate = cfg.train.batch_size / ms * 1e3
-            peak = device_peak_flops(device)
             rows.append({"config": config, "provider": name, "ms_per_step": ms, "samples_per_s": rate,
                          "mfu": rate * train_flops_per_sample(cfg.model) / peak if peak else None})
     base = {r["provider"]: r["ms_per_step"] for r in rows}

@@ -156,7 +156,8 @@ class TrainConfig:
     cuda_graphs: bool = False
     """Capture each phase step as a CUDA graph (GPU only). Not implemented yet: true is refused."""
     compile: bool = False
-    """torch.compile the step (for comparison with the fused backends). Not implemented yet: true is refused."""
+    """torch.compile the model's forward and backward in each phase step (for comparison with the
+    fused backends; the first steps of each phase pay the compilation)."""
     fsdp: bool = False
     """Shard with FSDP2 instead of data parallel under torchrun. Not implemented yet: true is refused."""
     init_from: str = ""

@@ -63,7 +63,13 @@ def test_train_step_benchmark_runs_each_provider(tmp_path, monkeypatch):
     from bench import bench_train_step
 
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
-    rows = bench_train_step.main(["--device", "cpu", "--steps", "1", "--warmup", "1"])
+    tiny_model = ["--model.width=32", "--model.depth=1", "--model.heads=2", "--model.kv_heads=1",
+                  "--model.align_layer=1", "--model.projector_hidden=16", "--train.batch_size=8",
+                  "--phases.pool_size=8", "--phases.refill_count=8", "--phases.sampler_steps=2"]
+    # reference+compile is left out here (inductor compiles for ~1 min on 2 cores); the compiled step
+    # itself is tested in test_trainer.py::test_compiled_step_matches_eager
+    rows = bench_train_step.main(["--device", "cpu", "--steps", "1", "--warmup", "1", "--providers",
+                                  "reference,fused", *tiny_model])
     measured = {r["provider"]: r for r in rows if r["ms_per_step"] is not None}
     assert set(measured) == {"reference", "fused"} and measured["reference"]["x_reference"] == 1.0
     assert {r["provider"] for r in rows if r["ms_per_step"] is None} == set(bench_train_step.NOT_IMPLEMENTED)

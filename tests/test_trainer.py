@@ -206,8 +206,28 @@ def test_throughput_fields_and_the_flop_count(tiny_overrides):
     assert with_mmsa == pytest.approx(12.0 * 2 * t_g * t_d * m.width * m.depth)
 
 
-@pytest.mark.parametrize("key", ["cuda_graphs", "compile", "fsdp"])
+@pytest.mark.parametrize("key", ["cuda_graphs", "fsdp"])
 def test_unimplemented_switches_are_refused_not_ignored(tiny_overrides, key):
     cfg = load_config("tiny_cpu", tiny_overrides + [f"--train.{key}=true"])
     with pytest.raises(TrainingError, match=f"train.{key} = true is not implemented"):
         Trainer(cfg, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(tiny_overrides, tmp_path):
+    """train.compile: 2 steps (one per phase) log the losses of the eager step, to compile accuracy."""
+    def run(compile_):
+        out = tmp_path / f"compile-{compile_}"
+        cfg = load_config("tiny_cpu", tiny_overrides + [
+            "--train.steps=2", "--train.log_every=1", "--phases.k=1", f"--train.compile={compile_}",
+            f"--train.out_dir={out}"])
+        trainer = Trainer(cfg, log=lambda *_: None)
+        trainer.train()
+        assert (trainer.step_model is not trainer.model) == compile_
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    eager, compiled = run(False), run(True)
+    for a, b in zip(eager, compiled):
+        for key in a:
+            if "/" in key:
+                assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key)

@@ -47,7 +47,7 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, log=print):
         self.cfg = cfg
-        for key in ("cuda_graphs", "compile", "fsdp"):  # in the config already, not implemented yet
+        for key in ("cuda_graphs", "fsdp"):  # in the config already, not implemented yet
             if getattr(cfg.train, key):
                 raise TrainingError(f"train.{key} = true is not implemented in this version of unigendet; "
                                     f"set train.{key} = false")
@@ -72,6 +72,9 @@ class Trainer:
             init = resolve_checkpoint(cfg.train.init_from)
             load_weights(init, self.model, "model")
             log(f"initialised weights from {init}")
+        # train.compile: the loss computation runs through torch.compile (graphs per phase, since each
+        # phase trains other parameters); weights, optimizer and checkpoints stay on self.model.
+        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(cfg.optim, cfg.train.steps))
@@ -128,7 +131,7 @@ class Trainer:
         set_trainable(self.model, phase)
         self.model.train()
         with self.autocast:
-            terms = phase_loss(self.model, phase, batch.images, batch.is_fake, batch.class_ids, fakes,
+            terms = phase_loss(self.step_model, phase, batch.images, batch.is_fake, batch.class_ids, fakes,
                                cfg.loss, self.draws)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
