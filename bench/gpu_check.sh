@@ -4,7 +4,8 @@
 # 1. builds the extension unigendet._C with its CUDA kernels for sm_90 in place (engine/_C*.so), then
 #    makes the package importable without installing anything (a copy under $OUT/.pkg);
 # 2. runs the GPU tests and the op tests (Triton kernels compiled for the real device, ext on CUDA);
-# 3. runs the attention, loss, norm, activation and rope benchmarks on CUDA (bf16), writing CSV + markdown.
+# 3. measures the ceilings (copy bandwidth, bf16 matmul rate), then runs the attention, loss, norm,
+#    activation, rope and train-step benchmarks on CUDA (bf16), writing CSV + markdown + PNG.
 # Everything it prints is also written to OUT_DIR/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,11 +39,16 @@ PY
 echo "== op tests on CUDA (the gpu-marked ones included)"
 timeout 300 python -m pytest -q -p no:cacheprovider tests/test_ops_attention.py tests/test_ops_loss.py \
     tests/test_ops_norm.py tests/test_ops_activation.py tests/test_ops_rope.py || echo "GPU TESTS FAILED"
+echo "== ceilings (copy bandwidth, bf16 matmul)"
+timeout 60 python bench/ceilings.py --device cuda || echo "ceilings FAILED"
 echo "== benchmarks"
 timeout 300 python bench/bench_attention.py --device cuda || echo "bench_attention FAILED"
 timeout 180 python bench/bench_loss.py --device cuda || echo "bench_loss FAILED"
 for b in norm activation rope; do
     timeout 120 python "bench/bench_$b.py" --device cuda || echo "bench_$b FAILED"
 done
+# reference+compile is left out here to keep within the lease (inductor compiles for minutes)
+timeout 180 python bench/bench_train_step.py --device cuda --steps 20 --providers reference,fused \
+    || echo "bench_train_step FAILED"
 rm -rf "$PKG"
 echo "results in $OUT_DIR"

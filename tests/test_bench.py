@@ -86,3 +86,10 @@ def test_bench_command_runs_a_benchmark_and_writes_the_summary(tmp_path):
     assert {p.name for p in folder.iterdir()} >= {"bench_rope.csv", "bench_rope.md", "bench_rope.png", "summary.md"}
     assert (folder / "summary.md").read_text() == (folder / "bench_rope.md").read_text()
     assert main(["bench", "--ops", "nope"]) == 2
+
+
+def test_ceilings_report_copy_bandwidth_and_matmul_rate():
+    from bench import ceilings
+
+    rows = ceilings.main(["--device", "cpu", "--no-save"])
+    assert [r["ceiling"] for r in rows] == ["copy bandwidth", "matmul"] and all(r["value"] > 0 for r in rows)
