@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from op_testing import NO_EXT
 from unigendet import backends, ops
 
 
@@ -11,12 +12,17 @@ def test_available_backends_reports_reasons():
     for op, row in table.items():
         assert row["reference"] == "ok"
         assert all(isinstance(why, str) and why for why in row.values())
-    assert ops.available_backends()["swiglu"] == ["reference"]
+    assert ops.available_backends()["swiglu"] == (["reference"] if NO_EXT else ["ext", "reference"])
+    assert "ext" not in table["mmsa_attention"]  # attention has Triton kernels, no C++ ones
 
 
 def test_named_unavailable_backend_raises_with_reason():
-    with pytest.raises(ops.BackendError, match="not part of this version"):
-        ops.swiglu(torch.randn(2, 4), backend="ext")
+    q = torch.randn(1, 2, 1, 4)
+    with pytest.raises(ops.BackendError, match="'ext' .* is not available: not implemented for this op"):
+        ops.mmsa_attention(q, q, q, None, None, None, backend="ext")
+    if not NO_EXT:
+        with pytest.raises(ops.BackendError, match="dtype torch.int64 unsupported"):
+            ops.swiglu(torch.ones(2, 4, dtype=torch.int64), backend="ext")
     with pytest.raises(ops.BackendError, match="unknown backend"):
         ops.swiglu(torch.randn(2, 4), backend="cuda-magic")
 
@@ -30,10 +36,13 @@ def test_environment_forces_backend(monkeypatch):
 
 
 def test_default_backend_from_config():
+    """A process-wide choice applies to the ops that have that backend; the others choose as for auto."""
+    q = torch.randn(1, 2, 1, 4, dtype=torch.float64)
     try:
-        ops.set_default_backend("ext")
-        with pytest.raises(ops.BackendError, match="ops.backend"):
-            ops.swiglu(torch.randn(2, 4))
+        ops.set_default_backend("triton")
+        with pytest.raises(ops.BackendError, match=r"\(from ops.backend\) cannot run these inputs"):
+            ops.mmsa_attention(q, q, q, None, None, None)  # triton exists for attention, not for fp64
+        assert ops.swiglu(torch.randn(2, 4)).shape == (2, 2)  # swiglu has no triton backend: auto
         assert ops.swiglu(torch.randn(2, 4), backend="reference").shape == (2, 2)
     finally:
         ops.set_default_backend("auto")
