@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCH_OPS = ("attention", "loss", "norm", "activation", "rope", "train_step")
+BENCH_OPS = ("attention", "loss", "norm", "activation", "rope", "train_step", "data")
 
 
 class BenchError(RuntimeError):

@@ -30,7 +30,9 @@ class DataConfig:
     """Training folder: `real/` (required) and optional `fake/` (external generated images, label 1);
     optional class subfolders inside each."""
     loader: str = "auto"
-    """Which loader feeds the trainer: `auto` (best available), `dali` or `pil`."""
+    """Which loader feeds the trainer: `pil` (PIL + DataLoader workers), `dali` (NVIDIA DALI: nvJPEG
+    on a GPU, its CPU pipeline elsewhere; data.num_workers = its threads) or `auto` (DALI on a GPU when
+    installed, else PIL)."""
     image_size: int = 32
     """Side of the square training images after random resized crop (pixels)."""
     crop_scale_min: float = 0.6

@@ -93,3 +93,14 @@ def test_ceilings_report_copy_bandwidth_and_matmul_rate():
 
     rows = ceilings.main(["--device", "cpu", "--no-save"])
     assert [r["ceiling"] for r in rows] == ["copy bandwidth", "matmul"] and all(r["value"] > 0 for r in rows)
+
+
+def test_data_benchmark_compares_both_loaders():
+    from bench import bench_data
+    from unigendet.data.dali import dali_reason
+
+    if dali_reason() is not None:
+        pytest.skip(dali_reason())
+    rows = bench_data.main(["--device", "cpu", "--sizes", "32", "--batches", "2", "--warmup", "1", "--rounds", "1",
+                            "--batch-size", "8", "--no-save"])
+    assert [r["provider"] for r in rows] == ["pil", "dali"] and all(r["images_per_s"] > 0 for r in rows)

@@ -176,11 +176,15 @@ def test_too_few_images(tmp_path):
         build_loader(root, S, 4)
 
 
-def test_dali_is_refused(tmp_path):
-    with pytest.raises(DataError, match="DALI pipeline is not part of this version"):
-        build_loader(_make_root(tmp_path), S, 2, loader="dali")
+def test_unknown_loader_is_refused_and_missing_dali_is_reported(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="expected 'auto'"):
         build_loader(_make_root(tmp_path), S, 2, loader="opencv")
+    import unigendet.data.dali as dali
+
+    monkeypatch.setattr(dali, "dali_reason", lambda: "nvidia-dali is not usable here (ImportError: test)")
+    with pytest.raises(DataError, match="data.loader = 'dali': nvidia-dali is not usable here"):
+        build_loader(_make_root(tmp_path), S, 2, loader="dali")
+    assert not isinstance(build_loader(_make_root(tmp_path), S, 2, loader="auto", device="cuda"), dali.DaliLoader)
 
 
 def test_same_seed_same_batches_any_worker_count(tmp_path):
@@ -384,9 +388,9 @@ def _tensor_of(path, train=True, size=S):
     return image
 
 
-def test_unusual_modes(tmp_path):
-    real = tmp_path / "real"
-    real.mkdir()
+def write_unusual_images(real) -> int:
+    """13 valid but unusual images (modes, bit depths, alpha, tiny) in folder `real`; returns the count."""
+    real.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((30, 40), 200, np.uint8)).save(real / "gray.png")
     Image.new("CMYK", (30, 30), (0, 255, 255, 0)).save(real / "cmyk.jpg", quality=95)  # pure red
     rgba = np.zeros((30, 30, 4), np.uint8)
@@ -406,6 +410,12 @@ def test_unusual_modes(tmp_path):
     Image.fromarray(np.full((30, 30), 200, np.uint8)).save(real / "gray.jpg", quality=95)
     Image.new("RGB", (40, 30), (30, 60, 90)).save(real / "progressive.jpg", quality=95, progressive=True)
     Image.fromarray(rgba).save(real / "rgba.webp", lossless=True)
+    return 13
+
+
+def test_unusual_modes(tmp_path):
+    real = tmp_path / "real"
+    write_unusual_images(real)
 
     assert load_rgb(real / "white16.png").mode == "RGB"
     assert Image.open(real / "palette.png").mode == "P" and Image.open(real / "bilevel.png").mode == "1"

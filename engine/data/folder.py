@@ -375,31 +375,29 @@ def build_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     quarantine: str | os.PathLike | None = "",
+    device: str = "cpu",
 ) -> FolderLoader:
-    """The training loader for `data.root` (`data.loader`: "auto" | "pil"; "dali" is not available yet).
+    """The training loader for `data.root`. `loader` (`data.loader`): "pil" (PIL + DataLoader workers),
+    "dali" (engine/data/dali.py: decoding on `device`, nvJPEG on a GPU) or "auto" (DALI on a GPU when
+    it is installed, else PIL: on a CPU the PIL workers are the measured default).
 
     `quarantine` (`data.quarantine`): the list of bad files to skip; "" = ROOT/.unigendet_quarantine.tsv
     when it exists (see `scan_folder`).
     """
-    if loader == "dali":
-        raise DataError(
-            "data.loader = 'dali': the DALI pipeline is not part of this version yet; "
-            "use data.loader = 'pil' or 'auto'"
-        )
-    if loader not in ("auto", "pil"):
+    if loader not in ("auto", "pil", "dali"):
         raise DataError(f"data.loader = {loader!r}: expected 'auto', 'pil' or 'dali'")
-    return FolderLoader(
-        scan_folder(root, quarantine),
-        image_size,
-        batch_size,
-        seed=seed,
-        crop_scale_min=crop_scale_min,
-        flip=flip,
-        num_workers=num_workers,
-        rank=rank,
-        world_size=world_size,
-        pin_memory=pin_memory,
-    )
+    kwargs = dict(seed=seed, crop_scale_min=crop_scale_min, flip=flip, num_workers=num_workers, rank=rank,
+                  world_size=world_size, pin_memory=pin_memory)
+    index = scan_folder(root, quarantine)
+    if loader == "auto":
+        from .dali import dali_reason
+
+        loader = "dali" if str(device).startswith("cuda") and dali_reason() is None else "pil"
+    if loader == "dali":
+        from .dali import DaliLoader
+
+        return DaliLoader(index, image_size, batch_size, device=str(device), **kwargs)
+    return FolderLoader(index, image_size, batch_size, **kwargs)
 
 
 def load_eval_images(

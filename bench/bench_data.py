@@ -1,0 +1,82 @@
+"""Benchmark the training loaders: images/s of DALI against the PIL DataLoader on the demo data.
+
+    python bench/bench_data.py --device cpu      # DALI CPU pipeline, 2 threads, vs PIL with 2 workers
+    python bench/bench_data.py --device cuda     # DALI mixed (nvJPEG) decode vs PIL with 16 workers
+
+Each provider builds its loader (the same files, crops and flips: see engine/data/dali.py), then
+times `--batches` batches after `--warmup`; the two providers alternate for `--rounds` rounds and the
+median rate is reported, so that the drift of a shared machine hits both alike. Sizes: 64 and 256
+pixels (the issue's), on the embedded demo dataset (written to a temporary folder).
+Targets (issue 6): >= 1.5x PIL on this CPU; >= 5x on an H100/H200 machine at 256 pixels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import bench_device, device_name, markdown_table, write_results  # noqa: E402
+from unigendet.data import build_loader, write_demo_dataset  # noqa: E402
+
+
+def images_per_s(loader, warmup: int, batches: int) -> float:
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        batch = next(it)
+    if batch.images.is_cuda:
+        torch.cuda.synchronize()
+    return batches * loader.batch_size / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    ap.add_argument("--sizes", default="64,256")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=None, help="PIL workers = DALI threads (default 2 CPU, 16 GPU)")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    device = bench_device(args.device)
+    workers = args.workers or (16 if device.type == "cuda" else 2)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        write_demo_dataset(Path(tmp) / "demo", seed=0)
+        root = Path(tmp) / "demo" / "train"
+        for size in (int(s) for s in args.sizes.split(",")):
+            rates: dict[str, list[float]] = {"pil": [], "dali": []}
+            for _ in range(args.rounds):
+                for name in rates:
+                    loader = build_loader(root, size, args.batch_size, seed=0, num_workers=workers, loader=name,
+                                          device=str(device), pin_memory=device.type == "cuda")
+                    rates[name].append(images_per_s(loader, args.warmup, args.batches))
+                    del loader
+            for name, values in rates.items():
+                rows.append({"size": size, "provider": name, "workers_or_threads": workers,
+                             "images_per_s": statistics.median(values)})
+            rows[-1]["x_pil"] = rows[-1]["images_per_s"] / rows[-2]["images_per_s"]
+            rows[-2]["x_pil"] = 1.0
+    dev = device_name(device)
+    cols = ["size", "provider", "workers_or_threads", "images_per_s", "x_pil"]
+    print(markdown_table(rows, cols, title=f"loaders on {dev}"))
+    if not args.no_save:
+        folder = write_results("bench_data", rows, device, plot=("images_per_s", ["size"]))
+        print(f"wrote {folder}/bench_data.csv and .md")
+    return rows
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the loaders' own threads do the work
+    main()

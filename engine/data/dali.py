@@ -1,0 +1,144 @@
+"""The NVIDIA DALI loader: the `FolderLoader` contract (same batches, shards, epochs, resumable
+position, `Batch` out) with decoding, resizing, flipping and normalising done by a DALI pipeline.
+
+Python keeps what must match the PIL loader exactly: which files form each batch (the epoch
+permutation and rank shard of `FolderLoader.epoch_batches`) and each sample's crop box and flip,
+drawn with the same per-sample `random.Random(f"unigendet/{seed}/{epoch}/{index}")` stream from the
+image size in the file header. DALI receives the encoded bytes and those boxes through
+`external_source`, decodes only the crop (`decoders.image_slice`; `device="mixed"` = nvJPEG on a GPU,
+`"cpu"` with `device_id=None` elsewhere), resizes it to S x S (cubic, antialiased), mirrors it and
+writes (B, 3, S, S) float32 in [-1, 1]. The two loaders therefore see the same crops; pixel values
+differ by the resampling filters (and DALI drops alpha where PIL composites on white).
+
+A file DALI cannot decode aborts its pipeline: the loaders rely on `unigendet data check`'s
+quarantine list, and a failing batch is re-decoded with PIL to name the bad file in the error.
+"""
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .batch import Batch, DataError
+from .folder import FolderIndex, FolderLoader, command_for
+from .images import load_rgb, random_resized_crop_box
+
+
+def dali_reason() -> str | None:
+    """None when DALI can be imported, else why not."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install: reported, never hidden
+        return f"nvidia-dali is not usable here ({type(exc).__name__}: {exc})"
+    return None
+
+
+class DaliLoader(FolderLoader):
+    """`FolderLoader` with a DALI pipeline behind `__iter__` (module docstring)."""
+
+    def __init__(self, index: FolderIndex, image_size: int, batch_size: int, *, device: str = "cpu",
+                 num_workers: int = 2, prefetch: int = 2, **kwargs):
+        """num_workers: DALI's threads (data.num_workers, at least 1); prefetch: batches DALI prepares ahead."""
+        kwargs.pop("pin_memory", None)  # DALI writes into its own (pinned or device) buffers
+        super().__init__(index, image_size, batch_size, num_workers=0, **kwargs)
+        why = dali_reason()
+        if why:
+            raise DataError(f"data.loader = 'dali': {why}")
+        self.device = torch.device(device)
+        self.num_threads, self.prefetch = max(1, int(num_workers)), max(1, int(prefetch))
+        self.crop_scale_min = self.dataset.crop_scale_min
+        self.flip = self.dataset.flip
+
+    # ------------------------------------------------------------------ host side: files and boxes
+
+    def _sample_inputs(self, epoch: int, indices: list[int]):
+        """Encoded bytes, crop anchors (x, y), crop shapes (w, h) and flip flags of one batch."""
+        data, anchors, shapes, flips = [], [], [], []
+        for i in indices:
+            path = self.index.files[i]
+            try:
+                with Image.open(path) as img:  # header only: the size for the crop box
+                    width, height = img.size
+                data.append(np.fromfile(path, dtype=np.uint8))
+            except Exception as exc:
+                raise DataError(f"bad file in dataset folder {self.index.root}: {path}: cannot read image "
+                                f"({exc}); run `{command_for(self.index.root)}`") from None
+            rng = random.Random(f"unigendet/{self.seed}/{epoch}/{i}")  # FolderDataset's stream
+            left, top, right, bottom = random_resized_crop_box(width, height, rng, self.crop_scale_min)
+            flip = self.flip and rng.random() < 0.5
+            anchors.append(np.array([left, top], dtype=np.float32))
+            shapes.append(np.array([right - left, bottom - top], dtype=np.float32))
+            flips.append(np.array(flip, dtype=np.int32))
+        return data, anchors, shapes, flips
+
+    # ------------------------------------------------------------------ the DALI pipeline
+
+    def _build(self, source):
+        from nvidia.dali import fn, pipeline_def, types
+
+        gpu = self.device.type == "cuda"
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
+                      device_id=(self.device.index or 0) if gpu else None, prefetch_queue_depth=self.prefetch,
+                      seed=self.seed)
+        def pipeline():
+            data, anchor, shape, flip = fn.external_source(
+                source=source, num_outputs=4, batch=True, dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32])
+            img = fn.decoders.image_slice(data, anchor, shape, axis_names="WH", normalized_anchor=False,
+                                          normalized_shape=False, device="mixed" if gpu else "cpu",
+                                          output_type=types.RGB)
+            img = fn.resize(img, size=[self.image_size, self.image_size], interp_type=types.INTERP_CUBIC,
+                            antialias=True)
+            return fn.crop_mirror_normalize(img, mirror=flip, mean=[127.5] * 3, std=[127.5] * 3,
+                                            output_layout="CHW", dtype=types.FLOAT)
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def _batches(self, epoch: int, position: int) -> Iterator[tuple[tuple[int, int], list[int]]]:
+        """((epoch, position) once this batch is consumed, indices) for every batch from here on, forever."""
+        while True:
+            for k, indices in enumerate(self.epoch_batches(epoch)[position:], start=position + 1):
+                yield ((epoch, k) if k < self.batches_per_epoch else (epoch + 1, 0)), indices
+            epoch, position = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        planned = self._batches(self._epoch, self._position)
+        fed: list[tuple[tuple[int, int], list[int]]] = []  # handed to DALI, not yet yielded (prefetch)
+
+        def source():
+            after, indices = next(planned)
+            fed.append((after, indices))
+            epoch = after[0] if after[1] else after[0] - 1  # the epoch this batch belongs to
+            return self._sample_inputs(epoch, indices)
+
+        pipe = self._build(source)
+        images = torch.empty(self.batch_size, 3, self.image_size, self.image_size, device=self.device)
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        while True:
+            try:
+                (out,) = pipe.run()
+            except RuntimeError as exc:
+                raise DataError(self._name_bad_file(fed[0][1] if fed else [], exc)) from None
+            after, indices = fed.pop(0)
+            stream = torch.cuda.current_stream(self.device) if images.is_cuda else None
+            feed_ndarray(out.as_tensor(), images, cuda_stream=stream)  # into the static buffer
+            is_fake = torch.tensor([float(self.index.is_fake[i]) for i in indices])
+            class_ids = torch.tensor([int(self.index.class_ids[i]) for i in indices], dtype=torch.int64)
+            self._epoch, self._position = after  # counted before the yield, as in FolderLoader
+            yield Batch(images.clone(), is_fake.to(self.device), class_ids.to(self.device))
+
+    def _name_bad_file(self, indices: list[int], exc: Exception) -> str:
+        for i in indices:
+            try:
+                load_rgb(self.index.files[i])
+            except DataError as bad:
+                return (f"bad file in dataset folder {self.index.root}: {bad}; run "
+                        f"`{command_for(self.index.root)}` to list every unreadable file in a quarantine list, "
+                        "which the loaders then skip")
+        return f"DALI pipeline failed on a batch of {self.index.root}: {str(exc).splitlines()[0]}"
