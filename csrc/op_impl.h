@@ -13,6 +13,16 @@
 #include <optional>
 #include <tuple>
 
+// Registers the six ops for one dispatch key; the including file (csrc/cpu/ops.cpp for CPU,
+// csrc/cuda/register.cpp for CUDA) defines a function of each op's name.
+#define UNIGENDET_REGISTER_OPS(m)                                         \
+  m.impl("fused_add_rmsnorm", &fused_add_rmsnorm);                       \
+  m.impl("fused_add_rmsnorm_backward", &fused_add_rmsnorm_backward);     \
+  m.impl("swiglu", &swiglu);                                             \
+  m.impl("swiglu_backward", &swiglu_backward);                           \
+  m.impl("qk_rmsnorm_rope", &qk_rmsnorm_rope);                           \
+  m.impl("qk_rmsnorm_rope_backward", &qk_rmsnorm_rope_backward)
+
 namespace unigendet {
 
 using at::Tensor;

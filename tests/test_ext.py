@@ -50,6 +50,24 @@ def test_cuda_sources_compile_for_sm90(source, tmp_path):
     assert "warning" not in proc.stderr.lower(), proc.stderr
 
 
+@pytest.mark.skipif(_nvcc() is None and os.environ.get("UNIGENDET_REQUIRE_NVCC") != "1", reason="no nvcc here")
+def test_cuda_registration_compiles_against_torch_headers():
+    """csrc/cuda/register.cpp (ATen side of the CUDA ops) passes the C++ compiler's syntax check with
+    torch's headers and the toolkit's, as setup.py compiles it on a GPU machine (no CUDA torch here)."""
+    from torch.utils.cpp_extension import include_paths
+
+    assert _nvcc() is not None, "UNIGENDET_REQUIRE_NVCC=1 but nvcc was not found"
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+             Path(_nvcc()).resolve().parents[1]]
+    cuda_include = next((Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").exists()),
+                        None)
+    assert cuda_include is not None, f"no include/cuda_runtime.h under any of {homes}"
+    cmd = ["c++", "-std=c++20", "-fsyntax-only", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+           *[f"-I{p}" for p in include_paths()], f"-I{cuda_include}", str(CUDA_DIR / "register.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-3000:]}"
+
+
 @EXT_ONLY
 def test_block_ops_under_torch_compile_fullgraph():
     """The three ext ops trace as single nodes (fake kernels + autograd registered from Python)."""

@@ -102,13 +102,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_rmsnorm_rope_backward(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(unigendet, CPU, m) {
-  m.impl("fused_add_rmsnorm", &fused_add_rmsnorm);
-  m.impl("fused_add_rmsnorm_backward", &fused_add_rmsnorm_backward);
-  m.impl("swiglu", &swiglu);
-  m.impl("swiglu_backward", &swiglu_backward);
-  m.impl("qk_rmsnorm_rope", &qk_rmsnorm_rope);
-  m.impl("qk_rmsnorm_rope_backward", &qk_rmsnorm_rope_backward);
-}
+TORCH_LIBRARY_IMPL(unigendet, CPU, m) { UNIGENDET_REGISTER_OPS(m); }
 
 }  // namespace unigendet
