@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 
-from unigendet import backends
 
 # The extension is built by `make venv`; only an explicit pure-Python install may skip its tests.
 NO_EXT = os.environ.get("UNIGENDET_NO_EXT", "") not in ("", "0")
@@ -23,12 +22,7 @@ def gpu_only(test):
 
 
 LOW_PRECISION = [torch.float16, torch.bfloat16]
-FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 
-
-def selected(op: str, backend: str, *args):
-    """The implementation `backend` resolves to for these inputs (raises if it cannot run them)."""
-    return backends.select(op, backend, *args)
 
 
 def run_with_grads(fn, inputs: list, upstream: list):

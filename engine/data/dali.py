@@ -15,6 +15,7 @@ quarantine list, and a failing batch is re-decoded with PIL to name the bad file
 """
 from __future__ import annotations
 
+import io
 import random
 from typing import Iterator
 
@@ -49,8 +50,6 @@ class DaliLoader(FolderLoader):
             raise DataError(f"data.loader = 'dali': {why}")
         self.device = torch.device(device)
         self.num_threads, self.prefetch = max(1, int(num_workers)), max(1, int(prefetch))
-        self.crop_scale_min = self.dataset.crop_scale_min
-        self.flip = self.dataset.flip
 
     # ------------------------------------------------------------------ host side: files and boxes
 
@@ -60,15 +59,16 @@ class DaliLoader(FolderLoader):
         for i in indices:
             path = self.index.files[i]
             try:
-                with Image.open(path) as img:  # header only: the size for the crop box
+                encoded = np.fromfile(path, dtype=np.uint8)  # the one read of the file
+                with Image.open(io.BytesIO(encoded)) as img:  # header only: the size for the crop box
                     width, height = img.size
-                data.append(np.fromfile(path, dtype=np.uint8))
+                data.append(encoded)
             except Exception as exc:
                 raise DataError(f"bad file in dataset folder {self.index.root}: {path}: cannot read image "
                                 f"({exc}); run `{command_for(self.index.root)}`") from None
             rng = random.Random(f"unigendet/{self.seed}/{epoch}/{i}")  # FolderDataset's stream
-            left, top, right, bottom = random_resized_crop_box(width, height, rng, self.crop_scale_min)
-            flip = self.flip and rng.random() < 0.5
+            left, top, right, bottom = random_resized_crop_box(width, height, rng, self.dataset.crop_scale_min)
+            flip = self.dataset.flip and rng.random() < 0.5
             anchors.append(np.array([left, top], dtype=np.float32))
             shapes.append(np.array([right - left, bottom - top], dtype=np.float32))
             flips.append(np.array(flip, dtype=np.int32))

@@ -135,11 +135,11 @@ class Trainer:
                                cfg.loss, self.draws)
         self.optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        trained = [p for p in self.model.parameters() if p.grad is not None]
+        grads = [p.grad for p in trained]
         self.dist.average_(grads)  # data parallel: every rank now holds the global-batch gradient
         if cfg.optim.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
-                                                  cfg.optim.grad_clip, foreach=True)
+            norm = torch.nn.utils.clip_grad_norm_(trained, cfg.optim.grad_clip, foreach=True)
             terms.parts["grad_norm"] = norm
         else:
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
