@@ -78,14 +78,14 @@ def cmd_data_check(args) -> int:
     """Decode every image of DIR, write the quarantine list, print counts per reason; exit 0."""
     import os
 
-    from .data import DataError, default_quarantine_path, scan_folder
+    from .data import DataError, default_quarantine_path, scan_data
     from .data.check import check_index
     from .data.images import is_image_file
     from .data.quarantine import is_quarantine_list, write_quarantine
 
     if args.workers is not None and args.workers < 1:
         raise DataError(f"--workers must be >= 1, got {args.workers}")
-    index = scan_folder(args.dir, quarantine=None)  # a missing DIR or real/ fails here (exit 2)
+    index = scan_data(args.dir, quarantine=None)  # a missing DIR or real/ fails here (exit 2)
     out = args.out or default_quarantine_path(args.dir)
     # The list is the only file the check writes: never over a user's file, never as an "image".
     if is_image_file(out):
@@ -97,10 +97,7 @@ def cmd_data_check(args) -> int:
     if not os.path.isdir(os.path.dirname(out) or "."):
         raise DataError(f"{out}: folder {os.path.dirname(out)} does not exist")
 
-    def progress(done: int, total: int) -> None:
-        print(f"\rchecked {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-    result = check_index(index, args.workers, progress if sys.stderr.isatty() else None)
+    result = check_index(index, args.workers, _progress if sys.stderr.isatty() else None)
     write_quarantine(out, result.bad)
     print(f"data check {args.dir}: {result.checked} images checked, {len(result.bad)} unreadable, "
           f"{result.checked - len(result.bad)} ok")
@@ -109,6 +106,25 @@ def cmd_data_check(args) -> int:
     use = "" if out == default_quarantine_path(args.dir) else f"; train with --data.quarantine={out}"
     print(f"quarantine list: {out} (the loaders skip the files listed there{use}; no data file was changed)")
     return 0
+
+
+def cmd_data_pack(args) -> int:
+    """Pack the image folder DIR into webdataset shards + DALI index files in --out."""
+    from .data.shards import pack_folder
+
+    manifest = pack_folder(args.dir, args.out, samples_per_shard=args.samples_per_shard, seed=args.seed,
+                           verify=not args.no_verify, workers=args.workers,
+                           progress=_progress if sys.stderr.isatty() else None)
+    skipped = f", {manifest['quarantined']} quarantined files left out" if manifest["quarantined"] else ""
+    print(f"data pack {args.dir}: {manifest['num_samples']} images ({manifest['num_real']} real, "
+          f"{manifest['num_fake']} fake{skipped}) in {len(manifest['shards'])} shard(s) + DALI index files "
+          f"in {args.out}")
+    print(f"train on them with --data.root={args.out}")
+    return 0
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"\rchecked {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- train
@@ -219,10 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     check = data.add_parser("check", help="decode every image of a data root; list unreadable files in a "
                                           "quarantine list that the loaders skip (no file is changed)")
-    check.add_argument("dir", metavar="DIR", help="data root holding real/ and optionally fake/")
+    check.add_argument("dir", metavar="DIR", help="data root: real/ and optionally fake/, or shards from data pack")
     check.add_argument("--out", default=None,
                        help="quarantine list to write (default: DIR/.unigendet_quarantine.tsv)")
     check.add_argument("--workers", type=int, default=None, help="decoding threads (default: min(4, CPU count))")
+
+    pack = data.add_parser("pack", help="write an image folder as webdataset tar shards with DALI index files "
+                                        "(a data root for training; every image is decoded first)")
+    pack.add_argument("dir", metavar="DIR", help="image folder holding real/ and optionally fake/")
+    pack.add_argument("--out", required=True, help="new (or empty) folder for the shards")
+    pack.add_argument("--samples-per-shard", type=int, default=10_000)
+    pack.add_argument("--seed", type=int, default=0, help="seed of the order samples are written in")
+    pack.add_argument("--no-verify", action="store_true",
+                      help="do not decode every image first (for a folder `data check` has just listed)")
+    pack.add_argument("--workers", type=int, default=None, help="decoding threads (default: min(4, CPU count))")
 
     tr = sub.add_parser("train", help="train a model; extra --section.key=value arguments override the config")
     tr.add_argument("--config", default="tiny_cpu", help="a name in engine/configs/ or a .toml path")
@@ -281,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "eval"):
             return (cmd_train if args.command == "train" else cmd_eval)(args, rest)
         if args.command == "data":
-            return cmd_data_check(args) if args.data_command == "check" else cmd_data_demo(args)
+            return {"check": cmd_data_check, "pack": cmd_data_pack, "demo": cmd_data_demo}[args.data_command](args)
         return handlers[args.command](args)
     except _user_errors() as e:
         print(f"unigendet {args.command}: error: {e}", file=sys.stderr)

@@ -27,8 +27,9 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     root: str = "data/demo/train"
-    """Training folder: `real/` (required) and optional `fake/` (external generated images, label 1);
-    optional class subfolders inside each."""
+    """Training data: a folder with `real/` (required) and optional `fake/` (external generated images,
+    label 1), optional class subfolders inside each; or the webdataset shards `unigendet data pack`
+    wrote from such a folder."""
     loader: str = "auto"
     """Which loader feeds the trainer: `pil` (PIL + DataLoader workers), `dali` (NVIDIA DALI: nvJPEG
     on a GPU, its CPU pipeline elsewhere; data.num_workers = its threads) or `auto` (DALI on a GPU when

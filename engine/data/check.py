@@ -1,15 +1,15 @@
 """`unigendet data check ROOT`: decode every image of a data root and list the unreadable ones.
 
-Every file `scan_folder(ROOT, quarantine=None)` finds (the loaders' file set, an existing list
-ignored, so a re-check starts afresh) is decoded with `load_rgb`, the decoder of the loaders, so a
-file passes the check exactly when the loaders can read it. Files are only opened for reading: the
-check never deletes, moves or modifies them.
+Every image `scan_data(ROOT, quarantine=None)` finds (the loaders' file set, an existing list
+ignored, so a re-check starts afresh; ROOT is an image folder or webdataset shards) is decoded with
+`decode_rgb`, the decoder of the loaders, so an image passes the check exactly when the loaders can
+read it. Files are only opened for reading: the check never deletes, moves or modifies them.
 
 A failure gets the first reason that applies (engine/data/quarantine.py REASONS):
 
 1. `empty`: the file has 0 bytes.
 2. `decompression_bomb`: Pillow's `DecompressionBombError`, raised when the header declares more than
-   2 x `PIL.Image.MAX_IMAGE_PIXELS` pixels. The loaders get it from the same `load_rgb` and the same
+   2 x `PIL.Image.MAX_IMAGE_PIXELS` pixels. The loaders get it from the same `decode_rgb` and the same
    module global, so the limit of the check and of the loaders is one and the same.
 3. Pillow cannot identify the file (`UnidentifiedImageError`): `not_an_image` and `unsupported_format`
    raise the same error, so they are told apart by the file's first bytes. No known image signature
@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError, features
 
 from .batch import DataError
-from .folder import FolderIndex, scan_folder
-from .images import load_rgb
+from .folder import FolderIndex, scan_data
+from .images import decode_rgb
 from .quarantine import REASONS, BadFile
 
 _SNIFF_BYTES = 512  # enough for the signatures below, an SVG's XML prolog included
@@ -75,56 +75,53 @@ def default_workers() -> int:
 
 def check_folder(root: str | os.PathLike, workers: int | None = None) -> CheckResult:
     """Decode every image of the data root `root` (quarantine lists ignored); see the module docstring."""
-    return check_index(scan_folder(root, quarantine=None), workers)
+    return check_index(scan_data(root, quarantine=None), workers)
 
 
 def check_index(
     index: FolderIndex, workers: int | None = None, progress: Callable[[int, int], None] | None = None
 ) -> CheckResult:
-    """Decode every file of `index` with `workers` threads; `progress(done, total)` after each chunk."""
+    """Decode every image of `index` with `workers` threads; `progress(done, total)` after each chunk."""
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
         raise DataError(f"--workers must be >= 1, got {workers}")
     Image.init()  # register every plugin now, in this thread, not racing inside the pool
-    prefix = os.path.join(index.root, "")  # index paths are root joined with the relative path
+    prefix = os.path.join(index.root, "")  # index names are root joined with the relative name
     bad: list[BadFile] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(index.files), _CHUNK):
-            paths = index.files[start : start + _CHUNK]
-            for path, failure in zip(paths, pool.map(check_file, paths)):  # map keeps file order
+        for start in range(0, len(index), _CHUNK):
+            chunk = range(start, min(start + _CHUNK, len(index)))
+            for i, failure in zip(chunk, pool.map(lambda i: check_sample(index, i), chunk)):  # in order
                 if failure is not None:
-                    rel = path[len(prefix):].replace(os.sep, "/")
+                    rel = index.files[i][len(prefix):].replace(os.sep, "/")
                     bad.append(BadFile(rel, *failure))
             if progress is not None:
-                progress(start + len(paths), len(index.files))
+                progress(chunk.stop, len(index))
     bad.sort(key=lambda entry: entry.path)
-    return CheckResult(root=index.root, checked=len(index.files), bad=bad)
+    return CheckResult(root=index.root, checked=len(index), bad=bad)
 
 
-def check_file(path: str) -> tuple[str, str] | None:
-    """(reason, detail) when the loaders cannot decode `path`, None when they can."""
+def check_sample(index: FolderIndex, i: int) -> tuple[str, str] | None:
+    """(reason, detail) when the loaders cannot decode image i of `index`, None when they can."""
     try:
-        load_rgb(path)
+        data = index.read_bytes(i)
+    except DataError as exc:
+        cause = exc.__cause__
+        return "corrupt", f"cannot read the file ({getattr(cause, 'strerror', None) or cause or exc})"
+    try:
+        decode_rgb(data, index.files[i])
         return None
     except DataError as exc:
         cause = exc.__cause__ or exc
-    except Exception as exc:  # an error load_rgb does not expect: the loaders would fail on it too
+    except Exception as exc:  # an error decode_rgb does not expect: the loaders would fail on it too
         cause = exc
-    return classify_failure(path, cause)
+    return classify_failure(data, cause)
 
 
-def classify_failure(path: str, exc: BaseException) -> tuple[str, str]:
-    """(reason, one-line detail) for a file whose decoding raised `exc` (rules in the module docstring)."""
+def classify_failure(data: bytes, exc: BaseException) -> tuple[str, str]:
+    """(reason, one-line detail) for encoded `data` whose decoding raised `exc` (rules in the module docstring)."""
     message = " ".join(str(exc).split()) or type(exc).__name__
-    try:
-        with open(path, "rb") as f:  # read-only: neither contents nor mtime change
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(_SNIFF_BYTES)
-            f.seek(max(0, size - _TAIL_BYTES))
-            tail = f.read(_TAIL_BYTES)
-    except OSError as read_error:
-        return "corrupt", f"cannot read the file ({read_error.strerror or read_error})"
-
+    size, head, tail = len(data), data[:_SNIFF_BYTES], data[-_TAIL_BYTES:]
     if size == 0:
         return "empty", "0 bytes"
     if isinstance(exc, Image.DecompressionBombError):

@@ -25,7 +25,7 @@ from PIL import Image
 
 from .batch import Batch, DataError
 from .folder import FolderIndex, FolderLoader, command_for
-from .images import load_rgb, random_resized_crop_box
+from .images import decode_rgb, random_resized_crop_box
 
 
 def dali_reason() -> str | None:
@@ -57,15 +57,14 @@ class DaliLoader(FolderLoader):
         """Encoded bytes, crop anchors (x, y), crop shapes (w, h) and flip flags of one batch."""
         data, anchors, shapes, flips = [], [], [], []
         for i in indices:
-            path = self.index.files[i]
             try:
-                encoded = np.fromfile(path, dtype=np.uint8)  # the one read of the file
+                encoded = self.index.read_bytes(i)  # the one read of the file (or shard member)
                 with Image.open(io.BytesIO(encoded)) as img:  # header only: the size for the crop box
                     width, height = img.size
-                data.append(encoded)
             except Exception as exc:
-                raise DataError(f"bad file in dataset folder {self.index.root}: {path}: cannot read image "
-                                f"({exc}); run `{command_for(self.index.root)}`") from None
+                raise DataError(f"bad file in dataset folder {self.index.root}: {self.index.files[i]}: cannot "
+                                f"read image ({exc}); run `{command_for(self.index.root)}`") from None
+            data.append(np.frombuffer(encoded, dtype=np.uint8))
             rng = random.Random(f"unigendet/{self.seed}/{epoch}/{i}")  # FolderDataset's stream
             left, top, right, bottom = random_resized_crop_box(width, height, rng, self.dataset.crop_scale_min)
             flip = self.dataset.flip and rng.random() < 0.5
@@ -136,7 +135,7 @@ class DaliLoader(FolderLoader):
     def _name_bad_file(self, indices: list[int], exc: Exception) -> str:
         for i in indices:
             try:
-                load_rgb(self.index.files[i])
+                decode_rgb(self.index.read_bytes(i), self.index.files[i])
             except DataError as bad:
                 return (f"bad file in dataset folder {self.index.root}: {bad}; run "
                         f"`{command_for(self.index.root)}` to list every unreadable file in a quarantine list, "

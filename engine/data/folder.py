@@ -32,21 +32,27 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .batch import Batch, DataError, collate_samples
-from .images import IMAGE_EXTENSIONS, crop_resize, list_images, load_rgb
+from .images import IMAGE_EXTENSIONS, crop_resize, decode_rgb, list_images
 from .quarantine import quarantined_paths, resolve_quarantine
 
 
 @dataclass
 class FolderIndex:
-    """The images of a data root, in load order: real images first, then fakes."""
+    """The images of a data root, in load order: real images first, then fakes.
 
-    files: list[str]  # image paths (root joined with the sorted relative path)
+    For an image folder `files` are the image paths. For webdataset shards (engine/data/shards.py)
+    `files` are names "ROOT/SHARD.tar:MEMBER" (for messages and quarantine lists) and `members`
+    says where each image's bytes are: (tar path, byte offset, byte count).
+    """
+
+    files: list[str]  # image paths (root joined with the sorted relative path), or shard member names
     is_fake: list[int]  # 1 = generated image from fake/, 0 = real
     class_ids: list[int]  # index into `classes`, -1 when unknown / no classes
     classes: list[str] = field(default_factory=list)  # sorted class names; [] = no classes
     root: str = ""  # the scanned data root, for messages
     quarantine: str = ""  # the quarantine list applied by the scan ("" = none)
     skipped: list[str] = field(default_factory=list)  # listed files present under root, not loaded
+    members: list[tuple[str, int, int]] = field(default_factory=list)  # shards only: (tar, offset, size)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -59,6 +65,21 @@ class FolderIndex:
     def num_real(self) -> int:
         return len(self.files) - self.num_fake
 
+    def read_bytes(self, i: int) -> bytes:
+        """The encoded bytes of image i (one read); `DataError` naming it when it cannot be read."""
+        try:
+            if not self.members:
+                with open(self.files[i], "rb") as f:
+                    return f.read()
+            tar, offset, size = self.members[i]
+            with open(tar, "rb") as f:
+                data = os.pread(f.fileno(), size, offset)
+            if len(data) != size:
+                raise OSError(f"{tar} ends at byte {offset + len(data)}, the index says {offset + size}")
+            return data
+        except OSError as exc:
+            raise DataError(f"{self.files[i]}: cannot read file ({exc.strerror or exc})") from exc
+
     def subset(self, positions: list[int]) -> "FolderIndex":
         """A new index holding the entries at `positions`, in that order."""
         return FolderIndex(
@@ -69,6 +90,7 @@ class FolderIndex:
             root=self.root,
             quarantine=self.quarantine,
             skipped=list(self.skipped),
+            members=[self.members[p] for p in positions] if self.members else [],
         )
 
 
@@ -137,7 +159,15 @@ def scan_folder(root: str | os.PathLike, quarantine: str | os.PathLike | None = 
         else:
             add(fake_dir, fake_rel, 1, -1)
     listed = resolve_quarantine(root, quarantine)
-    return _drop_quarantined(index, listed) if listed else index
+    return drop_quarantined(index, listed) if listed else index
+
+
+def scan_data(root: str | os.PathLike, quarantine: str | os.PathLike | None = "") -> FolderIndex:
+    """Index a data root of either layout: an image folder (`scan_folder`) or webdataset shards
+    written by `unigendet data pack` (engine/data/shards.py `scan_shards`)."""
+    from .shards import is_shards_root, scan_shards
+
+    return scan_shards(root, quarantine) if is_shards_root(root) else scan_folder(root, quarantine)
 
 
 def command_for(root: str) -> str:
@@ -145,7 +175,7 @@ def command_for(root: str) -> str:
     return f"unigendet data check {shlex.quote(root)}"
 
 
-def _drop_quarantined(index: FolderIndex, listed: str) -> FolderIndex:
+def drop_quarantined(index: FolderIndex, listed: str) -> FolderIndex:
     """`index` without the files named in the quarantine list at `listed` (paths relative to the root)."""
     bad = quarantined_paths(listed)
     # Every path in the index is os.path.join(root, rel): cutting the prefix gives rel exactly and is
@@ -161,7 +191,7 @@ def _drop_quarantined(index: FolderIndex, listed: str) -> FolderIndex:
     out.quarantine, out.skipped = listed, skipped
     if out.num_real == 0:
         raise DataError(
-            f"{os.path.join(index.root, 'real')}: all {index.num_real} real images are listed in the quarantine "
+            f"{index.root}: all {index.num_real} real images are listed in the quarantine "
             f"list {listed}; nothing left to load"
         )
     return out
@@ -207,11 +237,10 @@ class FolderDataset(Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, float, int]:
-        path = self.index.files[i]
         try:
-            img = load_rgb(path)
+            img = decode_rgb(self.index.read_bytes(i), self.index.files[i])
         except DataError as exc:
-            root = self.index.root or os.path.dirname(path)
+            root = self.index.root or os.path.dirname(self.index.files[i])
             raise DataError(
                 f"bad file in dataset folder {root}: {exc}; run `{command_for(root)}` to list every "
                 "unreadable file in a quarantine list, which the loaders then skip (they never skip "
@@ -388,7 +417,7 @@ def build_loader(
         raise DataError(f"data.loader = {loader!r}: expected 'auto', 'pil' or 'dali'")
     kwargs = dict(seed=seed, crop_scale_min=crop_scale_min, flip=flip, num_workers=num_workers, rank=rank,
                   world_size=world_size, pin_memory=pin_memory)
-    index = scan_folder(root, quarantine)
+    index = scan_data(root, quarantine)
     if loader == "auto":
         from .dali import dali_reason
 
@@ -416,7 +445,7 @@ def load_eval_images(
     """
     if max_images is not None and max_images < 1:
         raise DataError(f"max_images must be >= 1 or None, got {max_images}")
-    index = scan_folder(root, quarantine)
+    index = scan_data(root, quarantine)
     real = [p for p, fake in enumerate(index.is_fake) if not fake][:max_images]
     fake = [p for p, fake in enumerate(index.is_fake) if fake][:max_images]
     dataset = FolderDataset(index.subset(real + fake), image_size, seed=0, train=False)

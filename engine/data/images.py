@@ -1,7 +1,7 @@
 """Image files: finding them, decoding them into 8-bit RGB (errors name the file), crop/resize transforms.
 
-Every image the engine reads goes through `load_rgb`, so all loaders agree on how unusual files are
-interpreted:
+Every image the engine reads goes through `decode_rgb` (`load_rgb` for a file), so all loaders agree
+on how unusual files are interpreted:
 
 - grayscale (`L`, `1`), `CMYK`, `YCbCr`, ... -> plain conversion to RGB;
 - transparency (`RGBA`, `LA`, `PA`, `P` or `RGB`/`L` with a transparency key) -> composited over white,
@@ -15,6 +15,7 @@ or corrupt file raises `DataError`, and no file handle outlives the call.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -58,21 +59,31 @@ def list_images(folder: str) -> list[str]:
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully into a new, file-independent `PIL.Image.Image` in mode RGB.
-
-    Raises `DataError("{path}: cannot decode image ({reason})")` for missing, empty, truncated,
-    corrupt or decompression-bomb files.
-    """
+    """Decode the file `path` fully into a new `PIL.Image.Image` in mode RGB (see `decode_rgb`)."""
     path = os.fspath(path)
     try:
-        if os.path.getsize(path) == 0:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    return decode_rgb(data, path)
+
+
+def decode_rgb(data: bytes, name: str) -> Image.Image:
+    """Decode the encoded image `data` (a file's bytes; `name` says where they came from) into RGB.
+
+    Raises `DataError("{name}: cannot decode image ({reason})")` for empty, truncated, corrupt or
+    decompression-bomb data.
+    """
+    try:
+        if not data:
             raise ValueError("empty file, 0 bytes")
-        with Image.open(path) as img:  # closes the file on exit, also on error
+        with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now: truncation and corruption surface here, inside the try
-            return _to_rgb(img)  # always a new image, valid after the `with` closes `img`
+            return _to_rgb(img)  # always a new image, independent of `data`
     except _DECODE_ERRORS as exc:
         reason = str(exc) or type(exc).__name__
-        raise DataError(f"{path}: cannot decode image ({reason})") from exc
+        raise DataError(f"{name}: cannot decode image ({reason})") from exc
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
