@@ -10,7 +10,8 @@ training. Providers:
   reference          every op on the eager reference (`ops.backend = reference`)
   reference+compile  the same with `train.compile = true` (warm-up steps cover each phase's compile)
   fused              `ops.backend = auto`: the extension (CPU, CUDA) and the Triton kernels (CUDA only)
-Not yet implemented (issue 7): `train.cuda_graphs`; the table says so instead of leaving the row out.
+  fused+cuda_graphs  the same with `train.cuda_graphs = true` (CUDA only: each phase step and the pool
+                     refill captured after 3 warm-up calls; on a CPU the row says so instead of a number)
 MFU is reported on GPUs with a known bf16 peak (unigendet.train.throughput).
 """
 from __future__ import annotations
@@ -32,9 +33,9 @@ from unigendet.data import write_demo_dataset  # noqa: E402
 from unigendet.train import Trainer  # noqa: E402
 from unigendet.train.throughput import device_peak_flops, train_flops_per_sample  # noqa: E402
 
-# name -> (ops.backend, train.compile)
-PROVIDERS = {"reference": ("reference", False), "reference+compile": ("reference", True), "fused": ("auto", False)}
-NOT_IMPLEMENTED = ("fused+cuda_graphs",)
+# name -> (ops.backend, train.compile, train.cuda_graphs)
+PROVIDERS = {"reference": ("reference", False, False), "reference+compile": ("reference", True, False),
+             "fused": ("auto", False, False), "fused+cuda_graphs": ("auto", False, True)}
 
 
 def time_steps(cfgs: dict, warmup: int, steps: int, device: torch.device) -> dict[str, list[float]]:
@@ -67,7 +68,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     ap.add_argument("--config", default=None, help="default: small_gpu on CUDA, tiny_cpu on CPU")
     ap.add_argument("--steps", type=int, default=40, help="timed steps per provider")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps (>= 8: graphs capture at each phase's 4th)")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {', '.join(PROVIDERS)}")
     ap.add_argument("--no-save", action="store_true")
     args, overrides = ap.parse_known_args(argv)  # the rest: --section.key=value config overrides
@@ -82,14 +83,17 @@ def main(argv=None) -> list[dict]:
         unknown = set(chosen) - set(PROVIDERS)
         if unknown or "reference" not in chosen:
             raise SystemExit(f"--providers: need 'reference' and names from {list(PROVIDERS)}; got {chosen}")
-        cfgs = {}
+        cfgs, skipped = {}, []
         for name in chosen:
-            backend, compile_ = PROVIDERS[name]
+            backend, compile_, graphs = PROVIDERS[name]
+            if graphs and device.type != "cuda":
+                skipped.append({"config": config, "provider": name, "note": "needs a CUDA device"})
+                continue
             cfgs[name] = load_config(config, [
                 f"--data.root={tmp}/demo/train", f"--train.out_dir={tmp}/run-{name}",
                 f"--train.device={device.type}", f"--ops.backend={backend}",
-                f"--train.compile={str(compile_).lower()}", "--train.progress=false", "--data.num_workers=0",
-                *overrides])
+                f"--train.compile={str(compile_).lower()}", f"--train.cuda_graphs={str(graphs).lower()}",
+                "--train.progress=false", "--data.num_workers=0", *overrides])
         times = time_steps(cfgs, args.warmup, args.steps, device)
         peak = device_peak_flops(device)
         for name, cfg in cfgs.items():
@@ -100,8 +104,7 @@ def main(argv=None) -> list[dict]:
     base = {r["provider"]: r["ms_per_step"] for r in rows}
     for r in rows:
         r["x_reference"] = base["reference"] / r["ms_per_step"]
-    rows += [{"config": config, "provider": name, "ms_per_step": None, "samples_per_s": None, "mfu": None,
-              "x_reference": None, "note": "not implemented yet (issue 7)"} for name in NOT_IMPLEMENTED]
+    rows += skipped
     dev = device_name(device)
     cols = ["config", "provider", "ms_per_step", "samples_per_s", "x_reference", "mfu", "note"]
     print(markdown_table(rows, cols, title=f"train step ({config}) on {dev}"))

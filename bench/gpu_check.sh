@@ -39,6 +39,8 @@ PY
 echo "== op tests on CUDA (the gpu-marked ones included)"
 timeout 300 python -m pytest -q -p no:cacheprovider tests/test_ops_attention.py tests/test_ops_loss.py \
     tests/test_ops_norm.py tests/test_ops_activation.py tests/test_ops_rope.py || echo "GPU TESTS FAILED"
+echo "== CUDA graphs of the trainer (captured == eager, replays never sync)"
+timeout 180 python -m pytest -q -p no:cacheprovider tests/test_graphs.py || echo "GRAPH TESTS FAILED"
 echo "== ceilings (copy bandwidth, bf16 matmul)"
 timeout 60 python bench/ceilings.py --device cuda || echo "ceilings FAILED"
 echo "== benchmarks"
@@ -47,8 +49,11 @@ timeout 180 python bench/bench_loss.py --device cuda || echo "bench_loss FAILED"
 for b in norm activation rope; do
     timeout 120 python "bench/bench_$b.py" --device cuda || echo "bench_$b FAILED"
 done
-# reference+compile is left out here to keep within the lease (inductor compiles for minutes)
-timeout 180 python bench/bench_train_step.py --device cuda --steps 20 --providers reference,fused \
+timeout 200 python bench/bench_train_step.py --device cuda --steps 20 --providers reference,fused,fused+cuda_graphs \
     || echo "bench_train_step FAILED"
+# Last, as it may not fit the lease (inductor compiles each phase for minutes): all four side by side;
+# when it completes, its table replaces the one above.
+timeout 300 python bench/bench_train_step.py --device cuda --steps 20 \
+    --providers reference,reference+compile,fused,fused+cuda_graphs || echo "bench_train_step with compile FAILED"
 rm -rf "$PKG"
 echo "results in $OUT_DIR"

@@ -157,7 +157,9 @@ class TrainConfig:
     device: str = "auto"
     """`auto` (cuda if present), `cpu` or `cuda`."""
     cuda_graphs: bool = False
-    """Capture each phase step as a CUDA graph (GPU only). Not implemented yet: true is refused."""
+    """Capture each phase's whole step (forward, backward, all-reduce, clipping, AdamW, EMA, loss sums)
+    and the fake-pool refill as CUDA graphs after 3 warm-up calls each, then replay them (GPU only;
+    an alternative to train.compile)."""
     compile: bool = False
     """torch.compile the model's forward and backward in each phase step (for comparison with the
     fused backends; the first steps of each phase pay the compilation)."""

@@ -29,9 +29,13 @@ def sample_flow_inputs(x0: Tensor, generator: Gen = None) -> tuple[Tensor, Tenso
     return (1 - tb) * x0 + tb * eps, t, eps
 
 
-def flow_loss(v_hat: Tensor, x0: Tensor, eps: Tensor) -> Tensor:
-    """L_flow = mean (v_hat - (eps - x0))^2, in fp32."""
-    return (v_hat.float() - (eps.float() - x0.float())).pow(2).mean()
+def flow_loss(v_hat: Tensor, x0: Tensor, eps: Tensor, row_weights: Tensor | None = None) -> Tensor:
+    """L_flow = mean (v_hat - (eps - x0))^2, in fp32. With `row_weights` (B,) summing to 1 it is the
+    weighted mean of the per-sample means instead (rows of weight 0 contribute nothing)."""
+    sq = (v_hat.float() - (eps.float() - x0.float())).pow(2)  # (B, 3, S, S)
+    if row_weights is None:
+        return sq.mean()
+    return (sq.flatten(1).mean(1) * row_weights).sum()
 
 
 def one_step_estimate(x_t: Tensor, t: Tensor, v_hat: Tensor) -> Tensor:
@@ -46,6 +50,7 @@ class BCEGroup:
     logits: Tensor   # (n,)
     targets: Tensor  # (n,) in [0, 1]
     weight: float
+    row_weights: Tensor | None = None  # (n,) summing to 1: a weighted mean over the group, not a plain one
 
 
 @dataclass
@@ -55,12 +60,15 @@ class LossTerms:
 
 
 def combined_bce_align(groups: list[BCEGroup], student: Tensor | None, teacher: Tensor | None,
-                       align_weight: float) -> LossTerms:
-    """sum_g weight_g * mean BCE(g) + align_weight * mean(1 - cos(student, teacher)), one op call.
+                       align_weight: float, align_scale: Tensor | None = None) -> LossTerms:
+    """sum_g weight_g * mean BCE(g) + align_weight * align_scale * mean(1 - cos(student, teacher)), one op call.
 
     The op returns bce = sum(w_i l_i) / sum(w_i) and total = bce + w_align * align. With per-row
-    weights w_i = weight_g / n_g the numerator is the wanted sum and sum(w_i) = W = sum_g weight_g,
-    so W * op(w_align = align_weight / W).total is exactly the wanted loss.
+    weights w_i = weight_g / n_g (or weight_g * row_weights_g) the numerator is the wanted sum and
+    sum(w_i) = W = sum_g weight_g, so W * op(w_align = align_weight / W).total is exactly the wanted
+    loss. `align_scale` (a 0-d tensor, default 1) rescales the alignment mean on the device: the
+    generator phases blank the rows of external fakes (teacher = student, loss and gradient 0) and
+    scale by rows / kept rows, so the mean runs over the kept rows without a data-dependent shape.
     """
     groups = [g for g in groups if g.weight > 0]
     if student is not None and align_weight <= 0:
@@ -73,13 +81,18 @@ def combined_bce_align(groups: list[BCEGroup], student: Tensor | None, teacher: 
         W = sum(g.weight for g in groups)
         logits = torch.cat([g.logits.float() for g in groups])
         targets = torch.cat([g.targets.float() for g in groups])
-        weights = torch.cat([torch.full_like(g.logits, g.weight / g.logits.numel(), dtype=torch.float32)
+        weights = torch.cat([g.weight * g.row_weights.float() if g.row_weights is not None else
+                             torch.full_like(g.logits, g.weight / g.logits.numel(), dtype=torch.float32)
                              for g in groups])
     parts = ops.bce_diga_loss(logits, targets, weights, student, teacher, w_align=align_weight / W)
-    terms = LossTerms(W * parts.total)
+    total = W * parts.total
+    if student is not None and align_scale is not None:
+        total = total + align_weight * (align_scale - 1.0) * parts.align
+    terms = LossTerms(total)
     with torch.no_grad():
         for g in groups:
-            terms.parts[g.name] = F.binary_cross_entropy_with_logits(g.logits.float(), g.targets.float())
+            rows = F.binary_cross_entropy_with_logits(g.logits.float(), g.targets.float(), reduction="none")
+            terms.parts[g.name] = rows.mean() if g.row_weights is None else (rows * g.row_weights).sum()
         if student is not None:
-            terms.parts["align"] = parts.align.detach()
+            terms.parts["align"] = parts.align.detach() * (1.0 if align_scale is None else align_scale)
     return terms

@@ -101,3 +101,34 @@ def test_external_fakes_are_detector_positives_and_not_generator_targets():
     logits = m.detection_pass(torch.cat([images, pool])).logit
     want = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([1.0, 1, 0, 0, 1, 1, 1]))
     torch.testing.assert_close(det.parts["bce"], want)
+
+
+def test_external_fake_rows_contribute_nothing_to_the_generator_loss():
+    """Fake rows stay in the gen batch with weight 0 (static shapes, no host sync): whatever they
+    hold, the loss parts and every gradient are those of the real rows alone."""
+    results = []
+    for fill in (50.0, -3.0):
+        m = make_model()
+        set_trainable(m, PHASES["gen"])
+        images, is_fake, ids = batch(B=4, fake_rows=2)
+        images[:2] = fill
+        terms = phase_loss(m, PHASES["gen"], images, is_fake, ids, None, LossConfig(w_auth=0.3),
+                           torch.Generator().manual_seed(0))
+        terms.total.backward()
+        results.append((terms.parts, [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (parts_a, grads_a), (parts_b, grads_b) = results
+    assert set(parts_a) == {"flow", "align", "auth", "total"}
+    for k in parts_a:
+        torch.testing.assert_close(parts_a[k], parts_b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert len(grads_a) == len(grads_b) > 0
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_real_only_batch_gives_plain_means():
+    """Without fakes the weighted forms equal the plain means of DESIGN.md section 1."""
+    from unigendet.losses import flow_loss
+
+    v, x0, eps = torch.randn(3, 5, 3, 4, 4).unbind(0)
+    weights = torch.full((5,), 0.2)
+    torch.testing.assert_close(flow_loss(v, x0, eps, weights), flow_loss(v, x0, eps))

@@ -8,10 +8,14 @@ from ..rng import Gen, batch_randint
 
 
 class FakePool:
+    """`images` (P, 3, S, S) on the device. The write position is a device tensor and the fill count a
+    host int that depends only on how many images were added, so `add` and `sample` never read the
+    device and can be captured in a CUDA graph (once the pool is full, their shapes stop changing)."""
+
     def __init__(self, capacity: int, image_size: int, device, dtype=torch.float32):
         self.images = torch.zeros(capacity, 3, image_size, image_size, device=device, dtype=dtype)  # (P, 3, S, S)
-        self.count = 0  # filled slots
-        self.ptr = 0    # next slot to overwrite
+        self.count = 0  # filled slots (host)
+        self._ptr = torch.zeros((), device=device, dtype=torch.int64)  # next slot to overwrite (device)
 
     @property
     def capacity(self) -> int:
@@ -20,9 +24,9 @@ class FakePool:
     def add(self, images: Tensor) -> None:
         """Write (n, 3, S, S) images into the ring, overwriting the oldest."""
         n = images.shape[0]
-        idx = (self.ptr + torch.arange(n, device=self.images.device)) % self.capacity
-        self.images[idx] = images.to(self.images.dtype)
-        self.ptr = (self.ptr + n) % self.capacity
+        idx = (self._ptr + torch.arange(n, device=self.images.device)) % self.capacity  # (n,)
+        self.images.index_copy_(0, idx, images.to(self.images.dtype))
+        self._ptr.copy_((self._ptr + n) % self.capacity)
         self.count = min(self.capacity, self.count + n)
 
     def sample(self, n: int, generator: Gen = None) -> Tensor:
@@ -33,11 +37,12 @@ class FakePool:
         return self.images[idx]
 
     def state_dict(self) -> dict:
-        return {"images": self.images.cpu(), "count": self.count, "ptr": self.ptr}
+        return {"images": self.images.cpu(), "count": self.count, "ptr": int(self._ptr.item())}
 
     def load_state_dict(self, state: dict) -> None:
         if state["images"].shape != self.images.shape:
             raise ValueError(f"fake pool shape {tuple(state['images'].shape)} in the checkpoint does not match "
                              f"the configured {tuple(self.images.shape)} (phases.pool_size / data.image_size)")
         self.images.copy_(state["images"])
-        self.count, self.ptr = int(state["count"]), int(state["ptr"])
+        self.count = int(state["count"])
+        self._ptr.fill_(int(state["ptr"]))

@@ -16,12 +16,13 @@ def _decays(name: str, p: nn.Parameter) -> bool:
     return p.ndim >= 2 and not any(k in name for k in ("embed", "registers", "classes"))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, capturable: bool = False) -> torch.optim.AdamW:
     """AdamW with one group per (owner, decay): shared parameters get lr * shared_lr_scale.
 
     The fused implementation (one kernel per step on CPU and CUDA) is the one that honours a
     device-side `found_inf` flag: a step whose loss or gradients are not finite is skipped without
-    the host reading anything (see `Trainer.step`)."""
+    the host reading anything (see `Trainer.step`). capturable=True (CUDA graphs): step counts on
+    the device and learning rates as device tensors, which the schedule fills in place."""
     groups = []
     for owner, named in model.params_by_owner().items():
         for decay in (True, False):
@@ -31,7 +32,18 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
                 groups.append({"params": params, "lr": cfg.lr * scale, "owner": owner,
                                "weight_decay": cfg.weight_decay if decay else 0.0})
     assert {g["owner"] for g in groups} <= set(OWNERS)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True, capturable=capturable)
+    if capturable:
+        device_lrs(optimizer)
+    return optimizer
+
+
+def device_lrs(optimizer: torch.optim.Optimizer) -> None:
+    """Make each group's lr a 0-d tensor on its parameters' device (a captured step reads it from
+    there; `LRScheduler` then fills it in place). Also after `load_state_dict`, which restores floats."""
+    for group in optimizer.param_groups:
+        device = group["params"][0].device
+        group["lr"] = torch.tensor(float(group["lr"]), device=device, dtype=torch.float32)
 
 
 def lr_multiplier(cfg: OptimConfig, total_steps: int):
@@ -47,25 +59,36 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int):
 
 
 class EMA:
-    """Exponential moving average of a model's weights (decay warmed up as min(d, (1+n)/(10+n)))."""
+    """Exponential moving average of a model's weights (decay warmed up as min(d, (1+n)/(10+n))).
+
+    The update count n lives on the device and the decay is computed there: `update` has no host
+    value that changes between steps, so it can be captured in a CUDA graph."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.updates = 0
+        device = next(model.parameters()).device
+        self._updates = torch.zeros((), device=device, dtype=torch.float64)  # updates so far (exact to 2^53)
+
+    @property
+    def updates(self) -> int:
+        """Updates so far (reads the device counter)."""
+        return int(self._updates.item())
 
     @torch.no_grad()
     def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
         """ema += (1 - d) * (model - ema); `skip` (0-d, 1.0 = skipped step) zeroes the update on the
         device, so a skipped step leaves the average unchanged without a host sync."""
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self._updates.add_(1.0)
+        d = torch.clamp((1.0 + self._updates) / (10.0 + self._updates), max=self.decay)  # fp64, as on the host
+        weight = (1.0 - d) if skip is None else (1.0 - d) * (1.0 - skip.double())
+        weight = weight.float()
         ema = list(self.model.parameters())
         cur = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema, cur, 1.0 - d if skip is None else (1.0 - d) * (1.0 - skip))
+        torch._foreach_lerp_(ema, cur, weight)
 
     def state_dict(self) -> dict:
         return {"updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
-        self.updates = int(state["updates"])
+        self._updates.fill_(int(state["updates"]))

@@ -87,25 +87,30 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
     w_align = loss_cfg.lambda_dig * loss_cfg.w_align
     w_auth = loss_cfg.lambda_dig * loss_cfg.w_auth
     groups: list[BCEGroup] = []
-    student = teacher = flow = None
+    student = teacher = flow = align_scale = None
     if phase.generates:
-        x0, ids = images, class_ids
-        real = is_fake < 0.5
-        if not bool(real.all()):  # the generator learns from real images only
-            x0, ids = images[real], class_ids[real]
-        ids = drop_labels(ids, mcfg.class_dropout, generator)
+        # The generator learns from real images only. External fakes stay in the batch with weight 0
+        # (no data-dependent shapes, no host sync: CUDA-graph safe); they cost their share of compute.
+        real = (is_fake < 0.5).float()  # (B,)
+        kept = real.sum().clamp_min(1.0)
+        row_weights = real / kept  # (B,), sums to 1 when the batch holds a real image
+        x0, B = images, images.shape[0]
+        ids = drop_labels(class_ids, mcfg.class_dropout, generator)
         ids = ids if mcfg.num_classes > 0 else None
         x_t, t, eps = sample_flow_inputs(x0, generator)
         layer = mcfg.align_layer if w_align > 0 else None
         out = model("gen", x_t, t, ids, capture_layer=layer)
-        flow = flow_loss(out.velocity, x0, eps)
+        flow = flow_loss(out.velocity, x0, eps, row_weights)
         if w_align > 0:
             with torch.no_grad():  # sg(h_D^l(x0)): the real image as a detection sample
                 teacher = model("det", x0, capture_layer=layer, features_only=True).hidden.flatten(0, 1)  # (B*N, C)
             student = core.projector(out.hidden).flatten(0, 1)  # (B*N, C)
+            keep = real.repeat_interleave(student.shape[0] // B).unsqueeze(1) > 0  # (B*N, 1)
+            teacher = torch.where(keep, teacher, student.detach().to(teacher.dtype))  # fake rows: 1 - cos = 0
+            align_scale = B / kept
         if w_auth > 0:
             logit = frozen_detection_logit(model, one_step_estimate(x_t, t, out.velocity))
-            groups.append(BCEGroup("auth", logit, torch.zeros_like(logit), w_auth))
+            groups.append(BCEGroup("auth", logit, torch.zeros_like(logit), w_auth, row_weights))
     if phase.detects:
         det_images, targets = images, is_fake.float()
         if fakes is not None:
@@ -114,7 +119,7 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
         logit = model("det", det_images).logit
         groups.append(BCEGroup("bce", logit, targets, 1.0))
     if groups or student is not None:
-        terms = combined_bce_align(groups, student, teacher, w_align)
+        terms = combined_bce_align(groups, student, teacher, w_align, align_scale)
     else:
         terms = LossTerms(images.new_zeros((), dtype=torch.float32))
     if flow is not None:

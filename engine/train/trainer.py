@@ -25,7 +25,8 @@ from ..model import UniGenDet, euler_sample
 from .checkpoint import (CheckpointError, checkpoint_config, list_checkpoints, load_trainer_state, load_weights,
                          resolve_checkpoint, save_checkpoint)
 from .fake_pool import FakePool
-from .optim import EMA, build_optimizer, lr_multiplier
+from .graphs import DeviceSums, StaticBatch, StepGraphs
+from .optim import EMA, build_optimizer, device_lrs, lr_multiplier
 from .phases import phase_at, phase_loss, set_trainable
 from ..rng import ShardedGenerator
 from .distributed import init_distributed
@@ -47,11 +48,17 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, log=print):
         self.cfg = cfg
-        for key in ("cuda_graphs", "fsdp"):  # in the config already, not implemented yet
-            if getattr(cfg.train, key):
-                raise TrainingError(f"train.{key} = true is not implemented in this version of unigendet; "
-                                    f"set train.{key} = false")
+        if cfg.train.fsdp:  # in the config already, not implemented yet
+            raise TrainingError("train.fsdp = true is not implemented in this version of unigendet; "
+                                "set train.fsdp = false (data parallel under torchrun is the default)")
         self.device = resolve_device(cfg.train.device)
+        self.cuda_graphs = cfg.train.cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise TrainingError(f"train.cuda_graphs = true needs a CUDA device; train.device resolved to "
+                                f"{self.device.type}. Set train.cuda_graphs = false")
+        if self.cuda_graphs and cfg.train.compile:
+            raise TrainingError("train.cuda_graphs and train.compile are alternatives (compare them in "
+                                "bench/bench_train_step.py); set one of them to false")
         self.dist = init_distributed(self.device)  # single process unless started by torchrun
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -76,7 +83,7 @@ class Trainer:
         # phase trains other parameters); weights, optimizer and checkpoints stay on self.model.
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.ema = EMA(self.model, cfg.optim.ema_decay)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, capturable=self.cuda_graphs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(cfg.optim, cfg.train.steps))
         self.noise = torch.Generator(device=self.device)  # flow noise, timesteps, label dropout, pool draws
         self.noise.manual_seed(cfg.train.seed + 1)
@@ -94,8 +101,13 @@ class Trainer:
         self._tokens_per_sample = tokens_per_sample(cfg.model)
         self._flops_per_sample = train_flops_per_sample(cfg.model)
         self._peak_flops = device_peak_flops(self.device)  # None on CPU: no MFU
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else contextlib.nullcontext())
+        # bf16 autocast on GPU; its weight-cast cache must be off while capturing CUDA graphs
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not self.cuda_graphs)
+                         if self.device.type == "cuda" else contextlib.nullcontext())
+        self.inputs: StaticBatch | None = None  # the step's batch buffers, made from the first batch
+        self.sums = DeviceSums(self.device)  # loss parts per phase, summed on the device between logs
+        self.graphs = StepGraphs(self.cuda_graphs, generators=(self.noise,),
+                                 before_capture=lambda key: self.optimizer.zero_grad(set_to_none=True))
         if resume:
             self._resume()
         elif list_checkpoints(self.out_dir):
@@ -109,9 +121,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    @torch.no_grad()
     def refill_pool(self, n: int) -> None:
-        """Generate n images with the EMA generator and push them into the fake pool."""
+        """Generate n images with the EMA generator and push them into the fake pool (the regular
+        refill of a full pool is one CUDA graph with train.cuda_graphs; the first fill runs eagerly)."""
+        steady = n == self.cfg.phases.refill_count and self.pool.count == self.pool.capacity
+        if steady:
+            self.graphs.run("refill", lambda: self._refill(n))
+        else:
+            self._refill(n)
+
+    @torch.no_grad()
+    def _refill(self, n: int) -> None:
         m = self.ema.model
         ids = None
         if m.cfg.num_classes > 0:
@@ -121,19 +141,32 @@ class Trainer:
         self.pool.add(images)
 
     def step(self) -> dict:
-        """One optimizer step; returns its loss parts (tensors) and phase name."""
+        """One optimizer step; returns its phase name and loss parts (device scalars; with CUDA graphs
+        the captured step's outputs, rewritten by the next step of the same phase)."""
         cfg = self.cfg
         phase = phase_at(self.step_idx, cfg.phases.mode, cfg.phases.k)
         if self.uses_pool and (self.pool.count == 0 or self.step_idx % cfg.phases.refill_every == 0):
             self.refill_pool(self.pool.capacity if self.pool.count == 0 else cfg.phases.refill_count)
-        batch = next(self._data_iter).to(self.device, non_blocking=True)
-        fakes = self.pool.sample(len(batch), self.draws) if phase.detects else None
+        batch = next(self._data_iter)
+        if self.inputs is None:
+            self.inputs = StaticBatch(batch, self.device)
+        self.inputs.load(batch)
         set_trainable(self.model, phase)
         self.model.train()
+        parts = self.graphs.run(phase.name, lambda: self._phase_step(phase))
+        self.sums.count(phase.name)
+        self.scheduler.step()  # host-side: fills the lr tensors in place under CUDA graphs
+        self.step_idx += 1
+        return {"phase": phase.name, **parts}
+
+    def _phase_step(self, phase) -> dict[str, torch.Tensor]:
+        """Loss, backward, gradient all-reduce and clipping, AdamW, EMA, counters and loss sums of one
+        step of `phase`, on the static inputs: nothing here reads the device (CUDA-graph safe)."""
+        cfg, x = self.cfg, self.inputs
+        fakes = self.pool.sample(len(x.images), self.draws) if phase.detects else None
         with self.autocast:
-            terms = phase_loss(self.step_model, phase, batch.images, batch.is_fake, batch.class_ids, fakes,
-                               cfg.loss, self.draws)
-        self.optimizer.zero_grad(set_to_none=True)
+            terms = phase_loss(self.step_model, phase, x.images, x.is_fake, x.class_ids, fakes, cfg.loss, self.draws)
+        self.optimizer.zero_grad(set_to_none=True)  # inside a capture: fresh gradients from the graph's pool
         terms.total.backward()
         trained = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in trained]
@@ -149,11 +182,10 @@ class Trainer:
         self.optimizer.found_inf = found_inf
         self.optimizer.step()
         self.ema.update(self.model, skip=found_inf)
-        self._bad_run = (self._bad_run + found_inf) * found_inf
-        self._skipped = self._skipped + found_inf
-        self.scheduler.step()
-        self.step_idx += 1
-        return {"phase": phase.name, **terms.parts}
+        self._bad_run.mul_(found_inf).add_(found_inf)  # (run + bad) * bad, in place
+        self._skipped.add_(found_inf)
+        self.sums.add(phase.name, terms.parts)
+        return terms.parts
 
     @property
     def skipped_steps(self) -> int:
@@ -203,31 +235,28 @@ class Trainer:
     def _loop(self, bar, metrics_path: Path, stop: "StopRequest") -> dict:
         cfg = self.cfg.train
         last: dict = {}
-        sums: dict[str, list[float]] = {}
         t0, steps0 = time.perf_counter(), self.step_idx
         while self.step_idx < cfg.steps:
-            parts = self.step()
-            phase = parts.pop("phase")
-            for k, v in parts.items():
-                sums.setdefault(f"{phase}/{k}", []).append(v.detach())
+            phase = self.step()["phase"]
             if self.step_idx % cfg.log_every == 0 or self.step_idx == cfg.steps:
                 self.check_health()
                 elapsed = time.perf_counter() - t0
                 # train.batch_size is per rank; samples/s counts every rank's samples
                 rate = (self.step_idx - steps0) * cfg.batch_size * self.dist.world_size / max(elapsed, 1e-9)
-                means = torch.stack([torch.stack(v).float().mean() for v in sums.values()])
-                self.dist.average_([means])  # the global-batch value of each loss part
-                last = {"step": self.step_idx, "phase": phase, "lr": self.scheduler.get_last_lr()[0],
+                means = self.sums.means()  # {phase/part: mean since the last log}, device scalars
+                values = torch.stack(list(means.values()))
+                self.dist.average_([values])  # the global-batch value of each loss part
+                last = {"step": self.step_idx, "phase": phase, "lr": float(self.scheduler.get_last_lr()[0]),
                         "samples_per_s": rate, "tokens_per_s": rate * self._tokens_per_sample,
                         "step_ms": 1e3 * elapsed / max(self.step_idx - steps0, 1),
                         **({"mfu": rate * self._flops_per_sample / self._peak_flops} if self._peak_flops else {}),
                         "skipped_steps": self.skipped_steps,
-                        **{k: float(m) for k, m in zip(sums, means.tolist())}}
+                        **dict(zip(means, values.tolist()))}
                 if self.dist.is_main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
                 bar.set_postfix(progress_fields(last), refresh=False)
-                sums, t0, steps0 = {}, time.perf_counter(), self.step_idx
+                t0, steps0 = time.perf_counter(), self.step_idx
             bar.update(1)
             stopping = self.dist.any(stop.requested)  # ranks must agree on the step they stop after
             if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.steps or stopping:
@@ -241,9 +270,15 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _state(self) -> dict:
+        optimizer, scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
+        # learning rates as plain floats (device tensors under CUDA graphs): checkpoints resume either way
+        for group in optimizer["param_groups"]:
+            group.update({k: float(v) for k, v in group.items() if k in ("lr", "initial_lr")})
+        for key in ("base_lrs", "_last_lr"):
+            scheduler[key] = [float(v) for v in scheduler[key]]
         return {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": optimizer,
+            "scheduler": scheduler,
             "ema": self.ema.state_dict(),
             "pool": self.pool.state_dict(),
             "data": self.loader.state_dict(),
@@ -278,6 +313,8 @@ class Trainer:
         load_weights(ckpt, self.model, "model")
         load_weights(ckpt, self.ema.model, "ema")
         self.optimizer.load_state_dict(saved["optimizer"])
+        if self.cuda_graphs:
+            device_lrs(self.optimizer)  # the saved groups hold plain floats
         self.scheduler.load_state_dict(saved["scheduler"])
         self.ema.load_state_dict(saved["ema"])
         self.pool.load_state_dict(saved["pool"])
