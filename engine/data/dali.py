@@ -124,10 +124,12 @@ class DaliLoader(FolderLoader):
             after, indices = fed.pop(0)
             stream = torch.cuda.current_stream(self.device) if images.is_cuda else None
             feed_ndarray(out.as_tensor(), images, cuda_stream=stream)  # into the static buffer
-            is_fake = torch.tensor([float(self.index.is_fake[i]) for i in indices])
-            class_ids = torch.tensor([int(self.index.class_ids[i]) for i in indices], dtype=torch.int64)
+            is_fake = torch.tensor([float(self.index.is_fake[i]) for i in indices], pin_memory=images.is_cuda)
+            class_ids = torch.tensor([int(self.index.class_ids[i]) for i in indices], dtype=torch.int64,
+                                     pin_memory=images.is_cuda)  # pinned on GPU: asynchronous copies, no sync
             self._epoch, self._position = after  # counted before the yield, as in FolderLoader
-            yield Batch(images.clone(), is_fake.to(self.device), class_ids.to(self.device))
+            yield Batch(images.clone(), is_fake.to(self.device, non_blocking=True),
+                        class_ids.to(self.device, non_blocking=True))
 
     def _name_bad_file(self, indices: list[int], exc: Exception) -> str:
         for i in indices:

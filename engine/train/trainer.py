@@ -69,7 +69,10 @@ class Trainer:
                                    crop_scale_min=cfg.data.crop_scale_min, flip=cfg.data.flip,
                                    num_workers=cfg.data.num_workers, loader=cfg.data.loader,
                                    quarantine=cfg.data.quarantine, rank=self.dist.rank,
-                                   world_size=self.dist.world_size, device=str(self.device))
+                                   world_size=self.dist.world_size, device=str(self.device),
+                                   # pinned host batches: the copy into the step's buffers is then
+                                   # asynchronous instead of a host sync per step
+                                   pin_memory=self.device.type == "cuda")
         if cfg.model.num_classes and self.loader.num_classes != cfg.model.num_classes:
             raise TrainingError(f"model.num_classes = {cfg.model.num_classes} but {cfg.data.root} has "
                                 f"{self.loader.num_classes} class folders")
