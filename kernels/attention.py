@@ -76,6 +76,20 @@ def _cast_out(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(LEN_Q, H, GROUP, BLOCK_M: tl.constexpr):
+    """This program's query tile (grid: query tiles x B*H): (start_m, batch b, head h, its KV head hk,
+    the stream's length len_q for b, active = the tile holds a row before len_q, row offsets).
+    A tile wholly past len_q reads nothing and writes zeros (forward) or nothing new (dQ)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    hk = (h // GROUP).to(tl.int64)
+    len_q = tl.load(LEN_Q + b)
+    return start_m, b, h, hk, len_q, start_m < len_q, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, lo, hi, len_k, offs_m, offs_d, qk_scale,
                MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -110,14 +124,7 @@ def _mmsa_fwd(Q, K, V, K2, V2, O, LSE, LEN_Q, LEN_K2, qk_scale, T_Q, H, GROUP,
               sob, sot, soh,
               CAUSAL: tl.constexpr, READ_OTHER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
-    len_q = tl.load(LEN_Q + b)
-    active = start_m < len_q  # a query tile wholly past len reads nothing and writes zeros
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, b, h, hk, len_q, active, offs_m = _query_tile(LEN_Q, H, GROUP, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _dmask(offs_d, HEAD_DIM, BLOCK_D)
     row_in = offs_m < T_Q
@@ -322,14 +329,7 @@ def _mmsa_bwd_dq(Q, DO, LSE, DELTA, K, V, K2, V2, DQ, LEN_Q, LEN_K2, qk_scale, s
                  sk2b, sk2t, sk2h, sv2b, sv2t, sv2h, sdqb, sdqt, sdqh,
                  CAUSAL: tl.constexpr, READ_OTHER: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    hk = (h // GROUP).to(tl.int64)
-    len_q = tl.load(LEN_Q + b)
-    active = start_m < len_q
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, b, h, hk, len_q, active, offs_m = _query_tile(LEN_Q, H, GROUP, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_in = offs_m < T_Q
     mask = row_in[:, None] & _dmask(offs_d, HEAD_DIM, BLOCK_D)[None, :]

@@ -1,0 +1,107 @@
+"""Compile every Triton kernel of unigendet for sm_90 (H100/H200) without a GPU.
+
+    python tests/triton_sm90.py            # one line per compiled kernel variant; exit 1 on a failure
+
+The interpreter tests check what the kernels compute; this checks that Triton's GPU compiler (with
+the ptxas bundled in the triton wheel) lowers them to cubins, for the launch configurations the
+launchers use: every autotune candidate of the attention kernels at head dim 128 with all switches
+on, the other head dims with one candidate, and the loss kernels at the block sizes `_forward` and
+`_backward` pick. Run with TRITON_INTERPRET unset (the test runs it in a subprocess).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this script compiles")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from unigendet.kernels import attention, loss  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SHARED_LIMIT = 227 * 1024  # opt-in shared memory per block on H100/H200
+FP32_POINTERS = {"LSE", "LSE2", "DELTA", "DELTA2", "DLSE"}  # attention: fp32 softmax statistics
+FLOAT_SCALARS = {"qk_scale", "sm_scale", "grad_mul", "eps", "inv_m", "w_align", "wsum_eps", "coef_total",
+                 "coef_align", "coef_all"}
+STUDENT_POINTERS = {"s_ptr", "t_ptr", "gs_ptr", "g_ptr"}  # loss: rows in the activations' dtype
+
+
+def signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
+    """Triton types of `fn`'s arguments: data pointers in `dtype`, statistics in fp32, lengths i32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        elif name.startswith("LEN_"):
+            sig[name] = "*i32"
+        elif name in FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}" if name in STUDENT_POINTERS else "*fp32"
+        elif name.isupper() and name not in ("T", "H", "GROUP", "M", "C", "N") and not name.startswith("T_"):
+            sig[name] = f"*{dtype}"  # attention tensors: Q, K, V, O, DO, DQ, DK, DV, ...
+        else:
+            sig[name] = "i32"  # sizes and strides
+    return sig
+
+
+def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int = 3, dtype: str = "bf16"):
+    source = ASTSource(fn=fn, signature=signature(fn, constexprs, dtype),
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def variants():
+    """(label, kernel, constexprs, num_warps, num_stages) for everything this script compiles."""
+    def attn_meta(d):
+        return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=False, PREC="tf32")
+
+    tuned = ((attention._mmsa_fwd, attention._FWD_CONFIGS, "READ_OTHER"),
+             (attention._mmsa_bwd_dq, attention._DQ_CONFIGS, "READ_OTHER"),
+             (attention._mmsa_bwd_dkdv, attention._DKDV_CONFIGS, "OTHER_READS"))
+    for fn, configs, other in tuned:
+        for k, cfg in enumerate(configs):
+            for d in (128,) if k else (32, 64, 96, 128):
+                meta = {**attn_meta(d), **cfg.kwargs, "CAUSAL": True, other: True}
+                label = f"{fn.__name__} D={d} {cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}"
+                yield label, fn, meta, cfg.num_warps, cfg.num_stages
+    yield ("_bwd_preprocess D=128", attention._bwd_preprocess,
+           {"HAS_DLSE": True, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 64}, 4, 3)
+    for M, C in ((4096, 96), (64, 8192), (8, 20000)):  # row tile, wide rows, chunked rows
+        block_m, block_c, one_pass, warps = loss._align_config(M, C)
+        meta = dict(BLOCK_M=block_m, BLOCK_C=block_c, ONE_PASS=one_pass, BCE_BLOCK=loss.BCE_BLOCK,
+                    GRAD_S=True, GRAD_Z=True)
+        yield f"_fwd_kernel (loss) M={M} C={C}", loss._fwd_kernel, meta, warps, 3
+    yield ("_finalize_kernel (loss)", loss._finalize_kernel,
+           {"HAS_ALIGN": True, "HAS_BCE": True, "BLOCK": loss.FIN_BLOCK}, 8, 3)
+    yield ("_bwd_kernel (loss)", loss._bwd_kernel, {"HAS_S": True, "HAS_Z": True, "BLOCK": loss.SCALE_BLOCK}, 8, 3)
+
+
+def main() -> int:
+    failures = total = 0
+    for label, fn, meta, warps, stages in variants():
+        t0, total = time.perf_counter(), total + 1
+        try:
+            kernel = compile_one(fn, meta, warps, stages)
+            shared = kernel.metadata.shared
+            if shared > SHARED_LIMIT:
+                raise RuntimeError(f"needs {shared} B of shared memory per block; sm_90 has {SHARED_LIMIT}")
+            print(f"ok    {label}: {len(kernel.asm['cubin'])} B cubin, {shared} B shared memory, "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+        except Exception as exc:  # report every variant, then fail
+            failures += 1
+            print(f"FAIL  {label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                  flush=True)
+    print(f"compiled {total - failures} of {total} kernel variants for sm_90")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
