@@ -83,6 +83,19 @@ template <typename T, int W> struct BwdTerms {
   }
 };
 
+// grad_x of one pack of pairs: rs * (dn - n * cc) for both halves; gx points at the row's column j.
+template <typename T, int W>
+__device__ __forceinline__ void store_grad_x(T* gx, const BwdTerms<T, W>& b, float rs, float cc, int64_t half) {
+  float g1[W], g2[W];
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    g1[i] = rs * (b.dn1[i] - b.n1[i] * cc);
+    g2[i] = rs * (b.dn2[i] - b.n2[i] * cc);
+  }
+  store_f<T, W>(gx, g1);
+  store_f<T, W>(gx + half, g2);
+}
+
 template <typename T, int W>
 __device__ __forceinline__ void load_bwd_inputs(Pack<T, W> (&in)[4], const T* dr, const T* xr,
                                                 int64_t half) {
@@ -195,14 +208,7 @@ __global__ void __launch_bounds__(kBlock, 4)
     const float cc = group_sum(dot, G) / static_cast<float>(D);
     if (!active || !lane_ok) continue;
     const BwdTerms<T, W> b(in, rs, weight + j, cos + rp.t * half + j, sin + rp.t * half + j, half);
-    float g1[W], g2[W];
-#pragma unroll
-    for (int i = 0; i < W; ++i) {
-      g1[i] = rs * (b.dn1[i] - b.n1[i] * cc);
-      g2[i] = rs * (b.dn2[i] - b.n2[i] * cc);
-    }
-    store_f<T, W>(grad_x + row * D + j, g1);
-    store_f<T, W>(grad_x + row * D + half + j, g2);
+    store_grad_x<T, W>(grad_x + row * D + j, b, rs, cc, half);
   }
 
   // Combine the block's groups: lanes o, o+G, ... of each warp by an xor butterfly (all of them
@@ -264,14 +270,7 @@ __global__ void __launch_bounds__(kBlock)
             prow[half + j + i] += b.du2[i] * b.n2[i];
           }
         } else {
-          float g1[W], g2[W];
-#pragma unroll
-          for (int i = 0; i < W; ++i) {
-            g1[i] = rs * (b.dn1[i] - b.n1[i] * cc);
-            g2[i] = rs * (b.dn2[i] - b.n2[i] * cc);
-          }
-          store_f<T, W>(grad_x + row * D + j, g1);
-          store_f<T, W>(grad_x + row * D + half + j, g2);
+          store_grad_x<T, W>(grad_x + row * D + j, b, rs, cc, half);
         }
       }
     }
