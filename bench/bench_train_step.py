@@ -87,7 +87,8 @@ def main(argv=None) -> list[dict]:
         for name in chosen:
             backend, compile_, graphs = PROVIDERS[name]
             if graphs and device.type != "cuda":
-                skipped.append({"config": config, "provider": name, "note": "needs a CUDA device"})
+                skipped.append({"config": config, "provider": name, "ms_per_step": None, "samples_per_s": None,
+                                "mfu": None, "x_reference": None, "note": "needs a CUDA device"})
                 continue
             cfgs[name] = load_config(config, [
                 f"--data.root={tmp}/demo/train", f"--train.out_dir={tmp}/run-{name}",
