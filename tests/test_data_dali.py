@@ -74,3 +74,30 @@ def test_dali_loads_unusual_valid_images(tmp_path):
     (batch,) = take(build_loader(tmp_path, S, count, seed=0, loader="dali"), 1)
     batch.validate()
     assert batch.images.shape == (count, 3, S, S) and torch.isfinite(batch.images).all()
+
+
+def test_dali_writes_into_a_given_buffer(demo_root):
+    """write_into: batches decode straight into the consumer's buffer (a trainer's static input for
+    CUDA graphs), the same pixels as without it; a buffer of the wrong kind is refused."""
+    root = demo_root / "train"
+    plain = take(build_loader(root, S, 16, seed=4, loader="dali"), 2)
+    loader = build_loader(root, S, 16, seed=4, loader="dali")
+    buffer = torch.empty(16, 3, S, S)
+    loader.write_into(buffer)
+    it = iter(loader)
+    for expected in plain:  # compared one by one: the next batch overwrites the buffer
+        batch = next(it)
+        assert batch.images.data_ptr() == buffer.data_ptr() and torch.equal(batch.images, expected.images)
+    with pytest.raises(DataError, match="write_into: need a contiguous float32"):
+        loader.write_into(torch.empty(16, 3, S, S, dtype=torch.float16))
+
+
+def test_trainer_on_dali_decodes_into_its_step_buffer(tiny_overrides):
+    from unigendet import load_config
+    from unigendet.train import Trainer
+
+    trainer = Trainer(load_config("tiny_cpu", tiny_overrides + ["--data.loader=dali", "--train.steps=3"]),
+                      log=lambda *_: None)
+    trainer.train()
+    assert isinstance(trainer.loader, DaliLoader) and trainer.loader.output is trainer.inputs.images
+    assert trainer.skipped_steps == 0

@@ -48,6 +48,7 @@ class DaliLoader(FolderLoader):
             raise DataError(f"data.loader = 'dali': {why}")
         self.device = torch.device(device)
         self.num_threads, self.prefetch = max(1, int(num_workers)), max(1, int(prefetch))
+        self.output: torch.Tensor | None = None  # see write_into
 
     # ------------------------------------------------------------------ host side: files and boxes
 
@@ -113,7 +114,7 @@ class DaliLoader(FolderLoader):
             return self._sample_inputs(epoch, indices)
 
         pipe = self._build(source)
-        images = torch.empty(self.batch_size, 3, self.image_size, self.image_size, device=self.device)
+        shape = (self.batch_size, 3, self.image_size, self.image_size)
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         while True:
@@ -122,14 +123,27 @@ class DaliLoader(FolderLoader):
             except RuntimeError as exc:
                 raise DataError(self._name_bad_file(fed[0][1] if fed else [], exc)) from None
             after, indices = fed.pop(0)
-            stream = torch.cuda.current_stream(self.device) if images.is_cuda else None
-            feed_ndarray(out.as_tensor(), images, cuda_stream=stream)  # into the static buffer
-            is_fake = torch.tensor([float(self.index.is_fake[i]) for i in indices], pin_memory=images.is_cuda)
+            # the one copy out of DALI's buffers: into the consumer's buffer, else a new tensor
+            images = self.output if self.output is not None else torch.empty(shape, device=self.device)
+            gpu = images.is_cuda
+            feed_ndarray(out.as_tensor(), images, cuda_stream=torch.cuda.current_stream(self.device) if gpu else None)
+            is_fake = torch.tensor([float(self.index.is_fake[i]) for i in indices], pin_memory=gpu)
             class_ids = torch.tensor([int(self.index.class_ids[i]) for i in indices], dtype=torch.int64,
-                                     pin_memory=images.is_cuda)  # pinned on GPU: asynchronous copies, no sync
+                                     pin_memory=gpu)  # pinned on GPU: asynchronous copies, no sync
             self._epoch, self._position = after  # counted before the yield, as in FolderLoader
-            yield Batch(images.clone(), is_fake.to(self.device, non_blocking=True),
+            yield Batch(images, is_fake.to(self.device, non_blocking=True),
                         class_ids.to(self.device, non_blocking=True))
+
+    def write_into(self, images: torch.Tensor | None) -> None:
+        """Decode every following batch straight into `images` ((B, 3, S, S) float32 on the loader's
+        device, e.g. a trainer's static buffer for CUDA graphs): the yielded `Batch.images` is then
+        that tensor, overwritten by the next batch. None: a new tensor per batch (the default)."""
+        shape = (self.batch_size, 3, self.image_size, self.image_size)
+        if images is not None and (tuple(images.shape) != shape or images.dtype != torch.float32
+                                   or images.device != self.device or not images.is_contiguous()):
+            raise DataError(f"DaliLoader.write_into: need a contiguous float32 {shape} tensor on {self.device}, got "
+                            f"{images.dtype} {tuple(images.shape)} on {images.device}")
+        self.output = images
 
     def _name_bad_file(self, indices: list[int], exc: Exception) -> str:
         for i in indices:

@@ -40,7 +40,8 @@ class StaticBatch:
         if batch.images.shape != self.images.shape:
             raise ValueError(f"batch of shape {tuple(batch.images.shape)} does not fit the static buffers "
                              f"{tuple(self.images.shape)}: loaders must yield fixed-size batches")
-        self.images.copy_(batch.images, non_blocking=True)
+        if batch.images.data_ptr() != self.images.data_ptr():  # a loader may write here itself (DALI)
+            self.images.copy_(batch.images, non_blocking=True)
         self.is_fake.copy_(batch.is_fake, non_blocking=True)
         self.class_ids.copy_(batch.class_ids, non_blocking=True)
 

@@ -153,6 +153,8 @@ class Trainer:
         batch = next(self._data_iter)
         if self.inputs is None:
             self.inputs = StaticBatch(batch, self.device)
+            if hasattr(self.loader, "write_into"):  # DALI: later batches decode straight into the buffer
+                self.loader.write_into(self.inputs.images)
         self.inputs.load(batch)
         set_trainable(self.model, phase)
         self.model.train()
