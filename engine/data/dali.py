@@ -96,22 +96,15 @@ class DaliLoader(FolderLoader):
         pipe.build()
         return pipe
 
-    def _batches(self, epoch: int, position: int) -> Iterator[tuple[tuple[int, int], list[int]]]:
-        """((epoch, position) once this batch is consumed, indices) for every batch from here on, forever."""
-        while True:
-            for k, indices in enumerate(self.epoch_batches(epoch)[position:], start=position + 1):
-                yield ((epoch, k) if k < self.batches_per_epoch else (epoch + 1, 0)), indices
-            epoch, position = epoch + 1, 0
-
     def __iter__(self) -> Iterator[Batch]:
-        planned = self._batches(self._epoch, self._position)
+        planned = self._plan(self._epoch, self._position)  # FolderLoader's batches, endless
         fed: list[tuple[tuple[int, int], list[int]]] = []  # handed to DALI, not yet yielded (prefetch)
 
         def source():
-            after, indices = next(planned)
+            after, keys = next(planned)
+            indices = [i for _, i in keys]
             fed.append((after, indices))
-            epoch = after[0] if after[1] else after[0] - 1  # the epoch this batch belongs to
-            return self._sample_inputs(epoch, indices)
+            return self._sample_inputs(keys[0][0], indices)
 
         pipe = self._build(source)
         shape = (self.batch_size, 3, self.image_size, self.image_size)

@@ -236,7 +236,10 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, float, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, float, int]:
+        """Item i of the epoch set by `set_epoch`, or of the epoch given as key = (epoch, i) (what
+        `FolderLoader`'s persistent workers receive, so they need no per-epoch copy of the dataset)."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         try:
             img = decode_rgb(self.index.read_bytes(i), self.index.files[i])
         except DataError as exc:
@@ -247,7 +250,7 @@ class FolderDataset(Dataset):
                 "unlisted files)"
             ) from None
         # String seeds are hashed with SHA-512: stable across processes, runs and Python versions.
-        rng = random.Random(f"unigendet/{self.seed}/{self.epoch}/{i}") if self.train else None
+        rng = random.Random(f"unigendet/{self.seed}/{epoch}/{i}") if self.train else None
         image = crop_resize(img, self.image_size, rng, crop_scale_min=self.crop_scale_min, flip=self.flip)
         return image, float(self.index.is_fake[i]), int(self.index.class_ids[i])
 
@@ -318,31 +321,38 @@ class FolderLoader:
         used = self.batches_per_epoch * self.batch_size
         return shard[:used].view(self.batches_per_epoch, self.batch_size).tolist()
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _plan(self, epoch: int, position: int) -> Iterator[tuple[tuple[int, int], list[tuple[int, int]]]]:
+        """((epoch, position) once this batch is consumed, its (epoch, index) keys), forever."""
         while True:
-            epoch = self._epoch
-            batches = self.epoch_batches(epoch)[self._position :]
-            self.dataset.set_epoch(epoch)  # before the workers start: they copy the dataset
-            loader = DataLoader(
-                self.dataset,
-                batch_sampler=batches,
-                num_workers=self.num_workers,
-                collate_fn=collate_samples,
-                pin_memory=self.pin_memory,
-                # A private generator: DataLoader draws its worker base seed from it, not from the
-                # global RNG, so loading never shifts the trainer's random stream.
-                generator=torch.Generator().manual_seed(self.seed + epoch),
-            )
-            batch_iter = iter(loader)
-            try:
-                for batch in batch_iter:
-                    self._position += 1  # counted before the yield: state_dict() includes this batch
-                    yield batch
-            except DataError as exc:
-                raise DataError(_worker_message(exc)) from None
-            finally:
-                _stop_workers(batch_iter)
-            self._epoch, self._position = epoch + 1, 0
+            for k, indices in enumerate(self.epoch_batches(epoch)[position:], start=position + 1):
+                after = (epoch, k) if k < self.batches_per_epoch else (epoch + 1, 0)
+                yield after, [(epoch, i) for i in indices]
+            epoch, position = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        # One DataLoader for the whole run: its workers persist across epochs (each item carries its
+        # epoch), and the batch sampler is the endless plan, so nothing restarts at an epoch boundary.
+        positions = (after for after, _ in self._plan(self._epoch, self._position))
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=(keys for _, keys in self._plan(self._epoch, self._position)),
+            num_workers=self.num_workers,
+            collate_fn=collate_samples,
+            pin_memory=self.pin_memory,
+            # A private generator: DataLoader draws its worker base seed from it, not from the
+            # global RNG, so loading never shifts the trainer's random stream.
+            generator=torch.Generator().manual_seed(self.seed + self._epoch),
+        )
+        batch_iter = iter(loader)
+        try:
+            for batch in batch_iter:
+                # counted before the yield: state_dict() includes this batch
+                self._epoch, self._position = next(positions)
+                yield batch
+        except DataError as exc:
+            raise DataError(_worker_message(exc)) from None
+        finally:
+            _stop_workers(batch_iter)
 
     def state_dict(self) -> dict[str, int]:
         """`{"epoch": e, "position": batches already yielded in epoch e}`."""
