@@ -205,7 +205,7 @@ def cmd_ablations(args, overrides: list[str]) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",") if args.variants else None
     result = run_ablations(args.config, overrides, args.out or "runs/ablations", seeds, variants=variants,
-                           data_dir=args.data)
+                           data_dir=args.data, runs_dir=args.runs_dir)
     print(render_table(result))
     return 0
 
@@ -291,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", default="tiny_cpu", help="with --ablations: the base config")
     e.add_argument("--seeds", default="0,1,2", help="with --ablations: comma-separated seeds")
     e.add_argument("--variants", default="", help="with --ablations: a comma-separated subset")
+    e.add_argument("--runs-dir", default=None,
+                   help="with --ablations: where the run folders go (default --out); finished rows are "
+                        "kept in OUT/rows/ and reused")
     return p
 
 

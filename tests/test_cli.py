@@ -207,3 +207,7 @@ def test_ablation_runner_produces_every_row(demo_root, tmp_path, capsys):
     assert (sep.model.g2d, sep.model.d2g, sep.loss.lambda_dig) == (False, False, 0.0)
     assert main(["eval", "--ablations", "--variants", "nope", "--out", str(out)]) == 2
     assert "unknown ablation variant" in capsys.readouterr().err
+    # finished rows are reused: the same command again trains nothing and gives the same table
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("reusing") == len(ABLATIONS)
+    assert json.loads((out / "ablations.json").read_text()) == result

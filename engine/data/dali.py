@@ -52,24 +52,23 @@ class DaliLoader(FolderLoader):
 
     # ------------------------------------------------------------------ host side: files and boxes
 
+    def _sample_input(self, epoch: int, i: int):
+        """(encoded bytes, crop anchor (x, y), crop shape (w, h), flip flag) of dataset item i in `epoch`."""
+        try:
+            encoded = self.index.read_bytes(i)  # the one read of the file (or shard member)
+            width, height = image_size(encoded)  # from the header: the size for the crop box
+        except Exception as exc:
+            raise DataError(f"bad file in dataset folder {self.index.root}: {self.index.files[i]}: cannot "
+                            f"read image ({exc}); run `{command_for(self.index.root)}`") from None
+        rng = random.Random(f"unigendet/{self.seed}/{epoch}/{i}")  # FolderDataset's stream
+        left, top, right, bottom = random_resized_crop_box(width, height, rng, self.dataset.crop_scale_min)
+        flip = self.dataset.flip and rng.random() < 0.5
+        return (np.frombuffer(encoded, dtype=np.uint8), np.array([left, top], dtype=np.float32),
+                np.array([right - left, bottom - top], dtype=np.float32), np.array(flip, dtype=np.int32))
+
     def _sample_inputs(self, epoch: int, indices: list[int]):
-        """Encoded bytes, crop anchors (x, y), crop shapes (w, h) and flip flags of one batch."""
-        data, anchors, shapes, flips = [], [], [], []
-        for i in indices:
-            try:
-                encoded = self.index.read_bytes(i)  # the one read of the file (or shard member)
-                width, height = image_size(encoded)  # from the header: the size for the crop box
-            except Exception as exc:
-                raise DataError(f"bad file in dataset folder {self.index.root}: {self.index.files[i]}: cannot "
-                                f"read image ({exc}); run `{command_for(self.index.root)}`") from None
-            data.append(np.frombuffer(encoded, dtype=np.uint8))
-            rng = random.Random(f"unigendet/{self.seed}/{epoch}/{i}")  # FolderDataset's stream
-            left, top, right, bottom = random_resized_crop_box(width, height, rng, self.dataset.crop_scale_min)
-            flip = self.dataset.flip and rng.random() < 0.5
-            anchors.append(np.array([left, top], dtype=np.float32))
-            shapes.append(np.array([right - left, bottom - top], dtype=np.float32))
-            flips.append(np.array(flip, dtype=np.int32))
-        return data, anchors, shapes, flips
+        """The four per-sample inputs of `_sample_input` as four lists, for one batch."""
+        return tuple(map(list, zip(*(self._sample_input(epoch, i) for i in indices))))
 
     # ------------------------------------------------------------------ the DALI pipeline
 

@@ -11,6 +11,11 @@ evaluated once per seed, and the table reports mean and spread over the seeds. T
     auth_only       DIGA authenticity without the alignment term
     separate        no MMSA and no DIGA: with per-stream experts the generator and the detector
                     share no computation, i.e. two separate models trained side by side
+
+Each finished (variant, seed) run leaves its row in OUT/rows/VARIANT_seedK.json together with the
+overrides it ran with; a later invocation with the same config and overrides reuses those rows
+instead of training again. So a table too long for one sitting is built over several (e.g. one seed
+at a time, OUT in a committed folder and the run folders, `runs_dir`, elsewhere).
 """
 from __future__ import annotations
 
@@ -34,11 +39,14 @@ COLUMNS = ("det_auc", "fid", "kid", "samples_per_s")
 
 
 def run_ablations(config: str, overrides: list[str], out_dir: str | Path, seeds: list[int], *,
-                  variants: list[str] | None = None, data_dir: str | None = None, log=print) -> dict:
-    """Train + evaluate every variant for every seed; write ablations.{json,md} into out_dir."""
+                  variants: list[str] | None = None, data_dir: str | None = None, runs_dir: str | Path | None = None,
+                  log=print) -> dict:
+    """Train + evaluate every variant for every seed (reusing finished rows, module docstring); write
+    ablations.{json,md} into out_dir. Run folders go to runs_dir (default out_dir)."""
     from ..train import Trainer
 
     out_dir = Path(out_dir)
+    runs_dir = Path(runs_dir) if runs_dir is not None else out_dir
     names = variants or list(ABLATIONS)
     unknown = [n for n in names if n not in ABLATIONS]
     if unknown:
@@ -46,14 +54,24 @@ def run_ablations(config: str, overrides: list[str], out_dir: str | Path, seeds:
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for seed in seeds:
         for name in names:
-            run_dir = out_dir / f"{name}_seed{seed}"
+            row_file = out_dir / "rows" / f"{name}_seed{seed}.json"
+            key = {"config": config, "overrides": overrides, "data": data_dir}
+            done = json.loads(row_file.read_text()) if row_file.is_file() else None
+            if done is not None and done.get("key") == key:
+                log(f"ablation {name}, seed {seed}: reusing {row_file}")
+                runs[name].append(done["row"])
+                continue
+            run_dir = runs_dir / f"{name}_seed{seed}"
             cfg = load_config(config, overrides + ABLATIONS[name] + [f"--train.seed={seed}",
                                                                      f"--train.out_dir={run_dir}"])
             log(f"ablation {name}, seed {seed}: training {cfg.train.steps} steps into {run_dir}")
             trained = Trainer(cfg, resume=True, log=log).train()
             metrics = evaluate(run_dir, data_dir or cfg.eval.data, run_dir, log=log)
-            runs[name].append({"seed": seed, "samples_per_s": trained.get("samples_per_s", float("nan")),
-                               **{k: metrics[k] for k in COLUMNS if k in metrics}})
+            row = {"seed": seed, "samples_per_s": trained.get("samples_per_s", float("nan")),
+                   **{k: metrics[k] for k in COLUMNS if k in metrics}}
+            runs[name].append(row)
+            row_file.parent.mkdir(parents=True, exist_ok=True)
+            row_file.write_text(json.dumps({"key": key, "row": row}, indent=1) + "\n")
     summary = {name: summarise(rows) for name, rows in runs.items()}
     result = {"config": config, "overrides": overrides, "seeds": seeds, "runs": runs, "summary": summary}
     out_dir.mkdir(parents=True, exist_ok=True)
