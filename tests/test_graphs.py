@@ -116,14 +116,14 @@ def test_step_graphs_warm_up_capture_once_then_replay(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", fake_capture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(StepGraphs, "_on_side_stream", staticmethod(lambda fn: (log.append("warmup"), fn())[1]))
-    graphs = StepGraphs(True, warmup=2, generators=("noise",), before_capture=lambda key: log.append(f"zero {key}"))
+    graphs = StepGraphs(True, warmup=2, generators=("noise",))
 
     def step(key):
         return graphs.run(key, lambda: runs.append(key) or {"out": key})
 
     outputs = [step("gen") for _ in range(5)]
     assert outputs == [{"out": "gen"}] * 5  # replays hand back the captured call's (static) outputs
-    assert log == ["warmup", "warmup", ("register", "noise"), "zero gen", "capture", "replay", "replay", "replay"]
+    assert log == ["warmup", "warmup", ("register", "noise"), "capture", "replay", "replay", "replay"]
     assert runs == ["gen"] * 3  # 2 warm-up calls + the one traced by the capture; replays run no Python
     assert graphs.captured("gen") and not graphs.captured("det")
     step("det")

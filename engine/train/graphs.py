@@ -51,7 +51,8 @@ class DeviceSums:
 
     `add(prefix, values)` creates a buffer per name on first use (an eager call, before any capture)
     and adds into it in place afterwards, so captured steps keep adding into the same memory.
-    `means()` reads every sum once (one host sync) as sum / count and resets them.
+    `means()` gives sum / count per name as device scalars and resets the sums (the caller reads them
+    all at once: one host sync per log line).
     """
 
     def __init__(self, device):
@@ -86,14 +87,12 @@ class DeviceSums:
 class StepGraphs:
     """Run graph-safe step functions eagerly, or capture each once and replay it (module docstring)."""
 
-    def __init__(self, enabled: bool, *, warmup: int = 3, generators: tuple[torch.Generator, ...] = (),
-                 before_capture: Callable[[str], None] | None = None):
+    def __init__(self, enabled: bool, *, warmup: int = 3, generators: tuple[torch.Generator, ...] = ()):
         if enabled and not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a CUDA device")
         self.enabled = enabled
         self.warmup = max(1, int(warmup))
         self.generators = generators
-        self.before_capture = before_capture or (lambda key: None)
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[str, object] = {}  # what the captured fn returned: static, rewritten by replays
         self.calls: Counter[str] = Counter()
@@ -113,7 +112,6 @@ class StepGraphs:
         graph = torch.cuda.CUDAGraph()
         for generator in self.generators:
             graph.register_generator_state(generator)
-        self.before_capture(key)
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
             out = fn()

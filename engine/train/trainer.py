@@ -109,8 +109,7 @@ class Trainer:
                          if self.device.type == "cuda" else contextlib.nullcontext())
         self.inputs: StaticBatch | None = None  # the step's batch buffers, made from the first batch
         self.sums = DeviceSums(self.device)  # loss parts per phase, summed on the device between logs
-        self.graphs = StepGraphs(self.cuda_graphs, generators=(self.noise,),
-                                 before_capture=lambda key: self.optimizer.zero_grad(set_to_none=True))
+        self.graphs = StepGraphs(self.cuda_graphs, generators=(self.noise,))
         if resume:
             self._resume()
         elif list_checkpoints(self.out_dir):
