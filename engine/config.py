@@ -164,7 +164,9 @@ class TrainConfig:
     """torch.compile the model's forward and backward in each phase step (for comparison with the
     fused backends; the first steps of each phase pay the compilation)."""
     fsdp: bool = False
-    """Shard with FSDP2 instead of data parallel under torchrun. Not implemented yet: true is refused."""
+    """Shard model, AdamW moments and EMA with FSDP2 (`fully_shard` per block, projector and root)
+    instead of replicating them, under torchrun with 2+ processes. Checkpoints keep the
+    single-process format. Not with train.cuda_graphs."""
     init_from: str = ""
     """Start from the weights of this checkpoint (step or run folder), e.g. stage II (diga) from a
     stage I (joint) run; optimizer and schedule start fresh. '' = random init."""

@@ -1,5 +1,6 @@
-"""Started by tests/test_distributed.py under torchrun: trains `tiny_cpu` with the given overrides,
-then writes this rank's parameters to <out_dir>/rank<r>.safetensors."""
+"""Started by tests/test_distributed.py under torchrun: trains `tiny_cpu` with the given overrides
+(`--resume` continues the run in train.out_dir), then, for data parallel, writes this rank's
+parameters to <out_dir>/rank<r>.safetensors (FSDP ranks hold shards: the checkpoint has the weights)."""
 import sys
 
 from safetensors.torch import save_file
@@ -8,8 +9,10 @@ from unigendet import load_config
 from unigendet.train import Trainer
 
 if __name__ == "__main__":
-    cfg = load_config("tiny_cpu", sys.argv[1:])
-    trainer = Trainer(cfg, log=lambda *_: None)
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    cfg = load_config("tiny_cpu", args)
+    trainer = Trainer(cfg, resume="--resume" in sys.argv, log=lambda *_: None)
     trainer.train()
-    params = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
-    save_file(params, f"{cfg.train.out_dir}/rank{trainer.dist.rank}.safetensors")
+    if not cfg.train.fsdp:
+        params = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
+        save_file(params, f"{cfg.train.out_dir}/rank{trainer.dist.rank}.safetensors")

@@ -1,6 +1,8 @@
-"""Data-parallel training: 2 gloo processes under torchrun against one process with the same global batch."""
+"""Training across processes: 2 gloo ranks under torchrun (data parallel and FSDP2) against one
+process with the same global batch, and resuming across the two."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +13,10 @@ from safetensors.torch import load_file
 
 from unigendet import load_config
 from unigendet.rng import ShardedGenerator, batch_randn
-from unigendet.train import Trainer
+from unigendet.train import Trainer, TrainingError
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
+STEPS = ["--train.steps=4", "--train.save_every=2", "--train.log_every=1", "--phases.k=1"]
 
 
 def test_sharded_draws_are_the_global_draws_split_like_the_loader():
@@ -28,30 +31,91 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_match_one_process_with_the_global_batch(tiny_overrides, tmp_path):
-    common = [o for o in tiny_overrides if not o.startswith(("--train.out_dir", "--train.batch_size"))]
-    common += ["--train.steps=4", "--train.save_every=4", "--train.log_every=1", "--phases.k=1"]
-    ddp, single = tmp_path / "ddp", tmp_path / "single"
+def _common(tiny_overrides) -> list[str]:
+    return [o for o in tiny_overrides if not o.startswith(("--train.out_dir", "--train.batch_size"))] + STEPS
+
+
+def _torchrun(args: list[str], out: Path, resume: bool = False) -> None:
+    """Train on 2 gloo ranks with 4 samples each (the global batch of the single-process runs: 8)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("UNIGENDET_BACKEND", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           *common, "--train.batch_size=4", f"--train.out_dir={ddp}"]
+           *args, "--train.batch_size=4", f"--train.out_dir={out}", *(["--resume"] if resume else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    rank0, rank1 = load_file(ddp / "rank0.safetensors"), load_file(ddp / "rank1.safetensors")
-    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)  # replicas stay bit-identical
 
-    cfg = load_config("tiny_cpu", common + ["--train.batch_size=8", f"--train.out_dir={single}"])
-    trainer = Trainer(cfg, log=lambda *_: None)
+def _single(args: list[str], out: Path, resume: bool = False) -> Trainer:
+    trainer = Trainer(load_config("tiny_cpu", args + ["--train.batch_size=8", f"--train.out_dir={out}"]),
+                      resume=resume, log=lambda *_: None)
     trainer.train()
-    ref, got = _metrics(single), _metrics(ddp)
+    return trainer
+
+
+def _assert_same_losses(ref: list[dict], got: list[dict]) -> None:
     assert [r["phase"] for r in ref] == [r["phase"] for r in got] == ["gen", "det", "gen", "det"]
     for a, b in zip(ref, got):  # same samples, same noise: the losses agree up to summation order
         for key in a:
             if "/" in key and not key.endswith("grad_norm"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def _weights(run: Path, step: int, which: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step_{step:07d}" / f"{which}.safetensors")
+
+
+def _assert_close_to(trainer: Trainer, weights: dict[str, torch.Tensor]) -> None:
     for name, p in trainer.model.named_parameters():
-        torch.testing.assert_close(rank0[name], p.detach(), atol=1e-4, rtol=1e-3, msg=name)
-    assert len(list((ddp / "checkpoints").iterdir())) == 1  # rank 0 alone wrote the checkpoint
+        torch.testing.assert_close(weights[name], p.detach(), atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process_with_the_global_batch(tiny_overrides, tmp_path):
+    common = _common(tiny_overrides)
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    _torchrun(common, ddp)
+    rank0, rank1 = load_file(ddp / "rank0.safetensors"), load_file(ddp / "rank1.safetensors")
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)  # replicas stay bit-identical
+
+    trainer = _single(common, single)
+    _assert_same_losses(_metrics(single), _metrics(ddp))
+    _assert_close_to(trainer, rank0)
+    # rank 0 alone wrote the checkpoints (one folder per save, nothing half-written left)
+    assert sorted(p.name for p in (ddp / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_resumes_exactly_and_writes_single_process_checkpoints(tiny_overrides, tmp_path):
+    """FSDP2 on 2 gloo ranks: the losses and weights of one process with the global batch; 2 steps +
+    resume + 2 steps = 4 steps straight, bit for bit; its checkpoint resumes in a single process."""
+    common = _common(tiny_overrides) + ["--train.fsdp=true"]
+    fsdp, split = tmp_path / "fsdp", tmp_path / "split"
+    _torchrun(common, fsdp)
+    _torchrun(common + ["--train.steps=2"], split)
+    _torchrun(common, split, resume=True)
+
+    single_args = _common(tiny_overrides)
+    trainer = _single(single_args, tmp_path / "single")
+    _assert_same_losses(_metrics(tmp_path / "single"), _metrics(fsdp))
+    _assert_close_to(trainer, _weights(fsdp, 4))
+    for which in ("model", "ema"):  # gathered from the shards into full tensors, same names and shapes
+        ref, got = _weights(tmp_path / "single", 4, which), _weights(fsdp, 4, which)
+        assert {n: t.shape for n, t in got.items()} == {n: t.shape for n, t in ref.items()}
+        assert all(torch.equal(a, b) for a, b in zip(_weights(split, 4, which).values(), got.values())), which
+    moments = [torch.load(run / "checkpoints/step_0000004/trainer_state.pt", weights_only=True)["optimizer"]["state"]
+               for run in (fsdp, split)]
+    assert moments[0].keys() == moments[1].keys()
+    for index, state in moments[0].items():
+        assert all(torch.equal(state[k], moments[1][index][k]) for k in state), index
+
+    # a single process continues the FSDP run from its step-2 checkpoint like the single run straight
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(fsdp / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
+    _assert_close_to(_single(single_args, resumed, resume=True), _weights(tmp_path / "single", 4))
+
+
+def test_fsdp_without_torchrun_is_refused(tiny_overrides):
+    cfg = load_config("tiny_cpu", tiny_overrides + ["--train.fsdp=true"])
+    with pytest.raises(TrainingError, match="train.fsdp = true shards the model across the processes torchrun"):
+        Trainer(cfg, log=lambda *_: None)

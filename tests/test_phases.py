@@ -77,6 +77,24 @@ def test_authenticity_gradient_reaches_generator_only_through_x0_hat():
     assert all(p.grad is None for p in m.parameters())
 
 
+@pytest.mark.parametrize("layout", [dict(g2d=True, d2g=True), dict(g2d=False, d2g=False)])
+def test_frozen_detection_gradient_is_that_of_the_detector_with_detached_weights(layout):
+    """The per-row Jacobian of the frozen detector, scaled by the incoming gradient, equals backward
+    through the detector with its weights swapped for detached copies (functional_call)."""
+    m = make_model(**layout)
+    x = torch.rand(3, 3, 16, 16, requires_grad=True)
+    upstream = torch.tensor([0.7, -1.3, 2.0])
+    logit = frozen_detection_logit(m, x)
+    (logit * upstream).sum().backward()
+    detached = {n: p.detach() for n, p in m.named_parameters()}
+    x_ref = x.detach().clone().requires_grad_()
+    ref = torch.func.functional_call(m, (detached, dict(m.named_buffers())), ("det", x_ref)).logit
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(logit, ref.detach())
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-7)
+    assert all(p.grad is None for p in m.parameters())
+
+
 def test_auth_only_and_align_only_and_no_diga():
     m = make_model()
     set_trainable(m, PHASES["gen"])

@@ -206,12 +206,6 @@ def test_throughput_fields_and_the_flop_count(tiny_overrides):
     assert with_mmsa == pytest.approx(12.0 * 2 * t_g * t_d * m.width * m.depth)
 
 
-def test_unimplemented_fsdp_is_refused_not_ignored(tiny_overrides):
-    cfg = load_config("tiny_cpu", tiny_overrides + ["--train.fsdp=true"])
-    with pytest.raises(TrainingError, match="train.fsdp = true is not implemented"):
-        Trainer(cfg, log=lambda *_: None)
-
-
 @pytest.mark.slow
 def test_compiled_step_matches_eager(tiny_overrides, tmp_path):
     """train.compile: 2 steps (one per phase) log the losses of the eager step, to compile accuracy."""

@@ -28,9 +28,9 @@ def euler_sample(model, n: int, *, steps: int = 8, seed: int | None = None, gene
         for i in range(steps):
             t, t_next = 1.0 - i / steps, 1.0 - (i + 1) / steps
             tt = torch.full((m,), t, device=device)
-            v = model.generation_pass(x.to(dtype), tt, ids).velocity.float()
+            v = model("gen", x.to(dtype), tt, ids).velocity.float()
             if ids is not None and cfg_scale != 1.0:
-                v_u = model.generation_pass(x.to(dtype), tt, torch.full_like(ids, -1)).velocity.float()
+                v_u = model("gen", x.to(dtype), tt, torch.full_like(ids, -1)).velocity.float()
                 v = v_u + cfg_scale * (v - v_u)
             x = x + (t_next - t) * v
         chunks.append(x.clamp(-1, 1))

@@ -136,7 +136,7 @@ class UniGenDet(nn.Module):
     @torch.no_grad()
     def p_fake(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) in [-1, 1] -> (B,) probability that each image is generated."""
-        return torch.sigmoid(self.detection_pass(images).logit.float())
+        return torch.sigmoid(self("det", images).logit.float())
 
 
 def _init_linear(m: nn.Module) -> None:

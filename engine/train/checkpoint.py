@@ -15,12 +15,15 @@ import re
 import shutil
 from pathlib import Path
 
+from typing import Mapping, Union
+
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import Config, ConfigError, dumps, load_config
+from .fsdp import shard_like
 
 FORMAT_VERSION = "1"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
@@ -39,13 +42,19 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+Weights = Union[nn.Module, Mapping[str, torch.Tensor]]
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, ema_model: nn.Module, trainer_state: dict,
+def _state_dict(weights: Weights) -> dict[str, torch.Tensor]:
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: Weights, ema_model: Weights, trainer_state: dict,
                     cfg: Config, keep_last: int = 3) -> Path:
-    """Write run_dir/checkpoints/step_{step:07d} atomically; keep the newest `keep_last`."""
+    """Write run_dir/checkpoints/step_{step:07d} atomically; keep the newest `keep_last`.
+
+    model / ema_model: the modules, or their full state dicts (gathered from FSDP shards)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -98,7 +107,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_weights(ckpt: Path, model: nn.Module, which: str = "ema") -> int:
-    """Load `which` (ema | model) weights of a step folder into `model`; returns the step."""
+    """Load `which` (ema | model) weights of a step folder into `model` (its shards, if FSDP shards
+    it); returns the step."""
     path = Path(ckpt) / f"{which}.safetensors"
     try:
         from safetensors import safe_open
@@ -111,7 +121,7 @@ def load_weights(ckpt: Path, model: nn.Module, which: str = "ema") -> int:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')!r}, this unigendet "
                               f"reads version {FORMAT_VERSION!r}")
-    result = model.load_state_dict(tensors, strict=False)
+    result = model.load_state_dict(shard_like(tensors, model), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path}: weights do not fit this model (missing {result.missing_keys[:5]}, "
                               f"unexpected {result.unexpected_keys[:5]}); was it trained with another model config?")

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import OptimConfig
 from ..model.unigendet import OWNERS
+from .fsdp import local
 
 
 def _decays(name: str, p: nn.Parameter) -> bool:
@@ -83,8 +84,8 @@ class EMA:
         d = torch.clamp((1.0 + self._updates) / (10.0 + self._updates), max=self.decay)  # fp64, as on the host
         weight = (1.0 - d) if skip is None else (1.0 - d) * (1.0 - skip.double())
         weight = weight.float()
-        ema = list(self.model.parameters())
-        cur = [p.detach() for p in model.parameters()]
+        ema = [local(p) for p in self.model.parameters()]  # (FSDP: this rank's shards; both models are
+        cur = [local(p.detach()) for p in model.parameters()]  # sharded alike)
         torch._foreach_lerp_(ema, cur, weight)
 
     def state_dict(self) -> dict:

@@ -60,11 +60,39 @@ def set_trainable(model: nn.Module, phase: Phase) -> None:
         p.requires_grad_(core.param_owner(name) in phase.trainable)
 
 
+class _ThroughImagesOnly(torch.autograd.Function):
+    """logit = detect(images) with the detector's weights as constants: gradient reaches `images` only.
+
+    The detector scores each sample on its own, so d logit_i / d images_j = 0 for i != j and one
+    backward pass of sum(logit) gives every row's input gradient J_i = d logit_i / d images_i. It
+    runs here, in the forward, in a graph of its own (no weight gradient is computed or kept); the
+    backward is then J * grad per row. Unlike swapping in detached weights (functional_call), this
+    leaves the module's parameters alone, so it also holds when FSDP2 swaps gathered parameters in
+    and out around each block, and no backward runs nested inside another."""
+
+    @staticmethod
+    def forward(ctx, images: Tensor, detect) -> Tensor:
+        with torch.enable_grad():
+            leaf = images.detach().requires_grad_()
+            logit = detect(leaf)  # (B,)
+            (jac,) = torch.autograd.grad(logit.float().sum(), leaf)  # (B, 3, S, S)
+        ctx.save_for_backward(jac)
+        return logit.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (jac,) = ctx.saved_tensors
+        return grad.to(jac.dtype).view(-1, *[1] * (jac.dim() - 1)) * jac, None
+
+
 def frozen_detection_logit(model: nn.Module, images: Tensor) -> Tensor:
-    """Detector logit of `images` with every weight detached: gradient flows to `images` only."""
+    """Detector logit of `images` (B, 3, S, S) -> (B,) with every weight held fixed: gradient flows
+    to `images` only."""
     core = unwrap(model)
-    params = {n: p.detach() for n, p in core.named_parameters()}
-    return torch.func.functional_call(core, (params, dict(core.named_buffers())), ("det", images)).logit
+    if not images.requires_grad:
+        with torch.no_grad():
+            return core("det", images).logit
+    return _ThroughImagesOnly.apply(images, lambda x: core("det", x).logit)
 
 
 def drop_labels(class_ids: Tensor, p: float, generator: Gen) -> Tensor:

@@ -30,6 +30,7 @@ from .optim import EMA, build_optimizer, device_lrs, lr_multiplier
 from .phases import phase_at, phase_loss, set_trainable
 from ..rng import ShardedGenerator
 from .distributed import init_distributed
+from .fsdp import full, gather_state, shard_model, shard_optimizer_state
 from .throughput import device_peak_flops, tokens_per_sample, train_flops_per_sample
 
 
@@ -48,9 +49,6 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, log=print):
         self.cfg = cfg
-        if cfg.train.fsdp:  # in the config already, not implemented yet
-            raise TrainingError("train.fsdp = true is not implemented in this version of unigendet; "
-                                "set train.fsdp = false (data parallel under torchrun is the default)")
         self.device = resolve_device(cfg.train.device)
         self.cuda_graphs = cfg.train.cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
@@ -60,6 +58,13 @@ class Trainer:
             raise TrainingError("train.cuda_graphs and train.compile are alternatives (compare them in "
                                 "bench/bench_train_step.py); set one of them to false")
         self.dist = init_distributed(self.device)  # single process unless started by torchrun
+        self.fsdp = cfg.train.fsdp
+        if self.fsdp and not self.dist.enabled:
+            raise TrainingError("train.fsdp = true shards the model across the processes torchrun starts; start "
+                                "the run with torchrun --nproc_per_node=N (N >= 2) or set train.fsdp = false")
+        if self.fsdp and self.cuda_graphs:
+            raise TrainingError("train.fsdp and train.cuda_graphs cannot be combined (the step's all-gathers and "
+                                "reduce-scatters are not captured); set one of them to false")
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.log = log if self.dist.is_main else (lambda *_: None)
@@ -82,10 +87,13 @@ class Trainer:
             init = resolve_checkpoint(cfg.train.init_from)
             load_weights(init, self.model, "model")
             log(f"initialised weights from {init}")
+        self.ema = EMA(self.model, cfg.optim.ema_decay)
+        if self.fsdp:  # the model and its EMA are sharded alike, so the EMA update is local to each shard
+            shard_model(self.model, self.device)
+            shard_model(self.ema.model, self.device)
         # train.compile: the loss computation runs through torch.compile (graphs per phase, since each
         # phase trains other parameters); weights, optimizer and checkpoints stay on self.model.
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
-        self.ema = EMA(self.model, cfg.optim.ema_decay)
         self.optimizer = build_optimizer(self.model, cfg.optim, capturable=self.cuda_graphs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(cfg.optim, cfg.train.steps))
         self.noise = torch.Generator(device=self.device)  # flow noise, timesteps, label dropout, pool draws
@@ -174,12 +182,13 @@ class Trainer:
         terms.total.backward()
         trained = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in trained]
-        self.dist.average_(grads)  # data parallel: every rank now holds the global-batch gradient
+        if not self.fsdp:  # (FSDP has reduce-scattered the averaged gradients to the shards already)
+            self.dist.average_(grads)  # data parallel: every rank now holds the global-batch gradient
         if cfg.optim.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(trained, cfg.optim.grad_clip, foreach=True)
+            norm = full(torch.nn.utils.clip_grad_norm_(trained, cfg.optim.grad_clip, foreach=True))
             terms.parts["grad_norm"] = norm
         else:
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            norm = full(torch.nn.utils.get_total_norm(grads, foreach=True))
         # 1.0 when the loss or a gradient is not finite: the fused AdamW then skips the update (moments
         # and step counts included) and the EMA does not move; all on the device, no host sync.
         found_inf = (~(torch.isfinite(terms.total.detach()) & torch.isfinite(norm))).float()
@@ -273,8 +282,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _state(self) -> dict:
-        optimizer, scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
+    def _state(self, keep: bool) -> dict | None:
+        """Everything but the weights; a collective under FSDP (the AdamW moments are gathered from
+        the shards), returning None on ranks with keep=False."""
+        optimizer = gather_state(self.optimizer.state_dict(), keep=keep)
+        if not keep:
+            return None
+        scheduler = self.scheduler.state_dict()
         # learning rates as plain floats (device tensors under CUDA graphs): checkpoints resume either way
         for group in optimizer["param_groups"]:
             group.update({k: float(v) for k, v in group.items() if k in ("lr", "initial_lr")})
@@ -292,12 +306,17 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Rank 0 writes the checkpoint; with several ranks, replicas are first checked bit-identical."""
-        if not self.dist.replicas_in_sync(list(self.model.parameters())):
+        """Rank 0 writes the checkpoint. Data parallel: replicas are first checked bit-identical; FSDP:
+        every rank takes part in gathering the shards into the full (single-process format) state."""
+        if not self.fsdp and not self.dist.replicas_in_sync(list(self.model.parameters())):
             raise TrainingError(f"step {self.step_idx}: model replicas differ across ranks; not saving")
         path = self.out_dir / "checkpoints" / f"step_{self.step_idx:07d}"
-        if self.dist.is_main:
-            path = save_checkpoint(self.out_dir, self.step_idx, self.model, self.ema.model, self._state(), self.cfg,
+        main = self.dist.is_main
+        weights = gather_state(self.model.state_dict(), keep=main)
+        ema_weights = gather_state(self.ema.model.state_dict(), keep=main)
+        state = self._state(keep=main)
+        if main:
+            path = save_checkpoint(self.out_dir, self.step_idx, weights, ema_weights, state, self.cfg,
                                    keep_last=self.cfg.train.keep_last)
             self.log(f"saved checkpoint {path}")
         self.dist.barrier()
@@ -317,6 +336,7 @@ class Trainer:
         load_weights(ckpt, self.model, "model")
         load_weights(ckpt, self.ema.model, "ema")
         self.optimizer.load_state_dict(saved["optimizer"])
+        shard_optimizer_state(self.optimizer)  # FSDP: the moments of this rank's shards
         if self.cuda_graphs:
             device_lrs(self.optimizer)  # the saved groups hold plain floats
         self.scheduler.load_state_dict(saved["scheduler"])
