@@ -2,11 +2,14 @@
 
     python bench/bench_data.py --device cpu      # DALI CPU pipeline, 2 threads, vs PIL with 2 workers
     python bench/bench_data.py --device cuda     # DALI mixed (nvJPEG) decode vs PIL with 16 workers
+    python bench/bench_data.py --device cuda --synthetic 10000 --source-size 512 --sizes 256
+                                                 # the issue's GPU set: 10k fresh 512x512 JPEGs
 
 Each provider builds its loader (the same files, crops and flips: see engine/data/dali.py), then
 times `--batches` batches after `--warmup`; the two providers alternate for `--rounds` rounds and the
 median rate is reported, so that the drift of a shared machine hits both alike. Sizes: 64 and 256
-pixels (the issue's), on the embedded demo dataset (written to a temporary folder).
+pixels (the issue's), on the embedded demo dataset or, with --synthetic N, on N generated JPEGs of
+--source-size pixels (smooth random images, quality 90; written in parallel to a temporary folder).
 Targets (issue 6): >= 1.5x PIL on this CPU; >= 5x on an H100/H200 machine at 256 pixels.
 """
 from __future__ import annotations
@@ -38,6 +41,29 @@ def images_per_s(loader, warmup: int, batches: int) -> float:
     return batches * loader.batch_size / (time.perf_counter() - t0)
 
 
+def _write_jpeg(job: tuple[Path, int, int]) -> None:
+    """One synthetic photo-like JPEG: smooth random colour fields plus fine noise, size x size."""
+    import numpy as np
+    from PIL import Image
+
+    path, seed, size = job
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+    pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (size, size, 3), dtype=np.int16)
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def write_synthetic_jpegs(root: Path, count: int, size: int) -> Path:
+    """root/real/NNNNNN.jpg for NNNNNN < count (a folder dataset of real images only); returns root."""
+    from multiprocessing import Pool
+
+    (root / "real").mkdir(parents=True)
+    jobs = [(root / "real" / f"{i:06d}.jpg", i, size) for i in range(count)]
+    with Pool(os.cpu_count() or 1) as pool:
+        pool.map(_write_jpeg, jobs, chunksize=64)
+    return root
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
@@ -47,14 +73,20 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workers", type=int, default=None, help="PIL workers = DALI threads (default 2 CPU, 16 GPU)")
+    ap.add_argument("--synthetic", type=int, default=0, help="N > 0: time on N generated JPEGs, not the demo data")
+    ap.add_argument("--source-size", type=int, default=512, help="pixel size of the --synthetic JPEGs")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     device = bench_device(args.device)
     workers = args.workers or (16 if device.type == "cuda" else 2)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        write_demo_dataset(Path(tmp) / "demo", seed=0)
-        root = Path(tmp) / "demo" / "train"
+        if args.synthetic > 0:
+            root = write_synthetic_jpegs(Path(tmp) / "synthetic", args.synthetic, args.source_size)
+            source = f"{args.synthetic} JPEGs {args.source_size}px"
+        else:
+            write_demo_dataset(Path(tmp) / "demo", seed=0)
+            root, source = Path(tmp) / "demo" / "train", "demo"
         for size in (int(s) for s in args.sizes.split(",")):
             rates: dict[str, list[float]] = {"pil": [], "dali": []}
             for _ in range(args.rounds):
@@ -64,12 +96,12 @@ def main(argv=None) -> list[dict]:
                     rates[name].append(images_per_s(loader, args.warmup, args.batches))
                     del loader
             for name, values in rates.items():
-                rows.append({"size": size, "provider": name, "workers_or_threads": workers,
+                rows.append({"data": source, "size": size, "provider": name, "workers_or_threads": workers,
                              "images_per_s": statistics.median(values)})
             rows[-1]["x_pil"] = rows[-1]["images_per_s"] / rows[-2]["images_per_s"]
             rows[-2]["x_pil"] = 1.0
     dev = device_name(device)
-    cols = ["size", "provider", "workers_or_threads", "images_per_s", "x_pil"]
+    cols = ["data", "size", "provider", "workers_or_threads", "images_per_s", "x_pil"]
     print(markdown_table(rows, cols, title=f"loaders on {dev}"))
     if not args.no_save:
         folder = write_results("bench_data", rows, device, plot=("images_per_s", ["size"]))

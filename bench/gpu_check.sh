@@ -5,7 +5,8 @@
 #    makes the package importable without installing anything (a copy under $OUT/.pkg);
 # 2. runs the GPU tests and the op tests (Triton kernels compiled for the real device, ext on CUDA);
 # 3. measures the ceilings (copy bandwidth, bf16 matmul rate), then runs the attention, loss, norm,
-#    activation, rope and train-step benchmarks on CUDA (bf16), writing CSV + markdown + PNG.
+#    activation, rope and train-step benchmarks on CUDA (bf16), writing CSV + markdown + PNG, and the
+#    loader benchmark (DALI nvJPEG vs PIL, 10k JPEGs of 512 px) where nvidia-dali is installed.
 # Everything it prints is also written to OUT_DIR/gpu_check.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +52,14 @@ for b in norm activation rope; do
 done
 timeout 200 python bench/bench_train_step.py --device cuda --steps 20 --providers reference,fused,fused+cuda_graphs \
     || echo "bench_train_step FAILED"
+# The loaders need nvidia-dali, which the device image lacks and whose wheel is far over what a call can
+# carry: measured where DALI is installed, said plainly where not.
+if python -c "import nvidia.dali" 2>/dev/null; then
+    timeout 240 python bench/bench_data.py --device cuda --synthetic 10000 --source-size 512 --sizes 256 \
+        --batches 100 --rounds 3 || echo "bench_data FAILED"
+else
+    echo "bench_data NOT RUN: nvidia-dali is not installed on this machine"
+fi
 # Last, as it may not fit the lease (inductor compiles each phase for minutes): all four side by side;
 # when it completes, its table replaces the one above.
 timeout 300 python bench/bench_train_step.py --device cuda --steps 20 \

@@ -105,3 +105,19 @@ def test_data_benchmark_compares_both_loaders():
     rows = bench_data.main(["--device", "cpu", "--sizes", "32", "--batches", "2", "--warmup", "1", "--rounds", "1",
                             "--batch-size", "8", "--no-save"])
     assert [r["provider"] for r in rows] == ["pil", "dali"] and all(r["images_per_s"] > 0 for r in rows)
+    assert rows[0]["data"] == "demo"
+
+
+def test_data_benchmark_synthetic_jpegs(tmp_path):
+    """--synthetic N writes N decodable JPEGs of --source-size pixels as a folder dataset of real images."""
+    from PIL import Image
+
+    from bench import bench_data
+    from unigendet.data import build_loader
+
+    root = bench_data.write_synthetic_jpegs(tmp_path / "syn", 20, 48)
+    files = sorted((root / "real").iterdir())
+    assert len(files) == 20 and all(Image.open(f).size == (48, 48) for f in files)
+    assert files[0].read_bytes() != files[1].read_bytes()
+    batch = next(iter(build_loader(root, 32, 8, seed=0, num_workers=0, loader="pil")))
+    assert batch.images.shape == (8, 3, 32, 32) and batch.is_fake.sum() == 0
