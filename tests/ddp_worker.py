@@ -1,6 +1,8 @@
 """Started by tests/test_distributed.py under torchrun: trains `tiny_cpu` with the given overrides
 (`--resume` continues the run in train.out_dir), then, for data parallel, writes this rank's
-parameters to <out_dir>/rank<r>.safetensors (FSDP ranks hold shards: the checkpoint has the weights)."""
+parameters to <out_dir>/rank<r>.safetensors; FSDP ranks hold shards (the checkpoint has the weights)
+and write what they hold to <out_dir>/rank<r>.json: elements of parameters, AdamW moments and EMA."""
+import json
 import sys
 
 from safetensors.torch import save_file
@@ -13,6 +15,16 @@ if __name__ == "__main__":
     cfg = load_config("tiny_cpu", args)
     trainer = Trainer(cfg, resume="--resume" in sys.argv, log=lambda *_: None)
     trainer.train()
-    if not cfg.train.fsdp:
+    if cfg.train.fsdp:
+        from unigendet.train.fsdp import local
+
+        moments = [t for state in trainer.optimizer.state.values() for k, t in state.items() if k != "step"]
+        held = {"params": sum(local(p).numel() for p in trainer.model.parameters()),
+                "params_full": sum(p.numel() for p in trainer.model.parameters()),
+                "moments": sum(local(t).numel() for t in moments),
+                "ema": sum(local(p).numel() for p in trainer.ema.model.parameters())}
+        with open(f"{cfg.train.out_dir}/rank{trainer.dist.rank}.json", "w") as f:
+            json.dump(held, f)
+    else:
         params = {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()}
         save_file(params, f"{cfg.train.out_dir}/rank{trainer.dist.rank}.safetensors")

@@ -94,6 +94,12 @@ def test_fsdp_matches_one_process_resumes_exactly_and_writes_single_process_chec
     _torchrun(common + ["--train.steps=2"], split)
     _torchrun(common, split, resume=True)
 
+    for rank in range(2):  # each rank holds about half of the parameters, AdamW moments (2 per element), EMA
+        held = json.loads((fsdp / f"rank{rank}.json").read_text())
+        full = held["params_full"]
+        assert 0.4 * full < held["params"] < 0.6 * full and 0.8 * full < held["moments"] < 1.2 * full
+        assert held["ema"] == held["params"]
+
     single_args = _common(tiny_overrides)
     trainer = _single(single_args, tmp_path / "single")
     _assert_same_losses(_metrics(tmp_path / "single"), _metrics(fsdp))
