@@ -36,6 +36,7 @@ How it works (FlashAttention-2 style, no concatenation of the streams, no dense 
   (meta) implementations and registered autograd, so compiled graphs keep them as opaque nodes.
 Head dims: multiples of 16 in [16, 256] (tiles are padded to a power of two, e.g. 96 -> 128).
 """
+import os
 from typing import Optional
 
 import torch
@@ -394,10 +395,19 @@ _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=["T_K", "T_Q2", "HEAD_DIM", "CA
     _mmsa_bwd_dkdv)
 
 
+# UNIGENDET_TRITON_AUTOTUNE=0: launch each kernel with its smallest candidate instead of timing them
+# all per shape (quick correctness runs on a GPU, e.g. most op tests in bench/gpu_check.sh).
+AUTOTUNE = os.environ.get("UNIGENDET_TRITON_AUTOTUNE", "1") != "0"
+_FIXED = {"fwd": _FWD_CONFIGS[-1], "dkdv": _DKDV_CONFIGS[-1], "dq": _DQ_CONFIGS[-1]}
+
+
 def _launch(tuned, plain, which, grid, *args, **meta):
     if INTERPRET:
         bm, bn = INTERPRET_BLOCKS[which]
         plain[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+    elif not AUTOTUNE:
+        c = _FIXED[which]
+        plain[grid](*args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, **meta)
     else:
         tuned[grid](*args, **meta)
 
