@@ -167,6 +167,10 @@ class TrainConfig:
     """Shard model, AdamW moments and EMA with FSDP2 (`fully_shard` per block, projector and root)
     instead of replicating them, under torchrun with 2+ processes. Checkpoints keep the
     single-process format. Not with train.cuda_graphs."""
+    fsdp_param_dtype: str = "float32"
+    """FSDP2's all-gathered parameter dtype: `float32`, or `bfloat16` to halve the all-gather
+    traffic and compute the forward/backward in bf16 (gradients are still reduce-scattered in fp32
+    and the sharded master weights, AdamW moments and EMA stay fp32)."""
     init_from: str = ""
     """Start from the weights of this checkpoint (step or run folder), e.g. stage II (diga) from a
     stage I (joint) run; optimizer and schedule start fresh. '' = random init."""
@@ -219,6 +223,7 @@ CHOICES = {
     ("phases", "mode"): ("alternate", "joint", "diga"),
     ("optim", "schedule"): ("cosine", "constant"),
     ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "fsdp_param_dtype"): ("float32", "bfloat16"),
     ("ops", "backend"): ("auto", "reference", "triton", "ext"),
 }
 

@@ -121,6 +121,23 @@ def test_fsdp_matches_one_process_resumes_exactly_and_writes_single_process_chec
     _assert_close_to(_single(single_args, resumed, resume=True), _weights(tmp_path / "single", 4))
 
 
+@pytest.mark.slow
+def test_fsdp_with_bf16_gathered_parameters_keeps_fp32_masters(tiny_overrides, tmp_path):
+    """train.fsdp_param_dtype = bfloat16: the forward/backward run in bf16 (losses near the fp32 run's),
+    the shards, moments and checkpoints stay fp32."""
+    common = _common(tiny_overrides)
+    _torchrun(common + ["--train.fsdp=true", "--train.fsdp_param_dtype=bfloat16"], tmp_path / "bf16")
+    _single(common, tmp_path / "fp32")
+    ref, got = _metrics(tmp_path / "fp32"), _metrics(tmp_path / "bf16")
+    for a, b in zip(ref, got):
+        for key in ("gen/flow", "gen/align", "gen/auth", "det/bce"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=2e-2), (a["step"], key)
+    assert any(a[k] != b[k] for a, b in zip(ref, got) for k in a if "/" in k)  # bf16 did change the numbers
+    weights = _weights(tmp_path / "bf16", 4)
+    assert all(t.dtype == torch.float32 for t in weights.values())
+
+
 def test_fsdp_without_torchrun_is_refused(tiny_overrides):
     cfg = load_config("tiny_cpu", tiny_overrides + ["--train.fsdp=true"])
     with pytest.raises(TrainingError, match="train.fsdp = true shards the model across the processes torchrun"):

@@ -46,7 +46,8 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(sincos_embedding(t * 1000.0, self.freq_dim))
+        features = sincos_embedding(t * 1000.0, self.freq_dim)  # fp32; the MLP's dtype for a bf16 model
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
 class GenStreamEmbed(nn.Module):

@@ -19,20 +19,22 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
-def shard_model(model: nn.Module, device: torch.device) -> None:
+def shard_model(model: nn.Module, device: torch.device, param_dtype: torch.dtype = torch.float32) -> None:
     """Shard `model` (a UniGenDet) in place across the default process group: one FSDP unit per block,
     one for the DIGA projector (the phases call it outside the model's forward), and the root unit
     for embeddings and heads. Every unit reshards after its forward, the root too, so outside a
     forward/backward the parameters are always the shards (the EMA update, checkpoints and the
-    phases' requires_grad switches rely on that). Parameters stay fp32; on GPU the step's bf16
-    autocast casts them after the all-gather, as in data-parallel training."""
+    phases' requires_grad switches rely on that). param_dtype: the dtype parameters are gathered
+    and used in (bf16 halves the all-gathers); gradients are reduced in fp32 and the shards stay fp32.
+    With fp32 the step's bf16 autocast on GPU casts them after the all-gather, as in data parallel."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     world = torch.distributed.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for unit in (*model.blocks, model.projector, model):
-        fully_shard(unit, mesh=mesh, reshard_after_forward=True)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=True, mp_policy=policy)
 
 
 def local(t: Tensor) -> Tensor:

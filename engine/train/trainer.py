@@ -89,8 +89,9 @@ class Trainer:
             log(f"initialised weights from {init}")
         self.ema = EMA(self.model, cfg.optim.ema_decay)
         if self.fsdp:  # the model and its EMA are sharded alike, so the EMA update is local to each shard
-            shard_model(self.model, self.device)
-            shard_model(self.ema.model, self.device)
+            param_dtype = getattr(torch, cfg.train.fsdp_param_dtype)
+            shard_model(self.model, self.device, param_dtype)
+            shard_model(self.ema.model, self.device, param_dtype)
         # train.compile: the loss computation runs through torch.compile (graphs per phase, since each
         # phase trains other parameters); weights, optimizer and checkpoints stay on self.model.
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
