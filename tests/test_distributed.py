@@ -142,3 +142,6 @@ def test_fsdp_without_torchrun_is_refused(tiny_overrides):
     cfg = load_config("tiny_cpu", tiny_overrides + ["--train.fsdp=true"])
     with pytest.raises(TrainingError, match="train.fsdp = true shards the model across the processes torchrun"):
         Trainer(cfg, log=lambda *_: None)
+    cfg = load_config("tiny_cpu", tiny_overrides + ["--train.fsdp_param_dtype=bfloat16"])
+    with pytest.raises(TrainingError, match="applies to FSDP only"):
+        Trainer(cfg, log=lambda *_: None)

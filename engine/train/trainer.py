@@ -59,6 +59,9 @@ class Trainer:
                                 "bench/bench_train_step.py); set one of them to false")
         self.dist = init_distributed(self.device)  # single process unless started by torchrun
         self.fsdp = cfg.train.fsdp
+        if cfg.train.fsdp_param_dtype != "float32" and not self.fsdp:
+            raise TrainingError(f"train.fsdp_param_dtype = {cfg.train.fsdp_param_dtype!r} applies to FSDP only; set "
+                                "train.fsdp = true or leave it at 'float32'")
         if self.fsdp and not self.dist.enabled:
             raise TrainingError("train.fsdp = true shards the model across the processes torchrun starts; start "
                                 "the run with torchrun --nproc_per_node=N (N >= 2) or set train.fsdp = false")
