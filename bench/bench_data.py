@@ -6,7 +6,9 @@
                                                  # the issue's GPU set: 10k fresh 512x512 JPEGs
 
 Each provider builds its loader (the same files, crops and flips: see engine/data/dali.py), then
-times `--batches` batches after `--warmup`; the two providers alternate for `--rounds` rounds and the
+times `--batches` batches after `--warmup`, each landing in one preallocated input buffer as in the
+trainer (DALI decodes into it, `write_into`; a PIL batch is copied into it), or with --fresh as
+new tensors per batch; the two providers alternate for `--rounds` rounds and the
 median rate is reported, so that the drift of a shared machine hits both alike. Sizes: 64 and 256
 pixels (the issue's), on the embedded demo dataset or, with --synthetic N, on N generated JPEGs of
 --source-size pixels (smooth random images, quality 90; written in parallel to a temporary folder).
@@ -29,14 +31,30 @@ from bench.common import bench_device, device_name, markdown_table, write_result
 from unigendet.data import build_loader, write_demo_dataset  # noqa: E402
 
 
-def images_per_s(loader, warmup: int, batches: int) -> float:
+def images_per_s(loader, warmup: int, batches: int, device: torch.device, fresh: bool = False) -> float:
+    """Rate at which batches land in one preallocated (B, 3, S, S) float32 buffer on `device`, as in
+    the trainer: DALI decodes straight into it (write_into), a PIL batch is copied into it.
+    fresh=True: the rate of the loaders' own batches instead (a new tensor per batch, nothing copied)."""
+    S = loader.image_size
+    buffer = torch.empty((loader.batch_size, 3, S, S), device=device)
+    direct = hasattr(loader, "write_into")
+    if direct and not fresh:
+        loader.write_into(buffer)
     it = iter(loader)
+
+    def step():
+        batch = next(it)
+        if not direct and not fresh:
+            buffer.copy_(batch.images, non_blocking=True)
+
     for _ in range(warmup):
-        next(it)
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(batches):
-        batch = next(it)
-    if batch.images.is_cuda:
+        step()
+    if device.type == "cuda":
         torch.cuda.synchronize()
     return batches * loader.batch_size / (time.perf_counter() - t0)
 
@@ -75,6 +93,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--workers", type=int, default=None, help="PIL workers = DALI threads (default 2 CPU, 16 GPU)")
     ap.add_argument("--synthetic", type=int, default=0, help="N > 0: time on N generated JPEGs, not the demo data")
     ap.add_argument("--source-size", type=int, default=512, help="pixel size of the --synthetic JPEGs")
+    ap.add_argument("--fresh", action="store_true",
+                    help="time the loaders' own batches (a new tensor each) instead of delivery into one buffer")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     device = bench_device(args.device)
@@ -93,19 +113,20 @@ def main(argv=None) -> list[dict]:
                 for name in rates:
                     loader = build_loader(root, size, args.batch_size, seed=0, num_workers=workers, loader=name,
                                           device=str(device), pin_memory=device.type == "cuda")
-                    rates[name].append(images_per_s(loader, args.warmup, args.batches))
+                    rates[name].append(images_per_s(loader, args.warmup, args.batches, device, args.fresh))
                     del loader
             for name, values in rates.items():
-                rows.append({"data": source, "size": size, "provider": name, "workers_or_threads": workers,
+                rows.append({"data": source, "into": "new tensors" if args.fresh else "step buffer", "size": size, "provider": name, "workers_or_threads": workers,
                              "images_per_s": statistics.median(values)})
             rows[-1]["x_pil"] = rows[-1]["images_per_s"] / rows[-2]["images_per_s"]
             rows[-2]["x_pil"] = 1.0
     dev = device_name(device)
-    cols = ["data", "size", "provider", "workers_or_threads", "images_per_s", "x_pil"]
+    cols = ["data", "into", "size", "provider", "workers_or_threads", "images_per_s", "x_pil"]
     print(markdown_table(rows, cols, title=f"loaders on {dev}"))
     if not args.no_save:
-        folder = write_results("bench_data", rows, device, plot=("images_per_s", ["size"]))
-        print(f"wrote {folder}/bench_data.csv and .md")
+        name = "bench_data_fresh" if args.fresh else "bench_data"
+        folder = write_results(name, rows, device, plot=("images_per_s", ["size"]))
+        print(f"wrote {folder}/{name}.csv and .md")
     return rows
 
 
