@@ -56,6 +56,22 @@ cp -r engine "$PKG/unigendet" && cp -r kernels "$PKG/unigendet/kernels"
 export PYTHONPATH="$PKG:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET UNIGENDET_BENCH_RESULTS
 
+# The packages the tests and benchmarks import. A lent GPU machine has all but tomli-w (the config
+# writer), which travels as the small pure-Python wheel in bench/offline_wheels/ (MIT licence).
+MISSING=$(python - <<'PY'
+import importlib.util
+needed = {"numpy": "numpy", "scipy": "scipy", "PIL": "pillow", "safetensors": "safetensors", "tqdm": "tqdm",
+          "tomli_w": "tomli-w", "sklearn": "scikit-learn", "skimage": "scikit-image", "triton": "triton",
+          "pytest": "pytest"}
+print(" ".join(pkg for module, pkg in needed.items() if importlib.util.find_spec(module) is None))
+PY
+)
+if [ -n "$MISSING" ]; then
+    echo "missing here: $MISSING; installing the wheels of bench/offline_wheels/"
+    python -m pip install -q --no-index --no-deps --target "$PKG" bench/offline_wheels/*.whl \
+        || echo "OFFLINE WHEELS FAILED TO INSTALL"
+fi
+
 python - <<'PY'
 import torch, triton
 from unigendet.ops import ext_support
