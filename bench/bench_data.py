@@ -116,7 +116,8 @@ def main(argv=None) -> list[dict]:
                     rates[name].append(images_per_s(loader, args.warmup, args.batches, device, args.fresh))
                     del loader
             for name, values in rates.items():
-                rows.append({"data": source, "into": "new tensors" if args.fresh else "step buffer", "size": size, "provider": name, "workers_or_threads": workers,
+                rows.append({"data": source, "into": "new tensors" if args.fresh else "step buffer",
+                             "size": size, "provider": name, "workers_or_threads": workers,
                              "images_per_s": statistics.median(values)})
             rows[-1]["x_pil"] = rows[-1]["images_per_s"] / rows[-2]["images_per_s"]
             rows[-2]["x_pil"] = 1.0

@@ -3,8 +3,10 @@ process with the same global batch, and resuming across the two."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from safetensors.torch import load_file
 
 from unigendet import load_config
 from unigendet.rng import ShardedGenerator, batch_randn
-from unigendet.train import Trainer, TrainingError
+from unigendet.train import Trainer, TrainingError, list_checkpoints
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 STEPS = ["--train.steps=4", "--train.save_every=2", "--train.log_every=1", "--phases.k=1"]
@@ -35,13 +37,20 @@ def _common(tiny_overrides) -> list[str]:
     return [o for o in tiny_overrides if not o.startswith(("--train.out_dir", "--train.batch_size"))] + STEPS
 
 
-def _torchrun(args: list[str], out: Path, resume: bool = False) -> None:
+def _torchrun_cmd(args: list[str], out: Path, resume: bool = False) -> list[str]:
     """Train on 2 gloo ranks with 4 samples each (the global batch of the single-process runs: 8)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+            *args, "--train.batch_size=4", f"--train.out_dir={out}", *(["--resume"] if resume else [])]
+
+
+def _env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("UNIGENDET_BACKEND", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           *args, "--train.batch_size=4", f"--train.out_dir={out}", *(["--resume"] if resume else [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    return env
+
+
+def _torchrun(args: list[str], out: Path, resume: bool = False) -> None:
+    proc = subprocess.run(_torchrun_cmd(args, out, resume), capture_output=True, text=True, timeout=600, env=_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -136,6 +145,29 @@ def test_fsdp_with_bf16_gathered_parameters_keeps_fp32_masters(tiny_overrides, t
     assert any(a[k] != b[k] for a, b in zip(ref, got) for k in a if "/" in k)  # bf16 did change the numbers
     weights = _weights(tmp_path / "bf16", 4)
     assert all(t.dtype == torch.float32 for t in weights.values())
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_fsdp_rank_stops_every_rank_after_the_same_step(tiny_overrides, tmp_path):
+    """SIGTERM reaches rank 1 only: both ranks agree on the step to stop after, save it together
+    (a collective gather under FSDP) and exit cleanly; the run then resumes from that step."""
+    run = tmp_path / "run"
+    args = _common(tiny_overrides) + ["--train.fsdp=true", "--train.save_every=5", "--train.log_every=5"]
+    proc = subprocess.Popen(_torchrun_cmd(args + ["--train.steps=100000"], run), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env())
+    t0 = time.time()
+    while not list_checkpoints(run):
+        assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    os.kill(int((run / "rank1.pid").read_text()), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    # both workers returned 0 long before train.steps, and the newest checkpoint is the stop's
+    stopped = int(list_checkpoints(run)[-1].name.split("_")[1])
+    assert 5 <= stopped < 100000 and max(r["step"] for r in _metrics(run)) <= stopped
+
+    _torchrun(args + [f"--train.steps={stopped + 2}"], run, resume=True)
+    assert list_checkpoints(run)[-1].name == f"step_{stopped + 2:07d}"
 
 
 def test_fsdp_without_torchrun_is_refused(tiny_overrides):
