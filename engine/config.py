@@ -167,6 +167,9 @@ class TrainConfig:
     """Shard model, AdamW moments and EMA with FSDP2 (`fully_shard` per block, projector and root)
     instead of replicating them, under torchrun with 2+ processes. Checkpoints keep the
     single-process format. Not with train.cuda_graphs."""
+    ddp_bucket_mb: float = 25.0
+    """Data parallel: gradients are all-reduced in buckets of about this many MiB, each as soon as its
+    gradients are in, overlapping the backward pass (one all-reduce after it under train.cuda_graphs)."""
     fsdp_param_dtype: str = "float32"
     """FSDP2's all-gathered parameter dtype: `float32`, or `bfloat16` to halve the all-gather
     traffic and compute the forward/backward in bf16 (gradients are still reduce-scattered in fp32
@@ -394,6 +397,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"{source}: {section}.{key} must be >= 1, got {getattr(getattr(cfg, section), key)}")
     check_model(m, source)
+    if cfg.train.ddp_bucket_mb <= 0:
+        raise ConfigError(f"{source}: train.ddp_bucket_mb must be > 0, got {cfg.train.ddp_bucket_mb}")
     if not 0.0 < d.crop_scale_min <= 1.0:
         raise ConfigError(f"{source}: data.crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
     if d.num_workers < 0:

@@ -29,6 +29,8 @@ def test_overrides_types_and_forms():
     ("--data.image_size=30", r"image size 30 is not a multiple of model.patch_size 4"),
     ("--model.align_layer=9", r"model.align_layer 9"),
     ("train.steps=3", r"expected --section.key=value"),
+    ("--train.ddp_bucket_mb=0", r"train.ddp_bucket_mb must be > 0"),
+    ("--train.fsdp_param_dtype=float16", r"train.fsdp_param_dtype = 'float16' is not one of"),
 ])
 def test_bad_overrides_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from unigendet import load_config
 from unigendet.rng import ShardedGenerator, batch_randn
 from unigendet.train import Trainer, TrainingError, list_checkpoints
+from unigendet.train.distributed import GradientBuckets
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 STEPS = ["--train.steps=4", "--train.save_every=2", "--train.log_every=1", "--phases.k=1"]
@@ -27,6 +29,38 @@ def test_sharded_draws_are_the_global_draws_split_like_the_loader():
     for rank in range(2):
         shard = batch_randn((3, 3), ShardedGenerator(torch.Generator().manual_seed(5), rank, 2), device="cpu")
         assert torch.equal(shard, single[rank::2])
+
+
+def test_gradient_buckets_go_out_during_backward_skip_unused_and_catch_late_gradients():
+    """One gloo rank (the all-reduce is the identity, so the stored gradients must be the plain ones:
+    a bucket written back at the wrong offsets would swap them). One parameter per bucket; bucket
+    order is reverse model order: [c], [b], [a]."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        a, b, c = (torch.nn.Parameter(torch.randn(300)) for _ in range(3))
+        buckets = GradientBuckets([a, b, c], world_size=1, bucket_mb=1500 / 2**20)
+
+        def step(loss_of):
+            for p in (a, b, c):
+                p.grad = None
+            ref = torch.autograd.grad(loss_of(), [a, b, c], allow_unused=True)
+            buckets.begin()
+            loss_of().backward()
+            out_during_backward = buckets._next
+            buckets.finish()
+            for p, g in zip((a, b, c), ref):
+                assert (p.grad is None) if g is None else torch.equal(p.grad, g)
+            return out_during_backward
+
+        without_c = lambda: (a * a).sum() + (b.sin() * a).sum()  # noqa: E731
+        with_c = lambda: without_c() + (c * b).sum()  # noqa: E731
+        assert step(without_c) == 0  # c requires grad, gets none: its bucket (first) holds all back
+        assert step(without_c) == 3  # learned: every bucket went out while backward ran
+        assert step(with_c) == 3  # c's gradient came after its bucket went out: sent in finish
+        assert step(with_c) == 3
+    finally:
+        dist.destroy_process_group()
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -79,10 +113,14 @@ def _assert_close_to(trainer: Trainer, weights: dict[str, torch.Tensor]) -> None
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process_with_the_global_batch(tiny_overrides, tmp_path):
-    common = _common(tiny_overrides)
+@pytest.mark.parametrize("bucket_mb, extra", [(25.0, []), (0.01, []), (0.01, ["--loss.w_align=0"])])
+def test_two_gloo_ranks_match_one_process_with_the_global_batch(tiny_overrides, tmp_path, bucket_mb, extra):
+    """bucket_mb 25: all gradients in one bucket; 0.01: 10-13 buckets of 10 KiB, all-reduced while the
+    backward pass runs; with w_align = 0 the projector requires grad in the gen phase but gets none
+    (its bucket must not wait for it)."""
+    common = _common(tiny_overrides) + extra
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    _torchrun(common, ddp)
+    _torchrun(common + [f"--train.ddp_bucket_mb={bucket_mb}"], ddp)
     rank0, rank1 = load_file(ddp / "rank0.safetensors"), load_file(ddp / "rank1.safetensors")
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)  # replicas stay bit-identical
 

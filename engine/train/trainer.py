@@ -29,7 +29,7 @@ from .graphs import DeviceSums, StaticBatch, StepGraphs
 from .optim import EMA, build_optimizer, device_lrs, lr_multiplier
 from .phases import phase_at, phase_loss, set_trainable
 from ..rng import ShardedGenerator
-from .distributed import init_distributed
+from .distributed import GradientBuckets, init_distributed
 from .fsdp import full, gather_state, shard_model, shard_optimizer_state
 from .throughput import device_peak_flops, tokens_per_sample, train_flops_per_sample
 
@@ -99,6 +99,11 @@ class Trainer:
         # phase trains other parameters); weights, optimizer and checkpoints stay on self.model.
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg.optim, capturable=self.cuda_graphs)
+        # data parallel: gradient all-reduce overlapped with the backward pass (inside a CUDA graph,
+        # one all-reduce after it, captured with the step; FSDP reduce-scatters on its own)
+        overlap = self.dist.enabled and not self.fsdp and not self.cuda_graphs
+        self.grad_buckets = (GradientBuckets(self.model.parameters(), self.dist.world_size, cfg.train.ddp_bucket_mb)
+                             if overlap else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(cfg.optim, cfg.train.steps))
         self.noise = torch.Generator(device=self.device)  # flow noise, timesteps, label dropout, pool draws
         self.noise.manual_seed(cfg.train.seed + 1)
@@ -183,11 +188,17 @@ class Trainer:
         with self.autocast:
             terms = phase_loss(self.step_model, phase, x.images, x.is_fake, x.class_ids, fakes, cfg.loss, self.draws)
         self.optimizer.zero_grad(set_to_none=True)  # inside a capture: fresh gradients from the graph's pool
+        if self.grad_buckets is not None:
+            self.grad_buckets.begin()
         terms.total.backward()
         trained = [p for p in self.model.parameters() if p.grad is not None]
         grads = [p.grad for p in trained]
-        if not self.fsdp:  # (FSDP has reduce-scattered the averaged gradients to the shards already)
-            self.dist.average_(grads)  # data parallel: every rank now holds the global-batch gradient
+        # data parallel: every rank now gets the global-batch gradient (FSDP has reduce-scattered the
+        # averaged gradients to the shards already)
+        if self.grad_buckets is not None:
+            self.grad_buckets.finish()
+        elif not self.fsdp:
+            self.dist.average_(grads)
         if cfg.optim.grad_clip > 0:
             norm = full(torch.nn.utils.clip_grad_norm_(trained, cfg.optim.grad_clip, foreach=True))
             terms.parts["grad_norm"] = norm
