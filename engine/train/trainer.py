@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import ops
-from ..config import Config, save_config, to_dict
+from ..config import Config, TrainConfig, save_config, to_dict
 from ..data import build_loader
 from ..model import UniGenDet, euler_sample
 from .checkpoint import (CheckpointError, checkpoint_config, list_checkpoints, load_trainer_state, load_weights,
@@ -46,28 +46,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_modes(train: TrainConfig, device: torch.device, distributed: bool) -> None:
+    """Refuse combinations of train.cuda_graphs / compile / fsdp that cannot work, saying what to change."""
+    if train.cuda_graphs and device.type != "cuda":
+        raise TrainingError(f"train.cuda_graphs = true needs a CUDA device; train.device resolved to "
+                            f"{device.type}. Set train.cuda_graphs = false")
+    if train.cuda_graphs and train.compile:
+        raise TrainingError("train.cuda_graphs and train.compile are alternatives (compare them in "
+                            "bench/bench_train_step.py); set one of them to false")
+    if train.fsdp_param_dtype != "float32" and not train.fsdp:
+        raise TrainingError(f"train.fsdp_param_dtype = {train.fsdp_param_dtype!r} applies to FSDP only; set "
+                            "train.fsdp = true or leave it at 'float32'")
+    if train.fsdp and not distributed:
+        raise TrainingError("train.fsdp = true shards the model across the processes torchrun starts; start "
+                            "the run with torchrun --nproc_per_node=N (N >= 2) or set train.fsdp = false")
+    if train.fsdp and train.cuda_graphs:
+        raise TrainingError("train.fsdp and train.cuda_graphs cannot be combined (the step's all-gathers and "
+                            "reduce-scatters are not captured); set one of them to false")
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, log=print):
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
-        self.cuda_graphs = cfg.train.cuda_graphs
-        if self.cuda_graphs and self.device.type != "cuda":
-            raise TrainingError(f"train.cuda_graphs = true needs a CUDA device; train.device resolved to "
-                                f"{self.device.type}. Set train.cuda_graphs = false")
-        if self.cuda_graphs and cfg.train.compile:
-            raise TrainingError("train.cuda_graphs and train.compile are alternatives (compare them in "
-                                "bench/bench_train_step.py); set one of them to false")
+        self.cuda_graphs, self.fsdp = cfg.train.cuda_graphs, cfg.train.fsdp
         self.dist = init_distributed(self.device)  # single process unless started by torchrun
-        self.fsdp = cfg.train.fsdp
-        if cfg.train.fsdp_param_dtype != "float32" and not self.fsdp:
-            raise TrainingError(f"train.fsdp_param_dtype = {cfg.train.fsdp_param_dtype!r} applies to FSDP only; set "
-                                "train.fsdp = true or leave it at 'float32'")
-        if self.fsdp and not self.dist.enabled:
-            raise TrainingError("train.fsdp = true shards the model across the processes torchrun starts; start "
-                                "the run with torchrun --nproc_per_node=N (N >= 2) or set train.fsdp = false")
-        if self.fsdp and self.cuda_graphs:
-            raise TrainingError("train.fsdp and train.cuda_graphs cannot be combined (the step's all-gathers and "
-                                "reduce-scatters are not captured); set one of them to false")
+        check_modes(cfg.train, self.device, distributed=self.dist.enabled)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.log = log if self.dist.is_main else (lambda *_: None)
