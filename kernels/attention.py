@@ -36,6 +36,7 @@ How it works (FlashAttention-2 style, no concatenation of the streams, no dense 
   (meta) implementations and registered autograd, so compiled graphs keep them as opaque nodes.
 Head dims: multiples of 16 in [16, 256] (tiles are padded to a power of two, e.g. 96 -> 128).
 """
+import contextlib
 import os
 from typing import Optional
 
@@ -391,10 +392,7 @@ _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 3
 _KEY = ["T_Q", "HEAD_DIM", "CAUSAL", "READ_OTHER"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY)(_mmsa_fwd)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY)(_mmsa_bwd_dq)
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=["T_K", "T_Q2", "HEAD_DIM", "CAUSAL", "OTHER_READS"])(
-    _mmsa_bwd_dkdv)
-
-
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=["T_K", "T_Q2", "HEAD_DIM", "CAUSAL", "OTHER_READS"])(_mmsa_bwd_dkdv)
 # UNIGENDET_TRITON_AUTOTUNE=0: launch each kernel with its smallest candidate instead of timing them
 # all per shape (quick correctness runs on a GPU, e.g. most op tests in bench/gpu_check.sh).
 AUTOTUNE = os.environ.get("UNIGENDET_TRITON_AUTOTUNE", "1") != "0"
@@ -428,15 +426,7 @@ def _unit_last(x: Tensor) -> Tensor:
 
 
 def _device_guard(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- launchers
