@@ -1,8 +1,8 @@
 """Fully sharded data parallel with FSDP2 (`train.fsdp = true` under torchrun).
 
-`shard_model` applies `fully_shard` to each MoT block and then to the whole model: every rank
-keeps 1/world of each parameter (a DTensor sharded on dim 0), a block's parameters are gathered
-just before it runs and freed after, and gradients are reduce-scattered (averaged) back to the
+`shard_model` applies `fully_shard` to each MoT block, to the DIGA projector and then to the whole
+model: every rank keeps 1/world of each parameter (a DTensor sharded on dim 0), a unit's parameters
+are gathered just before it runs and freed after, and gradients are reduce-scattered (averaged) back to the
 shards. The optimizer and the EMA then work on shards.
 
 Checkpoints stay the single-process format (full tensors in safetensors, the optimizer state keyed
