@@ -51,14 +51,16 @@ def gather_state(state: Any, *, keep: bool) -> Any:
     """A copy of a (nested dict / list) state whose DTensors are replaced by full CPU tensors.
 
     A collective: every rank calls it on states of the same structure. Ranks with keep=False take
-    part in the gathers and get None back (only the writer of a checkpoint holds the whole state)."""
+    part in the gathers, drop each gathered tensor at once and get None back (only the writer of a
+    checkpoint holds the whole state)."""
     def walk(x: Any) -> Any:
         if isinstance(x, dict):
             return {k: walk(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return type(x)(walk(v) for v in x)
         if isinstance(x, DTensor):
-            return x.full_tensor().cpu()
+            whole = x.full_tensor()
+            return whole.cpu() if keep else None
         return x
 
     gathered = walk(state)
