@@ -95,8 +95,8 @@ def _single(args: list[str], out: Path, resume: bool = False) -> Trainer:
     return trainer
 
 
-def _assert_same_losses(ref: list[dict], got: list[dict]) -> None:
-    assert [r["phase"] for r in ref] == [r["phase"] for r in got] == ["gen", "det", "gen", "det"]
+def _assert_same_losses(ref: list[dict], got: list[dict], phases=("gen", "det", "gen", "det")) -> None:
+    assert [r["phase"] for r in ref] == [r["phase"] for r in got] == list(phases)
     for a, b in zip(ref, got):  # same samples, same noise: the losses agree up to summation order
         for key in a:
             if "/" in key and not key.endswith("grad_norm"):
@@ -206,6 +206,16 @@ def test_sigterm_to_one_fsdp_rank_stops_every_rank_after_the_same_step(tiny_over
 
     _torchrun(args + [f"--train.steps={stopped + 2}"], run, resume=True)
     assert list_checkpoints(run)[-1].name == f"step_{stopped + 2:07d}"
+
+
+@pytest.mark.slow
+def test_fsdp_under_torch_compile_gives_the_eager_losses(tiny_overrides, tmp_path):
+    """train.compile with FSDP2 (about 2 minutes of inductor compilation on 2 CPU cores): the first
+    gen and det steps have the losses of one eager process with the global batch."""
+    common = [o for o in _common(tiny_overrides) if not o.startswith("--train.steps")] + ["--train.steps=2"]
+    _torchrun(common + ["--train.fsdp=true", "--train.compile=true"], tmp_path / "compiled")
+    _single(common, tmp_path / "eager")
+    _assert_same_losses(_metrics(tmp_path / "eager"), _metrics(tmp_path / "compiled"), phases=("gen", "det"))
 
 
 def test_fsdp_without_torchrun_is_refused(tiny_overrides):
