@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-
 from typing import Mapping, Union
 
 import torch
