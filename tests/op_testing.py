@@ -50,11 +50,12 @@ def assert_within_2x_eager(got: list, eager: list, exact: list, dtype: torch.dty
         assert err <= 2 * ref_err + floor, f"{what}[{i}]: error {err:.3g} > 2 x eager {ref_err:.3g} + {floor:.3g}"
 
 
-def assert_accurate(run, *args) -> list:
+def assert_accurate(run, *args, candidate=None) -> list:
     """The DESIGN.md 4 rule for one backend call `run(backend, *args, dtype=None)`: fp32 close to the
-    fp64 reference, fp16/bf16 within 2x eager's error; the ext results are also run-to-run identical.
-    Returns the ext results."""
-    got, eager = run("ext", *args), run("reference", *args)
+    fp64 reference, fp16/bf16 within 2x eager's error; the results are also run-to-run identical.
+    `candidate(*args)` is what is checked (default: the "ext" backend). Returns its results."""
+    candidate = candidate or (lambda *a: run("ext", *a))
+    got, eager = candidate(*args), run("reference", *args)
     exact = run("exact", *args, torch.float64)
     dtype = got[0].dtype
     if dtype == torch.float32:
@@ -62,5 +63,5 @@ def assert_accurate(run, *args) -> list:
             torch.testing.assert_close(g.double(), e, atol=1e-5, rtol=1e-4)
     else:
         assert_within_2x_eager(got, eager, exact, dtype, f"{got[0].device} {dtype}")
-    assert all(torch.equal(a, b) for a, b in zip(got, run("ext", *args)))  # deterministic
+    assert all(torch.equal(a, b) for a, b in zip(got, candidate(*args)))  # deterministic
     return got

@@ -192,11 +192,22 @@ inline unsigned grid_for(Kernel kernel, int block, int64_t work_blocks) {
   return static_cast<unsigned>(g < 1 ? 1 : g);
 }
 
+// Launches kernel<<<grid, block, 0, stream>>>(args...). Every launch of csrc/cuda goes through here,
+// so tests/cuda_emu (a CPU stand-in for the CUDA execution model) can run the same kernels without a GPU.
+template <typename... Params, typename... Args>
+inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args... args) {
+#ifdef UNIGENDET_CUDA_EMU
+  ::cuda_emu::launch(kernel, grid, block, stream, args...);
+#else
+  kernel<<<grid, block, 0, stream>>>(args...);
+#endif
+}
+
 // grad_weight = column sums of partial (P, cols), launched on `stream`.
 inline void launch_sum_partials(const float* partial, float* out, int64_t P, int64_t cols,
                                 cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(ceil_div<int64_t>(cols, 32));
-  sum_partials_kernel<<<grid, dim3(32, 8), 0, stream>>>(partial, out, P, cols);
+  launch(sum_partials_kernel, grid, dim3(32, 8), stream, partial, out, P, cols);
 }
 
 // Default number of partial rows for the deterministic weight gradients: about 4 blocks per SM

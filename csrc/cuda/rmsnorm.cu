@@ -123,12 +123,12 @@ void launch_fwd(const T* x, const T* residual, const float* weight, T* y, T* res
   const int64_t groups = ceil_div<int64_t>(rows, l.block / l.tpr);
   if (l.cached) {
     auto kern = rmsnorm_fwd_kernel<T, W, K, true>;
-    kern<<<grid_for(kern, l.block, groups), l.block, 0, stream>>>(x, residual, weight, y, res, rstd,
-                                                                  rows, cols, l.tpr, eps);
+    launch(kern, grid_for(kern, l.block, groups), l.block, stream, x, residual, weight, y, res, rstd, rows,
+           cols, l.tpr, eps);
   } else {
     auto kern = rmsnorm_fwd_kernel<T, W, K, false>;
-    kern<<<grid_for(kern, l.block, groups), l.block, 0, stream>>>(x, residual, weight, y, res, rstd,
-                                                                  rows, cols, l.tpr, eps);
+    launch(kern, grid_for(kern, l.block, groups), l.block, stream, x, residual, weight, y, res, rstd, rows,
+           cols, l.tpr, eps);
   }
 }
 
@@ -275,11 +275,11 @@ void launch_bwd(const T* grad_y, const T* grad_res, const T* res, const float* w
   const RowLayout l = row_layout(cols / W, K);
   const unsigned grid = static_cast<unsigned>(num_partials);
   if (l.cached)
-    rmsnorm_bwd_kernel<T, W, K, true><<<grid, l.block, 0, stream>>>(
-        grad_y, grad_res, res, weight, rstd, grad_x, partial, rows, cols, l.tpr);
+    launch(rmsnorm_bwd_kernel<T, W, K, true>, grid, l.block, stream, grad_y, grad_res, res, weight, rstd, grad_x,
+           partial, rows, cols, l.tpr);
   else
-    rmsnorm_bwd_kernel<T, W, K, false><<<grid, l.block, 0, stream>>>(
-        grad_y, grad_res, res, weight, rstd, grad_x, partial, rows, cols, l.tpr);
+    launch(rmsnorm_bwd_kernel<T, W, K, false>, grid, l.block, stream, grad_y, grad_res, res, weight, rstd, grad_x,
+           partial, rows, cols, l.tpr);
   launch_sum_partials(partial, grad_weight, num_partials, cols, stream);
 }
 

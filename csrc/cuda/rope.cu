@@ -307,11 +307,11 @@ void launch_fwd(const T* x, const RopeShape& s, const float* weight, const float
   if (G == 0) {
     const int block = generic_block(pairs);
     auto kern = rope_fwd_generic<T, W>;
-    kern<<<grid_for(kern, block, rows), block, 0, stream>>>(x, s, weight, cos, sin, out, rstd, eps);
+    launch(kern, grid_for(kern, block, rows), block, stream, x, s, weight, cos, sin, out, rstd, eps);
   } else {
     auto kern = rope_fwd_kernel<T, W>;
     const int64_t blocks = ceil_div<int64_t>(rows, kBlock / G);
-    kern<<<grid_for(kern, kBlock, blocks), kBlock, 0, stream>>>(x, s, weight, cos, sin, out, rstd, eps, G);
+    launch(kern, grid_for(kern, kBlock, blocks), kBlock, stream, x, s, weight, cos, sin, out, rstd, eps, G);
   }
 }
 
@@ -323,11 +323,11 @@ void launch_bwd(const T* grad_out, const T* x, const RopeShape& s, const float* 
   const int G = group_lanes(pairs);
   const unsigned grid = static_cast<unsigned>(num_partials);
   if (G == 0)
-    rope_bwd_generic<T, W><<<grid, generic_block(pairs), 0, stream>>>(grad_out, x, s, weight, cos, sin,
-                                                                      rstd, grad_x, partial);
+    launch(rope_bwd_generic<T, W>, grid, generic_block(pairs), stream, grad_out, x, s, weight, cos, sin, rstd,
+           grad_x, partial);
   else
-    rope_bwd_kernel<T, W><<<grid, kBlock, 0, stream>>>(grad_out, x, s, weight, cos, sin, rstd,
-                                                       grad_x, partial, G);
+    launch(rope_bwd_kernel<T, W>, grid, kBlock, stream, grad_out, x, s, weight, cos, sin, rstd, grad_x, partial,
+           G);
 }
 
 }  // namespace

@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kBlock)
 template <typename Kernel, typename... Args>
 void launch_elementwise(Kernel kernel, int64_t items, cudaStream_t stream, Args... args) {
   const unsigned grid = grid_for(kernel, kBlock, ceil_div<int64_t>(items, kBlock));
-  kernel<<<grid, kBlock, 0, stream>>>(args...);
+  launch(kernel, grid, kBlock, stream, args...);
 }
 
 }  // namespace

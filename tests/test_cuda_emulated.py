@@ -1,0 +1,179 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by the emulator of tests/cuda_emu, held to the accuracy
+rule of the GPU tests (test_ops_*.py::test_cuda_*): this is the CPU test of the same logic.
+
+Shapes are picked to reach every kernel variant: scalar and 16-byte paths (odd sizes, misaligned
+views), rmsnorm rows cached in registers or read twice (cols above 16k / 8k elements), narrow and
+wide row groups, grids that loop (3 emulated SMs), fewer and more rows than weight-gradient
+partials, grouped and generic RoPE kernels, strided q / k views of a fused qkv projection.
+Each kernel runs twice with different thread interleavings and must give the same bits.
+The last test repeats this module under AddressSanitizer (out-of-bounds accesses of the kernels).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cuda_emu
+import test_ops_activation as activation
+import test_ops_norm as norm
+import test_ops_rope as rope
+from op_testing import LOW_PRECISION, NO_EXT, assert_accurate, leaf, run_with_grads
+
+pytestmark = pytest.mark.skipif(NO_EXT or cuda_emu.compiler() is None,
+                                reason="UNIGENDET_NO_EXT is set (pure-Python install, no C++ toolchain)")
+SANITIZED = os.environ.get("UNIGENDET_CUDA_EMU_ASAN") == "1"
+# under ASan fp16 is left out: its memory accesses are bf16's (same width, same paths)
+DTYPES = [torch.float32, torch.bfloat16] if SANITIZED else [torch.float32] + LOW_PRECISION
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of t whose data starts 1 element past a 16-byte boundary (scalar kernel path)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+# ---------------------------------------------------------------- the emulator itself
+@pytest.mark.parametrize("tpr", [1, 2, 8, 32, 64, 256])
+def test_row_group_sum_sums_each_group_and_every_lane_agrees(tpr):
+    x = torch.randn(256)
+    out = cuda_emu.selftest("row_group_sum", x, 256, tpr)
+    groups = out.view(-1, tpr)
+    torch.testing.assert_close(groups[:, 0], x.view(-1, tpr).sum(1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(groups, groups[:, :1].expand_as(groups))  # the same bits in every lane
+
+
+@pytest.mark.parametrize("threads", [32, 96, 1024])
+def test_block_sum_twice_in_a_row(threads):
+    x = torch.randn(threads)
+    out = cuda_emu.selftest("block_sum", x, threads)
+    torch.testing.assert_close(out, (x.sum() * x).sum().expand(threads), rtol=1e-4, atol=1e-4)
+
+
+def test_a_missing_barrier_shows_as_a_race():
+    """Thread t reads its predecessor's shared slot: right with __syncthreads under every interleaving,
+    wrong under some without it (a scheduler that ran threads in order would hide this)."""
+    expected = lambda base: (base + torch.arange(64.0)).roll(1)  # noqa: E731
+    for base in range(5):
+        out = cuda_emu.selftest("neighbour", torch.tensor([100.0 * base]), 64, 1)
+        assert torch.equal(out, expected(100.0 * base))
+    wrong = [not torch.equal(cuda_emu.selftest("neighbour", torch.tensor([1e4 + base]), 64, 0), expected(1e4 + base))
+             for base in range(5)]
+    assert all(wrong)
+
+
+def test_divergent_barrier_partial_warp_and_bad_launch_are_errors():
+    with pytest.raises(RuntimeError, match=r"deadlock in block \(0, 0, 0\).*1 threads have exited"):
+        cuda_emu.selftest("early_exit", torch.zeros(1), 64)
+    with pytest.raises(RuntimeError, match="full mask names lanes that do not exist"):
+        cuda_emu.selftest("row_group_sum", torch.zeros(48), 48, 16)
+    with pytest.raises(RuntimeError, match=r"invalid configuration argument: invalid block \(2048, 1, 1\)"):
+        cuda_emu.selftest("block_sum", torch.zeros(2048), 2048)
+    torch.testing.assert_close(cuda_emu.selftest("block_sum", torch.ones(64), 64), torch.full((64,), 4096.0))
+
+
+# ---------------------------------------------------------------- fused_add_rmsnorm
+def run_norm_emulated(inputs, upstream):
+    args = [leaf(t) if t is not None else None for t in inputs]
+    outs, grads = run_with_grads(lambda x, r, w: cuda_emu.fused_add_rmsnorm(x, r, w, 1e-6), args, upstream)
+    return outs + grads
+
+
+# (rows, cols): scalar / vector, row groups of 1..1024 threads, rows around the 12 partials, uncached
+# forward (> 16384 elements per row) and backward (> 8192)
+NORM_SHAPES = [(37, 129), (300, 64), (1, 1), (5, 1027), (8, 4096), (2, 9000), (3, 20000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_fused_add_rmsnorm_kernels(dtype, with_residual, shape):
+    inputs, upstream = norm.make_inputs(shape, dtype, with_residual, seed=6)
+    got = assert_accurate(norm.run, inputs, upstream, candidate=run_norm_emulated)
+    assert not any(t.isnan().any() for t in got)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_rmsnorm_scalar_path_gives_the_vector_paths_numbers(dtype):
+    inputs, upstream = norm.make_inputs((19, 256), dtype, seed=3)
+    slow = run_norm_emulated([misaligned(inputs[0]), *inputs[1:]], [misaligned(upstream[0]), upstream[1]])
+    fast = run_norm_emulated(inputs, upstream)
+    for a, b in zip(slow[:3], fast[:3]):  # y, res, grad_x: per-element, same arithmetic
+        assert torch.equal(a, b)
+    torch.testing.assert_close(slow[4], fast[4], rtol=1e-5, atol=1e-5)  # grad_w: another summation order
+
+
+# ---------------------------------------------------------------- swiglu
+def run_swiglu_emulated(gate_up, upstream):
+    outs, grads = run_with_grads(cuda_emu.swiglu, [leaf(gate_up)], [upstream])
+    return outs + grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(33, 2 * 45), (2, 3, 2 * 64), (1, 2), (7, 2 * 1031), (40, 2 * 256)])
+def test_swiglu_kernels(dtype, shape):
+    gate_up, upstream = activation.make_inputs(shape, dtype, seed=6, scale=3.0)
+    assert_accurate(activation.run, gate_up, upstream, candidate=run_swiglu_emulated)
+    assert torch.equal(run_swiglu_emulated(misaligned(gate_up), upstream)[0], run_swiglu_emulated(gate_up, upstream)[0])
+
+
+def test_swiglu_extreme_gates_stay_finite():
+    gate_up = torch.tensor([[100.0, -100.0, 0.0, 1.0, 1.0, 1.0]])
+    torch.testing.assert_close(cuda_emu.swiglu_forward(gate_up), torch.tensor([[100.0, -0.0, 0.0]]))
+    grad = cuda_emu.swiglu_backward(torch.ones(1, 3), gate_up)
+    assert grad.isfinite().all()
+
+
+# ---------------------------------------------------------------- rmsnorm + RoPE
+def run_rope_emulated(inputs, upstream):
+    q, k, qw, kw, cos, sin = inputs
+    outs, grads = run_with_grads(cuda_emu.qk_rmsnorm_rope, [leaf(q), leaf(k), leaf(qw), leaf(kw), cos, sin], upstream)
+    return outs + grads
+
+
+# (B, T, H, Hkv, D): grouped kernels of 1..32 lanes (vector and scalar), generic kernels (D = 130 scalar,
+# D = 1024 vector), rows around the partials count
+ROPE_SHAPES = [(2, 7, 4, 2, 16), (1, 37, 3, 1, 32), (3, 5, 2, 2, 96), (1, 1, 1, 1, 2), (1, 3, 2, 1, 130),
+               (1, 2, 2, 1, 1024), (2, 9, 2, 2, 128)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused_qkv", [False, True])
+@pytest.mark.parametrize("shape", ROPE_SHAPES)
+def test_qk_rmsnorm_rope_kernels(dtype, fused_qkv, shape):
+    inputs, upstream = rope.make_inputs(*shape, dtype, seed=6, fused_qkv=fused_qkv)
+    got = assert_accurate(rope.run, inputs, upstream, candidate=run_rope_emulated)
+    assert not any(t.isnan().any() for t in got)
+
+
+# ---------------------------------------------------------------- AddressSanitizer
+@pytest.mark.skipif(SANITIZED, reason="this run is the sanitized one")
+def test_kernels_stay_in_bounds_under_address_sanitizer():
+    """This module again with the kernels built with -fsanitize=address: every kernel above stays inside
+    its buffers (torch allocates exactly the requested bytes); and a kernel that reads one element past
+    its input is caught, so the check is live."""
+    # the ASan runtime must come first in a process whose main program is not instrumented, and
+    # libstdc++ must be loaded before it starts, or its __cxa_throw interceptor has nothing to call
+    preload = [subprocess.run([cuda_emu.compiler(), f"-print-file-name={lib}"], capture_output=True,
+                              text=True).stdout.strip() for lib in ("libasan.so", "libstdc++.so")]
+    assert all(Path(p).is_file() for p in preload), f"no ASan runtime for {cuda_emu.compiler()}: {preload}"
+    cuda_emu.library_path(sanitize=True)  # build here, so a compile error shows in this test
+    env = {**os.environ, "LD_PRELOAD": " ".join(preload), "ASAN_OPTIONS": "detect_leaks=0",
+           "UNIGENDET_CUDA_EMU_ASAN": "1"}
+    here = Path(__file__).resolve().parent
+
+    overrun = subprocess.run([sys.executable, "-c", "import torch, cuda_emu; "
+                              "cuda_emu.selftest('overrun', torch.zeros(64), 64)"],
+                             cwd=here, env=env, capture_output=True, text=True)
+    assert overrun.returncode != 0 and "heap-buffer-overflow" in overrun.stderr, overrun.stderr[-2000:]
+    assert "in overrun_kernel" in overrun.stderr
+
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", Path(__file__).name],
+                         cwd=here, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    assert " passed" in run.stdout
