@@ -153,7 +153,7 @@ def test_qk_rmsnorm_rope_kernels(dtype, fused_qkv, shape):
 
 # ---------------------------------------------------------------- AddressSanitizer
 @pytest.mark.skipif(SANITIZED, reason="this run is the sanitized one")
-def test_kernels_stay_in_bounds_under_address_sanitizer():
+def test_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
     """This module again with the kernels built with -fsanitize=address: every kernel above stays inside
     its buffers (torch allocates exactly the requested bytes); and a kernel that reads one element past
     its input is caught, so the check is live."""
@@ -163,17 +163,24 @@ def test_kernels_stay_in_bounds_under_address_sanitizer():
                               text=True).stdout.strip() for lib in ("libasan.so", "libstdc++.so")]
     assert all(Path(p).is_file() for p in preload), f"no ASan runtime for {cuda_emu.compiler()}: {preload}"
     cuda_emu.library_path(sanitize=True)  # build here, so a compile error shows in this test
-    env = {**os.environ, "LD_PRELOAD": " ".join(preload), "ASAN_OPTIONS": "detect_leaks=0",
-           "UNIGENDET_CUDA_EMU_ASAN": "1"}
+    env = {**os.environ, "LD_PRELOAD": " ".join(preload), "UNIGENDET_CUDA_EMU_ASAN": "1",
+           "ASAN_OPTIONS": f"detect_leaks=0:log_path={tmp_path / 'asan'}"}  # reports survive pytest's capture
+
+    def reports() -> str:  # the error line and the first frames of each report
+        text = "\n".join(p.read_text() for p in sorted(tmp_path.glob("asan*")))
+        return "\n".join(text[text.find("ERROR: AddressSanitizer"):].splitlines()[:12])
     here = Path(__file__).resolve().parent
 
     overrun = subprocess.run([sys.executable, "-c", "import torch, cuda_emu; "
                               "cuda_emu.selftest('overrun', torch.zeros(64), 64)"],
                              cwd=here, env=env, capture_output=True, text=True)
-    assert overrun.returncode != 0 and "heap-buffer-overflow" in overrun.stderr, overrun.stderr[-2000:]
-    assert "in overrun_kernel" in overrun.stderr
+    report = reports()
+    assert overrun.returncode != 0 and "heap-buffer-overflow" in report, f"{overrun.stderr[-2000:]}\n{report}"
+    assert "in overrun_kernel" in report
+    for p in tmp_path.glob("asan*"):
+        p.unlink()
 
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", Path(__file__).name],
                          cwd=here, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{reports()}"
     assert " passed" in run.stdout

@@ -26,8 +26,8 @@ constexpr size_t kStackBytes = size_t{256} << 10;  // per thread; kernels keep s
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 
 struct Barrier {
-  unsigned expected = 0, arrived = 0;
-  uint64_t generation = 0;
+  unsigned expected = 0;
+  std::vector<unsigned> waiters;  // threads that arrived since it last opened
 };
 
 struct Fiber {
@@ -36,8 +36,7 @@ struct Fiber {
   uint3 tid{};
   unsigned linear = 0;
   bool done = false;
-  Barrier* waiting = nullptr;  // runnable again once waiting->generation != wait_generation
-  uint64_t wait_generation = 0;
+  const Barrier* waiting = nullptr;  // while parked at a barrier (for the deadlock message)
   const char* wait_what = nullptr;
 #ifdef CUDA_EMU_ASAN
   void* fake_stack = nullptr;
@@ -50,6 +49,8 @@ struct Block {
   uint3 index{};
   const std::function<void()>* body = nullptr;
   std::vector<Fiber> fibers;
+  std::vector<std::vector<unsigned>> ready;  // per warp: its threads free to run, in no order
+  size_t ready_count = 0;
   Fiber* current = nullptr;
   ucontext_t scheduler{};
   Barrier block_barrier;
@@ -144,18 +145,21 @@ void fiber_main() {
   switch_to_scheduler(b, f);  // never resumed
 }
 
-// Arrives at `barrier` and yields; the scheduler resumes this fiber once the barrier has opened.
+// Arrives at `barrier` and yields; the scheduler resumes this fiber once the barrier has opened
+// (the last arrival makes every waiter runnable again).
 void arrive_and_wait(Barrier& barrier, const char* what) {
   Block& b = running();
   Fiber& f = *b.current;
   f.waiting = &barrier;
-  f.wait_generation = barrier.generation;
   f.wait_what = what;
-  if (++barrier.arrived == barrier.expected) {
-    barrier.arrived = 0;
-    ++barrier.generation;
+  barrier.waiters.push_back(f.linear);
+  if (barrier.waiters.size() == barrier.expected) {
+    for (unsigned i : barrier.waiters) b.ready[i / 32].push_back(i);
+    b.ready_count += barrier.waiters.size();
+    barrier.waiters.clear();
   }
   switch_to_scheduler(b, f);
+  f.waiting = nullptr;
 }
 
 // What every unfinished thread waits for, for the deadlock message.
@@ -177,7 +181,7 @@ std::string describe_deadlock(const Block& b) {
 void run_block(Block& b, std::mt19937_64& rng) {
   const unsigned n = b.dim.x * b.dim.y * b.dim.z;
   b.fibers.assign(n, Fiber{});
-  b.block_barrier = Barrier{n, 0, 0};
+  b.block_barrier = Barrier{n, {}};
   b.warp_barriers.assign((n + 31) / 32, Barrier{});
   for (unsigned w = 0; w < b.warp_barriers.size(); ++w) b.warp_barriers[w].expected = std::min(32u, n - 32 * w);
   b.lanes.assign(n, 0.f);
@@ -192,29 +196,41 @@ void run_block(Block& b, std::mt19937_64& rng) {
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_main, 0);
   }
-  std::vector<unsigned> order;
-  order.reserve(n);
-  for (;;) {
-    order.clear();
-    bool live = false;
-    for (unsigned i = 0; i < n; ++i) {
-      const Fiber& f = b.fibers[i];
-      if (f.done) continue;
-      live = true;
-      if (f.waiting == nullptr || f.waiting->generation != f.wait_generation) order.push_back(i);
+  b.ready.assign(b.warp_barriers.size(), {});
+  for (unsigned i = 0; i < n; ++i) b.ready[i / 32].push_back(i);
+  b.ready_count = n;
+  // Each step runs one ready thread, drawn at random, until its next barrier. Half of the blocks
+  // (drawn per block) run in bursts: the drawn warp keeps running until none of its threads is
+  // ready, so warps drift apart by whole phases between __syncthreads, as on a GPU; the others
+  // draw every step from all ready threads (fine-grained interleaving).
+  const bool bursts = (rng() & 1) != 0;
+  size_t warp = b.ready.size();
+  while (b.ready_count > 0) {
+    if (!bursts || warp == b.ready.size() || b.ready[warp].empty()) {
+      if (bursts) {  // a random warp with ready threads
+        std::vector<size_t> candidates;
+        for (size_t w = 0; w < b.ready.size(); ++w)
+          if (!b.ready[w].empty()) candidates.push_back(w);
+        warp = candidates[std::uniform_int_distribution<size_t>(0, candidates.size() - 1)(rng)];
+      } else {  // the warp of a random ready thread
+        size_t r = std::uniform_int_distribution<size_t>(0, b.ready_count - 1)(rng);
+        for (warp = 0; r >= b.ready[warp].size(); ++warp) r -= b.ready[warp].size();
+      }
     }
-    if (!live) return;
-    if (order.empty()) {
+    std::vector<unsigned>& lanes = b.ready[warp];
+    const size_t pick = std::uniform_int_distribution<size_t>(0, lanes.size() - 1)(rng);
+    const unsigned i = lanes[pick];
+    lanes[pick] = lanes.back();
+    lanes.pop_back();
+    --b.ready_count;
+    switch_to_fiber(b, b.fibers[i]);
+    if (!b.error.empty()) return;
+  }
+  for (const Fiber& f : b.fibers)
+    if (!f.done) {
       b.error = describe_deadlock(b);
       return;
     }
-    std::shuffle(order.begin(), order.end(), rng);
-    for (unsigned i : order) {
-      b.fibers[i].waiting = nullptr;
-      switch_to_fiber(b, b.fibers[i]);
-      if (!b.error.empty()) return;
-    }
-  }
 }
 
 void fail(cudaError_t err, const std::string& message) {

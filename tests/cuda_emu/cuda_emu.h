@@ -6,10 +6,12 @@
 // (unigendet::cuda::launch in common.cuh) then calls cuda_emu::launch instead of <<<...>>>.
 //
 // What is emulated, and how strictly:
-//   - Every thread of a block is a fiber (its own stack); blocks run one after another. Threads run
-//     until they reach a synchronisation point (__syncthreads, a warp shuffle) and the scheduler
-//     resumes the runnable ones in a random order drawn from a seed, so code that reads shared
-//     memory without the barrier that orders it gives different results from run to run.
+//   - Every thread of a block is a fiber (its own stack); blocks run one after another. A thread runs
+//     until its next synchronisation point (__syncthreads, a warp shuffle); then the scheduler resumes
+//     a ready thread drawn at random from a seed: in half of the blocks from all ready threads, in
+//     the other half from the same warp while it has any (warps drift apart by whole phases between
+//     barriers, as on a GPU). Code that reads shared memory without the barrier that orders it so
+//     gives different results from run to run.
 //   - __syncthreads waits for every thread of the block and __shfl_xor_sync for all 32 lanes of the
 //     warp with the full mask. A thread that exits while others wait, lanes that wait at different
 //     barriers, a partial mask or a shuffle in a partial warp stop the launch with an error that
