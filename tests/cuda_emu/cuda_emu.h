@@ -21,7 +21,9 @@
 //   - Launch configurations are checked as the driver does (threads per block, grid limits); a bad
 //     one is reported by cudaGetLastError and the kernel does not run.
 //   - __shared__ variables are function-local statics: one copy per kernel instantiation, shared by
-//     the threads of the (single) running block.
+//     the threads of the (single) running block. Their contents carry over from the previous block
+//     (GCC ignores section attributes on statics of templates, so they cannot be poisoned): a read
+//     of shared memory that no thread of the block wrote is not detected.
 //   - __half / __nv_bfloat16 round to nearest even like the device conversions; rsqrtf is exact
 //     here (the device's is within 2 ulp).
 // Memory accesses are plain host loads and stores; build with -fsanitize=address to catch
