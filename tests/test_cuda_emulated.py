@@ -5,8 +5,9 @@ Shapes are picked to reach every kernel variant: scalar and 16-byte paths (odd s
 views), rmsnorm rows cached in registers or read twice (cols above 16k / 8k elements), narrow and
 wide row groups, grids that loop (3 emulated SMs), fewer and more rows than weight-gradient
 partials, grouped and generic RoPE kernels, strided q / k views of a fused qkv projection.
-Each kernel runs twice with different thread interleavings and must give the same bits.
-The last test repeats this module under AddressSanitizer (out-of-bounds accesses of the kernels).
+Each kernel runs twice with different thread interleavings and must give the same bits. The traffic
+tests count the kernels' loads and stores (tests/cuda_emu/trace.cpp): one pass over each row, 16-byte
+packs. The last test repeats this module under AddressSanitizer (out-of-bounds accesses of the kernels).
 """
 import os
 import subprocess
@@ -149,6 +150,72 @@ def test_qk_rmsnorm_rope_kernels(dtype, fused_qkv, shape):
     inputs, upstream = rope.make_inputs(*shape, dtype, seed=6, fused_qkv=fused_qkv)
     got = assert_accurate(rope.run, inputs, upstream, candidate=run_rope_emulated)
     assert not any(t.isnan().any() for t in got)
+
+
+# ---------------------------------------------------------------- memory traffic
+def assert_traffic(stats: dict, reads: dict[str, int], writes: list[str], width: int):
+    """Activation buffers move as the kernels claim: each of `reads` loaded in exactly that many
+    passes and never written, each of `writes` stored once and never read, every access `width` bytes."""
+    for name, passes in reads.items():
+        s = stats[name]
+        assert (s["loaded"], s["stored"]) == (passes * s["bytes"], 0), f"{name}: {s}"
+        assert s["accesses"] * width == s["loaded"], f"{name}: {s} (expected {width}-byte accesses)"
+    for name in writes:
+        s = stats[name]
+        assert (s["loaded"], s["stored"]) == (0, s["bytes"]), f"{name}: {s}"
+        assert s["accesses"] * width == s["stored"], f"{name}: {s} (expected {width}-byte accesses)"
+
+
+traced = pytest.mark.skipif(SANITIZED, reason="the sanitized build is not instrumented for tracing")
+
+
+@traced
+@pytest.mark.parametrize("dtype, shape, misalign, width, fwd_passes, bwd_passes", [
+    (torch.bfloat16, (8, 4096), False, 16, 1, 1),   # rows cached in registers, 16-byte packs
+    (torch.float32, (8, 4096), False, 16, 1, 1),
+    (torch.bfloat16, (2, 9000), False, 16, 1, 2),   # backward reads a row twice above 8192 elements
+    (torch.bfloat16, (3, 20000), False, 16, 2, 2),  # forward too above 16384
+    (torch.float32, (7, 129), False, 4, 1, 1),      # odd width: scalar path
+    (torch.bfloat16, (19, 256), True, 2, 1, 1),     # misaligned x: scalar path
+])
+def test_fused_add_rmsnorm_reads_each_row_once_in_16_byte_packs(dtype, shape, misalign, width, fwd_passes,
+                                                                 bwd_passes):
+    (x, r, w), (gy, gr) = norm.make_inputs(shape, dtype)
+    x = misaligned(x) if misalign else x
+    with cuda_emu.trace() as t:
+        _, res, rstd = cuda_emu.rmsnorm_forward(x, r, w, 1e-6)
+        cuda_emu.rmsnorm_backward(misaligned(gy) if misalign else gy, gr, res, w, rstd)
+    assert_traffic(t["fused_add_rmsnorm_fwd"][0], {"x": fwd_passes, "residual": fwd_passes}, ["y", "res"], width)
+    # the backward's second pass re-reads grad_y and res; grad_res is read once, in that pass
+    assert_traffic(t["fused_add_rmsnorm_bwd"][0], {"grad_y": bwd_passes, "res": bwd_passes, "grad_res": 1},
+                   ["grad_x"], width)
+
+
+@traced
+@pytest.mark.parametrize("dtype, width", [(torch.bfloat16, 16), (torch.float32, 16), (torch.float16, 16)])
+def test_swiglu_moves_each_element_once_in_16_byte_packs(dtype, width):
+    gate_up, upstream = activation.make_inputs((40, 2 * 256), dtype)
+    with cuda_emu.trace() as t:
+        cuda_emu.swiglu_forward(gate_up)
+        cuda_emu.swiglu_backward(upstream, gate_up)
+    assert_traffic(t["swiglu_fwd"][0], {"gate_up": 1}, ["out"], width)
+    assert_traffic(t["swiglu_bwd"][0], {"grad_out": 1, "gate_up": 1}, ["grad_gate_up"], width)
+
+
+@traced
+@pytest.mark.parametrize("dtype, D, passes, fwd_width, bwd_width", [
+    (torch.bfloat16, 128, 1, 16, 8),   # grouped kernels; the backward moves 4 elements per access (kBwdVec)
+    (torch.float32, 96, 1, 16, 16),
+    (torch.bfloat16, 1024, 2, 16, 8),  # generic kernels: a second pass over the row
+    (torch.float32, 30, 1, 4, 4),      # half = 15: scalar path
+])
+def test_qk_rmsnorm_rope_reads_each_head_vector_once(dtype, D, passes, fwd_width, bwd_width):
+    (q, _k, qw, _kw, cos, sin), (gq, _gk) = rope.make_inputs(2, 9, 2, 1, D, dtype)
+    with cuda_emu.trace() as t:
+        out, rstd = cuda_emu.rope_forward(q, qw, cos, sin, 1e-6)
+        cuda_emu.rope_backward(gq, q, qw, cos, sin, rstd)
+    assert_traffic(t["rmsnorm_rope_fwd"][0], {"x": passes}, ["out"], fwd_width)
+    assert_traffic(t["rmsnorm_rope_bwd"][0], {"grad_out": passes, "x": passes}, ["grad_x"], bwd_width)
 
 
 # ---------------------------------------------------------------- AddressSanitizer

@@ -20,12 +20,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
-SOURCES = [HERE / "cuda_emu.cpp", HERE / "capi.cpp", HERE / "selftest.cu", *sorted(CUDA_DIR.glob("*.cu"))]
+KERNEL_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+SOURCES = [HERE / "cuda_emu.cpp", HERE / "capi.cpp", HERE / "trace.cpp", HERE / "selftest.cu", *KERNEL_SOURCES]
 HEADERS = [HERE / "cuda_emu.h", *sorted((HERE / "include").glob("*.h")), *sorted(CUDA_DIR.glob("*.h")),
            *sorted(CUDA_DIR.glob("*.cuh"))]
 FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized",
          f"-I{HERE / 'include'}", f"-I{CUDA_DIR}"]
 SANITIZE_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+# the kernels of the plain build report their loads and stores to trace.cpp (see there)
+TRACE_FLAGS = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # unigendet::cuda::DType
 
 
@@ -46,14 +49,16 @@ def library_path(sanitize: bool = False) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX) to build the CUDA emulator")
     flags = FLAGS + (SANITIZE_FLAGS if sanitize else [])
-    out = ROOT / "build" / "cuda_emu" / f"{_digest(flags)}{'-asan' if sanitize else ''}" / "libcuda_emu.so"
+    kernel_flags = [] if sanitize else TRACE_FLAGS
+    out = ROOT / "build" / "cuda_emu" / f"{_digest(flags + kernel_flags)}{'-asan' if sanitize else ''}" / "libcuda_emu.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         def compile_one(src: Path) -> Path:
             obj = Path(tmp) / f"{src.name}.o"
-            cmd = [cxx, "-x", "c++", *flags, "-c", str(src), "-o", str(obj)]
+            extra = kernel_flags if src in KERNEL_SOURCES else []
+            cmd = [cxx, "-x", "c++", *flags, *extra, "-c", str(src), "-o", str(obj)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"compiling {src} for the CUDA emulator failed:\n{proc.stderr[-4000:]}")
@@ -81,6 +86,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "cuda_emu_rmsnorm_rope_bwd_num_partials": ([p], i64),
         "cuda_emu_rmsnorm_rope_bwd": ([i32, p, p, p, p, p, p, p, p, p, i64, p], i32),
         "cuda_emu_selftest": ([ctypes.c_char_p, p, p, i32, i32], i32),
+        "cuda_emu_trace_start": ([i32, ctypes.POINTER(p), ctypes.POINTER(i64)], None),
+        "cuda_emu_trace_stop": ([], None),
+        "cuda_emu_trace_stat": ([i32, i32], i64),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(lib, name)
@@ -102,15 +110,50 @@ def library(sanitize: bool | None = None) -> ctypes.CDLL:
 
 
 _SEED = [0]
+_TRACES: list[dict] = []  # open trace() blocks
 
 
-def call(name: str, *args):
-    """Calls cuda_emu_<name> with a fresh thread-order seed; raises with the emulator's message on failure."""
+def call(name: str, *args, buffers: dict[str, torch.Tensor | None]):
+    """Calls cuda_emu_<name> with a fresh thread-order seed; raises with the emulator's message on failure.
+    `buffers` names the tensors the call reads or writes, for trace()."""
     lib = library()
     _SEED[0] += 1
     lib.cuda_emu_set_seed(_SEED[0])
-    if getattr(lib, f"cuda_emu_{name}")(*args) != 0:
-        raise RuntimeError(f"emulated CUDA {name}: {lib.cuda_emu_error().decode()}")
+    named = {k: t for k, t in buffers.items() if t is not None}
+    if _TRACES:
+        n = len(named)
+        ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in named.values()])
+        sizes = (ctypes.c_int64 * n)(*[t.numel() * t.element_size() for t in named.values()])
+        lib.cuda_emu_trace_start(n, ptrs, sizes)
+    try:
+        if getattr(lib, f"cuda_emu_{name}")(*args) != 0:
+            raise RuntimeError(f"emulated CUDA {name}: {lib.cuda_emu_error().decode()}")
+    finally:
+        if _TRACES:
+            lib.cuda_emu_trace_stop()
+            stats = {k: {"bytes": t.numel() * t.element_size(),
+                         **{stat: lib.cuda_emu_trace_stat(i, j) for j, stat in enumerate(TRACE_STATS)}}
+                     for i, (k, t) in enumerate(named.items())}
+            for t in _TRACES:
+                t.setdefault(name, []).append(stats)
+
+
+TRACE_STATS = ("loaded", "stored", "accesses", "wide")
+
+
+class trace:
+    """Memory traffic of the kernels called inside the block (plain build only: the sanitized one is
+    not instrumented): {entry point: [per call: {buffer: {"bytes": its size, "loaded": bytes,
+    "stored": bytes, "accesses": n, "wide": n of 16-byte accesses}}]}, e.g.
+    t["swiglu_fwd"][0]["gate_up"]["loaded"]."""
+
+    def __enter__(self) -> dict:
+        _TRACES.append({})
+        return _TRACES[-1]
+
+    def __exit__(self, *exc):
+        _TRACES.pop()
+        return False
 
 
 def _ptr(t: torch.Tensor | None):
@@ -139,7 +182,7 @@ def rmsnorm_forward(x, residual, weight, eps):
     w = weight.float().contiguous()
     y, res, rstd = _nan(*x2.shape, like=x), _nan(*x2.shape, like=x), _nan(x2.shape[0], like=x, dtype=torch.float32)
     call("fused_add_rmsnorm_fwd", _code(x), _ptr(x2), _ptr(r2), _ptr(w), _ptr(y), _ptr(res), _ptr(rstd),
-         x2.shape[0], x2.shape[1], eps)
+         x2.shape[0], x2.shape[1], eps, buffers=dict(x=x2, residual=r2, weight=w, y=y, res=res, rstd=rstd))
     return y.view(x.shape), res.view(x.shape), rstd.view(x.shape[:-1])
 
 
@@ -152,7 +195,9 @@ def rmsnorm_backward(grad_y, grad_res, res, weight, rstd):
     grad_x, partial = _nan(rows, cols, like=res), _nan(parts, cols, like=res, dtype=torch.float32)
     grad_w = _nan(cols, like=res, dtype=torch.float32)
     call("fused_add_rmsnorm_bwd", _code(res), _ptr(gy), _ptr(gr), _ptr(r2), _ptr(w), _ptr(rs), _ptr(grad_x),
-         _ptr(partial), parts, _ptr(grad_w), rows, cols)
+         _ptr(partial), parts, _ptr(grad_w), rows, cols,
+         buffers=dict(grad_y=gy, grad_res=gr, res=r2, weight=w, rstd=rs, grad_x=grad_x, partial=partial,
+                      grad_weight=grad_w))
     return grad_x.view(res.shape), grad_w
 
 
@@ -180,14 +225,15 @@ def swiglu_forward(gate_up):
     gu = _rows(gate_up)
     rows, features = gu.shape[0], gu.shape[1] // 2
     out = _nan(rows, features, like=gate_up)
-    call("swiglu_fwd", _code(gu), _ptr(gu), _ptr(out), rows, features)
+    call("swiglu_fwd", _code(gu), _ptr(gu), _ptr(out), rows, features, buffers=dict(gate_up=gu, out=out))
     return out.view(*gate_up.shape[:-1], features)
 
 
 def swiglu_backward(grad_out, gate_up):
     gu, go = _rows(gate_up), _rows(grad_out)
     grad = _nan(*gu.shape, like=gate_up)
-    call("swiglu_bwd", _code(gu), _ptr(go), _ptr(gu), _ptr(grad), gu.shape[0], gu.shape[1] // 2)
+    call("swiglu_bwd", _code(gu), _ptr(go), _ptr(gu), _ptr(grad), gu.shape[0], gu.shape[1] // 2,
+         buffers=dict(grad_out=go, gate_up=gu, grad_gate_up=grad))
     return grad.view(gate_up.shape)
 
 
@@ -219,7 +265,8 @@ def rope_forward(x, weight, cos, sin, eps):
     shape = _rope_shape(x)
     w, c, s = (t.float().contiguous() for t in (weight, cos, sin))
     out, rstd = _nan(*x.shape, like=x), _nan(*x.shape[:3], like=x, dtype=torch.float32)
-    call("rmsnorm_rope_fwd", _code(x), _ptr(x), shape, _ptr(w), _ptr(c), _ptr(s), _ptr(out), _ptr(rstd), eps)
+    call("rmsnorm_rope_fwd", _code(x), _ptr(x), shape, _ptr(w), _ptr(c), _ptr(s), _ptr(out), _ptr(rstd), eps,
+         buffers=dict(x=x, weight=w, cos=c, sin=s, out=out, rstd=rstd))
     return out, rstd
 
 
@@ -233,7 +280,9 @@ def rope_backward(grad_out, x, weight, cos, sin, rstd):
     grad_x, partial, grad_w = _nan(*x.shape, like=x), _nan(parts, D, like=x, dtype=torch.float32), \
         _nan(D, like=x, dtype=torch.float32)
     call("rmsnorm_rope_bwd", _code(x), _ptr(go), _ptr(x), shape, _ptr(w), _ptr(c), _ptr(s), _ptr(rstd),
-         _ptr(grad_x), _ptr(partial), parts, _ptr(grad_w))
+         _ptr(grad_x), _ptr(partial), parts, _ptr(grad_w),
+         buffers=dict(grad_out=go, x=x, weight=w, cos=c, sin=s, rstd=rstd, grad_x=grad_x, partial=partial,
+                      grad_weight=grad_w))
     return grad_x, grad_w
 
 
@@ -262,5 +311,6 @@ def selftest(name: str, inputs: torch.Tensor, threads: int, param: int = 0) -> t
     """out (threads,) of the self-test kernel `name` of selftest.cu on one block of `threads` threads."""
     x = inputs.float().contiguous()
     out = torch.full((threads,), float("nan"))
-    call("selftest", name.encode(), _ptr(x), _ptr(out), threads, param)
+    call("selftest", name.encode(), _ptr(x), _ptr(out), threads, param, buffers=dict(inputs=x, out=out))
     return out
+

@@ -119,7 +119,12 @@ inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask, int widt
   return ::cuda_emu::shfl_xor(mask, value, lane_mask, width);
 }
 
-template <typename T> inline T __ldg(const T* p) { return *p; }
+// One access of sizeof(T) bytes, as the device's LDG (a float4 stays one 16-byte load).
+template <typename T> inline T __ldg(const T* p) {
+  T v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 
 inline float rsqrtf(float x) { return 1.f / sqrtf(x); }
 
