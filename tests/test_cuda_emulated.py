@@ -22,6 +22,7 @@ import test_ops_activation as activation
 import test_ops_norm as norm
 import test_ops_rope as rope
 from op_testing import LOW_PRECISION, NO_EXT, assert_accurate, leaf, run_with_grads
+from sanitizer import asan_env, asan_reports
 
 pytestmark = pytest.mark.skipif(NO_EXT or cuda_emu.compiler() is None,
                                 reason="UNIGENDET_NO_EXT is set (pure-Python install, no C++ toolchain)")
@@ -224,24 +225,14 @@ def test_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
     """This module again with the kernels built with -fsanitize=address: every kernel above stays inside
     its buffers (torch allocates exactly the requested bytes); and a kernel that reads one element past
     its input is caught, so the check is live."""
-    # the ASan runtime must come first in a process whose main program is not instrumented, and
-    # libstdc++ must be loaded before it starts, or its __cxa_throw interceptor has nothing to call
-    preload = [subprocess.run([cuda_emu.compiler(), f"-print-file-name={lib}"], capture_output=True,
-                              text=True).stdout.strip() for lib in ("libasan.so", "libstdc++.so")]
-    assert all(Path(p).is_file() for p in preload), f"no ASan runtime for {cuda_emu.compiler()}: {preload}"
     cuda_emu.library_path(sanitize=True)  # build here, so a compile error shows in this test
-    env = {**os.environ, "LD_PRELOAD": " ".join(preload), "UNIGENDET_CUDA_EMU_ASAN": "1",
-           "ASAN_OPTIONS": f"detect_leaks=0:log_path={tmp_path / 'asan'}"}  # reports survive pytest's capture
-
-    def reports() -> str:  # the error line and the first frames of each report
-        text = "\n".join(p.read_text() for p in sorted(tmp_path.glob("asan*")))
-        return "\n".join(text[text.find("ERROR: AddressSanitizer"):].splitlines()[:12])
+    env = asan_env(tmp_path, UNIGENDET_CUDA_EMU_ASAN="1")
     here = Path(__file__).resolve().parent
 
     overrun = subprocess.run([sys.executable, "-c", "import torch, cuda_emu; "
                               "cuda_emu.selftest('overrun', torch.zeros(64), 64)"],
                              cwd=here, env=env, capture_output=True, text=True)
-    report = reports()
+    report = asan_reports(tmp_path)
     assert overrun.returncode != 0 and "heap-buffer-overflow" in report, f"{overrun.stderr[-2000:]}\n{report}"
     assert "in overrun_kernel" in report
     for p in tmp_path.glob("asan*"):
@@ -249,5 +240,5 @@ def test_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
 
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", Path(__file__).name],
                          cwd=here, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{reports()}"
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{asan_reports(tmp_path)}"
     assert " passed" in run.stdout

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,21 @@ def test_trainer_with_ext_matches_reference(tiny_overrides, tmp_path):
         for key in ("joint/flow", "joint/bce", "joint/align", "joint/auth"):
             assert key in a
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
+
+
+@EXT_ONLY
+def test_cpu_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
+    """The op tests of the three backbone ops again, with unigendet._C rebuilt with -fsanitize=address
+    (tests/ext_asan.py; about 40 s the first time): no CPU kernel reads or writes outside a tensor's
+    bytes on any of their shapes (vector tails, odd widths, strided q / k, every dtype)."""
+    from sanitizer import asan_env, asan_reports
+
+    tests = ["tests/test_ops_norm.py", "tests/test_ops_activation.py", "tests/test_ops_rope.py"]
+    run = subprocess.run([sys.executable, "tests/ext_asan.py", "-q", "-x", *tests], cwd=ROOT,
+                         env=asan_env(tmp_path), capture_output=True, text=True)
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{asan_reports(tmp_path)}"
+    assert "sanitized unigendet._C: " in run.stdout and " passed" in run.stdout
+    # the kernels were compiled with the instrumentation (a report function per access size)
+    so = run.stdout.split("sanitized unigendet._C: ")[1].split()[0]
+    symbols = subprocess.run(["nm", "-D", "--undefined-only", so], capture_output=True, text=True).stdout
+    assert "__asan_report_load" in symbols

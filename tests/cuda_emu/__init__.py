@@ -9,13 +9,14 @@ element a kernel forgets to write shows up.
 import ctypes
 import hashlib
 import os
-import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from sanitizer import compiler
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -30,10 +31,6 @@ SANITIZE_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 # the kernels of the plain build report their loads and stores to trace.cpp (see there)
 TRACE_FLAGS = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # unigendet::cuda::DType
-
-
-def compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++"))
 
 
 def _digest(flags: list[str]) -> str:
