@@ -6,6 +6,7 @@ host entry points (csrc/cuda/launch.h) with the contract of csrc/cuda/register.c
 can hold them to the same accuracy rule as the GPU. Outputs and workspaces start as NaN, so an
 element a kernel forgets to write shows up.
 """
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -135,22 +136,20 @@ def call(name: str, *args, buffers: dict[str, torch.Tensor | None]):
                 t.setdefault(name, []).append(stats)
 
 
-TRACE_STATS = ("loaded", "stored", "accesses", "wide")
+TRACE_STATS = ("loaded", "stored", "accesses")
 
 
-class trace:
+@contextlib.contextmanager
+def trace():
     """Memory traffic of the kernels called inside the block (plain build only: the sanitized one is
     not instrumented): {entry point: [per call: {buffer: {"bytes": its size, "loaded": bytes,
-    "stored": bytes, "accesses": n, "wide": n of 16-byte accesses}}]}, e.g.
-    t["swiglu_fwd"][0]["gate_up"]["loaded"]."""
-
-    def __enter__(self) -> dict:
-        _TRACES.append({})
-        return _TRACES[-1]
-
-    def __exit__(self, *exc):
-        _TRACES.pop()
-        return False
+    "stored": bytes, "accesses": n}}]}, e.g. t["swiglu_fwd"][0]["gate_up"]["loaded"]."""
+    seen: dict = {}
+    _TRACES.append(seen)
+    try:
+        yield seen
+    finally:
+        _TRACES.remove(seen)
 
 
 def _ptr(t: torch.Tensor | None):

@@ -1,7 +1,7 @@
 // Global-memory traffic of the emulated kernels. The kernel sources (csrc/cuda/*.cu) are compiled with
 // GCC's ThreadSanitizer instrumentation but linked without its runtime: the compiler then reports
 // every load and store of kernel code to the __tsan_* callbacks below, which count the bytes and
-// the access widths that fall inside the buffers a test registered. So a test can check that a
+// the accesses that fall inside the buffers a test registered. So a test can check that a
 // kernel reads each input row once and moves 16-byte packs, without changing a line of the kernel.
 // (Widths are those of the host compiler's code for the same source: a 16-byte Pack copy is one
 // 16-byte access, as nvcc's LDG.128 / STG.128.)
@@ -13,7 +13,7 @@ namespace {
 
 struct Buffer {
   uintptr_t begin, end;
-  int64_t loaded = 0, stored = 0, accesses = 0, wide = 0;  // wide: 16-byte accesses
+  int64_t loaded = 0, stored = 0, accesses = 0;
 };
 
 std::vector<Buffer> g_buffers;
@@ -26,7 +26,6 @@ void record(const volatile void* p, uint64_t bytes, bool store) {
     if (a >= b.begin && a < b.end) {
       (store ? b.stored : b.loaded) += static_cast<int64_t>(bytes);
       ++b.accesses;
-      b.wide += bytes == 16;
       return;
     }
 }
@@ -48,10 +47,10 @@ void cuda_emu_trace_start(int n, const void* const* ptrs, const int64_t* sizes) 
 
 void cuda_emu_trace_stop() { g_tracing = false; }
 
-// what: 0 bytes loaded, 1 bytes stored, 2 accesses, 3 accesses of 16 bytes; of buffer i.
+// what: 0 bytes loaded, 1 bytes stored, 2 accesses; of buffer i.
 int64_t cuda_emu_trace_stat(int i, int what) {
   const Buffer& b = g_buffers.at(static_cast<size_t>(i));
-  const int64_t v[] = {b.loaded, b.stored, b.accesses, b.wide};
+  const int64_t v[] = {b.loaded, b.stored, b.accesses};
   return v[what];
 }
 
