@@ -48,7 +48,8 @@ def library_path(sanitize: bool = False) -> Path:
         raise RuntimeError("no C++ compiler (g++ or $CXX) to build the CUDA emulator")
     flags = FLAGS + (SANITIZE_FLAGS if sanitize else [])
     kernel_flags = [] if sanitize else TRACE_FLAGS
-    out = ROOT / "build" / "cuda_emu" / f"{_digest(flags + kernel_flags)}{'-asan' if sanitize else ''}" / "libcuda_emu.so"
+    tag = _digest(flags + kernel_flags) + ("-asan" if sanitize else "")
+    out = ROOT / "build" / "cuda_emu" / tag / "libcuda_emu.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

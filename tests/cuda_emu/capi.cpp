@@ -45,7 +45,9 @@ void cuda_emu_set_seed(uint64_t seed) { cuda_emu::set_seed(seed); }
 
 int cuda_emu_fused_add_rmsnorm_fwd(int dtype, const void* x, const void* residual, const float* weight, void* y,
                                    void* res, float* rstd, int64_t rows, int64_t cols, float eps) {
-  return guarded([&] { uc::fused_add_rmsnorm_fwd(dtype_of(dtype), x, residual, weight, y, res, rstd, rows, cols, eps, nullptr); });
+  return guarded([&] {
+    uc::fused_add_rmsnorm_fwd(dtype_of(dtype), x, residual, weight, y, res, rstd, rows, cols, eps, nullptr);
+  });
 }
 
 int64_t cuda_emu_rmsnorm_bwd_num_partials(int64_t rows) { return uc::rmsnorm_bwd_num_partials(rows, 0); }
@@ -71,7 +73,9 @@ int cuda_emu_swiglu_bwd(int dtype, const void* grad_out, const void* gate_up, vo
 // shape: {batch, seq, heads, head_dim, stride_b, stride_t, stride_h} of x.
 int cuda_emu_rmsnorm_rope_fwd(int dtype, const void* x, const int64_t* shape, const float* weight, const float* cos,
                               const float* sin, void* out, float* rstd, float eps) {
-  return guarded([&] { uc::rmsnorm_rope_fwd(dtype_of(dtype), x, rope_shape(shape), weight, cos, sin, out, rstd, eps, nullptr); });
+  return guarded([&] {
+    uc::rmsnorm_rope_fwd(dtype_of(dtype), x, rope_shape(shape), weight, cos, sin, out, rstd, eps, nullptr);
+  });
 }
 
 int64_t cuda_emu_rmsnorm_rope_bwd_num_partials(const int64_t* shape) {

@@ -174,7 +174,8 @@ std::string describe_deadlock(const Block& b) {
   }
   std::ostringstream s;
   s << "deadlock in block " << str(b.index) << " of grid " << str(b.grid) << ", block " << str(b.dim) << ":";
-  for (const auto& [state, info] : groups) s << " " << info.first << " threads " << state << " (first " << str(info.second) << ");";
+  for (const auto& [state, info] : groups)
+    s << " " << info.first << " threads " << state << " (first " << str(info.second) << ");";
   return s.str();
 }
 
