@@ -25,38 +25,30 @@ B, TG, TD, H, HKV, D = 2, 37, 50, 2, 1, 16
 LEN_G, LEN_D = [37, 20], [50, 33]
 
 
-def key_blocks(T_q: int, lens_q: list[int], lens_k: list[int], block_m: int, block_n: int, *, own: bool,
-               causal: bool) -> int:
-    """Key blocks visited by every query tile of one stream (forward, dQ), summed over batch and heads:
-    a tile at or past its length visits none; its own stream up to the tile's last row when causal,
-    else all keys below the length; the other stream all keys below that stream's length."""
+def visited(T: int, lens: list[int], other_lens: list[int], tile: int, block: int, *, own: bool,
+            causal=None) -> int:
+    """Blocks of `block` rows visited by every `tile`-row tile of a stream of length T, summed over
+    batch and heads. A tile at or past its sample's length visits none; otherwise all blocks below
+    that length in its own stream (other_lens: in the other one), or causal(tile start, length) blocks
+    when its own stream is causal."""
     total = 0
-    for len_q, len_k in zip(lens_q, lens_k):
-        for start in range(0, T_q, block_m):
-            if start >= len_q:
-                continue
-            if own and causal:
-                total += math.ceil(min(start + block_m, len_q) / block_n)
-            else:
-                total += math.ceil((len_q if own else len_k) / block_n)
+    for length, other in zip(lens, other_lens):
+        for start in range(0, T, tile):
+            if start < length:
+                total += causal(start, length) if own and causal else math.ceil((length if own else other) / block)
     return total * H
 
 
-def query_blocks(T_k: int, lens_k: list[int], lens_q: list[int], block_m: int, block_n: int, *, own: bool,
-                 causal: bool) -> int:
-    """Query blocks visited by every key tile of one key stream (dK/dV), summed over batch and query
-    heads: its own stream's queries from the tile's first key on when causal, else all below the length;
-    the other stream's queries below that stream's length."""
-    total = 0
-    for len_k, len_q in zip(lens_k, lens_q):
-        for start in range(0, T_k, block_n):
-            if start >= len_k:
-                continue
-            if own and causal:
-                total += math.ceil((len_k - start) / block_m)
-            else:
-                total += math.ceil((len_k if own else len_q) / block_m)
-    return total * H
+def key_blocks(T_q, lens_q, lens_k, block_m, block_n, *, own, causal) -> int:
+    """Forward and dQ: key blocks read by the query tiles; a causal tile stops at its last row."""
+    upto_last_row = (lambda start, n: math.ceil(min(start + block_m, n) / block_n)) if causal else None
+    return visited(T_q, lens_q, lens_k, block_m, block_n, own=own, causal=upto_last_row)
+
+
+def query_blocks(T_k, lens_k, lens_q, block_m, block_n, *, own, causal) -> int:
+    """dK/dV: query blocks read by the key tiles; a causal tile starts at its first key."""
+    from_first_key = (lambda start, n: math.ceil((n - start) / block_m)) if causal else None
+    return visited(T_k, lens_k, lens_q, block_n, block_m, own=own, causal=from_first_key)
 
 
 @pytest.mark.parametrize("g2d,d2g,g_causal,d_causal", list(itertools.product([False, True], repeat=4)))
