@@ -28,6 +28,9 @@ HEADERS = [HERE / "cuda_emu.h", *sorted((HERE / "include").glob("*.h")), *sorted
            *sorted(CUDA_DIR.glob("*.cuh"))]
 FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized",
          f"-I{HERE / 'include'}", f"-I{CUDA_DIR}"]
+# --no-undefined: a host function of launch.h that no .cu defines with that signature fails the link
+# (register.cpp, compiled against the same header, would otherwise fail to load on a GPU machine)
+LINK_FLAGS = ["-shared", "-Wl,--no-undefined"]
 SANITIZE_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 # the kernels of the plain build report their loads and stores to trace.cpp (see there)
 TRACE_FLAGS = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
@@ -48,7 +51,7 @@ def library_path(sanitize: bool = False) -> Path:
         raise RuntimeError("no C++ compiler (g++ or $CXX) to build the CUDA emulator")
     flags = FLAGS + (SANITIZE_FLAGS if sanitize else [])
     kernel_flags = [] if sanitize else TRACE_FLAGS
-    tag = _digest(flags + kernel_flags) + ("-asan" if sanitize else "")
+    tag = _digest(flags + kernel_flags + LINK_FLAGS) + ("-asan" if sanitize else "")
     out = ROOT / "build" / "cuda_emu" / tag / "libcuda_emu.so"
     if out.exists():
         return out
@@ -66,7 +69,10 @@ def library_path(sanitize: bool = False) -> Path:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             objects = list(pool.map(compile_one, SOURCES))
         tmp_lib = Path(tmp) / out.name
-        subprocess.run([cxx, "-shared", *flags, *map(str, objects), "-o", str(tmp_lib)], check=True)
+        link = subprocess.run([cxx, *LINK_FLAGS, *flags, *map(str, objects), "-o", str(tmp_lib)],
+                              capture_output=True, text=True)
+        if link.returncode != 0:
+            raise RuntimeError(f"linking the CUDA emulator failed:\n{link.stderr[-4000:]}")
         os.replace(tmp_lib, out)  # atomic: a concurrent or interrupted build never leaves half a file
     return out
 
