@@ -7,6 +7,8 @@ kernels load, and the Q tiles the dK/dV kernel loads, equal a closed-form count 
 blocks for all 16 switch settings, with padding and GQA.
 Loss: one pass over student and teacher computes the loss parts and the stored gradient, which
 the backward of `total.backward()` does not touch.
+Memory (tests/allocations.py): the loss allocates its gradients and a few partial sums only, the
+attention memory grows linearly in T (eager: (M, C) fp32 temporaries; (T, T) scores).
 """
 import itertools
 import math
@@ -14,6 +16,7 @@ import math
 import pytest
 import torch
 
+from allocations import allocated
 from triton_traffic import traffic
 from unigendet import ops
 
@@ -112,3 +115,41 @@ def test_loss_reads_its_inputs_once_and_backward_leaves_the_stored_gradient_alon
     # the usual total.backward() needs no pass over it; a scaled one rescales it in place, once
     assert (grad["loaded"], grad["stored"]) == ((student.nbytes,) * 2 if scaled else (0, 0)), grad
     assert student.grad is not None and student.grad.isfinite().all()
+
+
+def test_loss_allocates_its_gradients_only():
+    gen = torch.Generator().manual_seed(2)
+    M, C, N = 300, 1024, 333
+    student = torch.randn(M, C, generator=gen, dtype=torch.bfloat16).requires_grad_()
+    teacher = torch.randn(M, C, generator=gen, dtype=torch.bfloat16)
+    logits = torch.randn(N, generator=gen).requires_grad_()
+    targets, weights = torch.rand(N, generator=gen), torch.rand(N, generator=gen)
+    grads = student.nbytes + logits.nbytes
+
+    def alloc(backend):
+        with allocated() as a:
+            ops.bce_diga_loss(logits, targets, weights, student, teacher, backend=backend).total.backward()
+        student.grad = logits.grad = None
+        return a
+
+    fused, eager = alloc("triton"), alloc("reference")
+    inputs = student.nbytes + teacher.nbytes + logits.nbytes + targets.nbytes + weights.nbytes
+    assert fused.bytes <= grads + 0.1 * inputs, (fused.bytes, grads, fused.largest)
+    assert fused.largest[1] == student.nbytes  # the stored gradient, in the student's dtype
+    assert eager.bytes > 4 * grads  # the same check on the eager code: its fp32 (M, C) temporaries
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_memory_is_linear_in_sequence_length(causal):
+    def alloc(T, backend):
+        gen = torch.Generator().manual_seed(3)
+        qkv = [torch.randn(1, T, h, D, generator=gen).requires_grad_() for _ in "gd" for h in (H, HKV, HKV)]
+        with allocated() as a:
+            o_g, o_d = ops.mmsa_attention(*qkv, g_causal=causal, backend=backend)
+            (o_g.sum() + o_d.sum()).backward()
+        return a.bytes
+
+    fused = [alloc(T, "triton") for T in (48, 96)]
+    eager = [alloc(T, "reference") for T in (48, 96)]
+    assert fused[1] <= 2.1 * fused[0], fused  # outputs, LSE, gradients: O(T)
+    assert eager[1] >= 3 * eager[0], eager  # the reference's (T, T) scores: the check can tell
