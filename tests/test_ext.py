@@ -120,6 +120,43 @@ def test_trainer_with_ext_matches_reference(tiny_overrides, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
 
 
+def _backbone_op_cases():
+    """{op: (run(backend) -> scalar to backprop, leaves, bytes of the op's outputs)} on mid-size inputs."""
+    g = torch.Generator().manual_seed(0)
+    leaf = lambda *shape: torch.randn(*shape, generator=g).requires_grad_()  # noqa: E731
+    x, r, w, gu = leaf(512, 1024), leaf(512, 1024), leaf(1024), leaf(512, 2048)
+    q, k, qw, kw = leaf(2, 64, 4, 64), leaf(2, 64, 2, 64), leaf(64), leaf(64)
+    ang = torch.randn(64, 32, generator=g)
+    return {
+        "fused_add_rmsnorm": (lambda be: sum(t.sum() for t in ops.fused_add_rmsnorm(x, r, w, 1e-6, backend=be)),
+                              [x, r, w], 2 * x.nbytes),
+        "swiglu": (lambda be: ops.swiglu(gu, backend=be).sum(), [gu], gu.nbytes // 2),
+        "qk_rmsnorm_rope": (lambda be: sum(t.sum() for t in ops.qk_rmsnorm_rope(q, k, qw, kw, ang.cos(), ang.sin(),
+                                                                              backend=be)),
+                            [q, k, qw, kw], q.nbytes + k.nbytes),
+    }
+
+
+@EXT_ONLY
+@pytest.mark.parametrize("op", ["fused_add_rmsnorm", "swiglu", "qk_rmsnorm_rope"])
+def test_ext_ops_allocate_their_outputs_and_gradients_only(op):
+    """Forward + backward through the ext op allocate the outputs, the input gradients and a few
+    per-row / per-column partials: no temporaries of the input's size (eager allocates 2x-10x more)."""
+    from allocations import allocated
+
+    run, leaves, out_bytes = _backbone_op_cases()[op]
+    needed = out_bytes + sum(t.nbytes for t in leaves)
+    seen = {}
+    for backend in ("ext", "reference"):
+        with allocated() as a:
+            run(backend).backward()
+        seen[backend] = a.bytes
+        for t in leaves:
+            t.grad = None
+    assert seen["ext"] <= 1.1 * needed, (seen, needed)
+    assert seen["reference"] >= 2 * needed, (seen, needed)  # the check can tell fused from eager
+
+
 @EXT_ONLY
 def test_cpu_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
     """The op tests of the three backbone ops again, with unigendet._C rebuilt with -fsanitize=address
