@@ -25,7 +25,7 @@ from op_testing import LOW_PRECISION, NO_EXT, assert_accurate, leaf, run_with_gr
 from sanitizer import asan_env, asan_reports
 
 pytestmark = pytest.mark.skipif(NO_EXT or cuda_emu.compiler() is None,
-                                reason="pure-Python install (UNIGENDET_NO_EXT set) or no C++ compiler")
+                                reason="pure-Python install (UNIGENDET_NO_EXT set) or no g++")
 SANITIZED = os.environ.get("UNIGENDET_CUDA_EMU_ASAN") == "1"
 # under ASan fp16 is left out: its memory accesses are bf16's (same width, same paths)
 DTYPES = [torch.float32, torch.bfloat16] if SANITIZED else [torch.float32] + LOW_PRECISION

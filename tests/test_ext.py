@@ -158,6 +158,7 @@ def test_ext_ops_allocate_their_outputs_and_gradients_only(op):
 
 
 @EXT_ONLY
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ (the sanitized build and its runtime are GCC's)")
 def test_cpu_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
     """The op tests of the three backbone ops again, with unigendet._C rebuilt with -fsanitize=address
     (tests/ext_asan.py; about 40 s the first time): no CPU kernel reads or writes outside a tensor's

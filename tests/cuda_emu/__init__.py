@@ -48,7 +48,7 @@ def library_path(sanitize: bool = False) -> Path:
     """The emulated library, compiled on first use (one object per source, in parallel)."""
     cxx = compiler()
     if cxx is None:
-        raise RuntimeError("no C++ compiler (g++ or $CXX) to build the CUDA emulator")
+        raise RuntimeError("no g++ to build the CUDA emulator")
     flags = FLAGS + (SANITIZE_FLAGS if sanitize else [])
     kernel_flags = [] if sanitize else TRACE_FLAGS
     tag = _digest(flags + kernel_flags + LINK_FLAGS) + ("-asan" if sanitize else "")
