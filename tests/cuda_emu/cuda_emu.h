@@ -19,7 +19,9 @@
 //   - The device has kSmCount multiprocessors with one resident block each, so grids sized to "one
 //     wave" are small and the grid-stride loops of the kernels take several turns.
 //   - Launch configurations are checked as the driver does (threads per block, grid limits); a bad
-//     one is reported by cudaGetLastError and the kernel does not run.
+//     one is reported by cudaGetLastError and the kernel does not run. A kernel's own
+//     __launch_bounds__ is not known here (the macro expands to nothing), so a block larger than it
+//     is not caught.
 //   - __shared__ variables are function-local statics: one copy per kernel instantiation, shared by
 //     the threads of the (single) running block. Their contents carry over from the previous block
 //     (GCC ignores section attributes on statics of templates, so they cannot be poisoned): a read
