@@ -22,8 +22,8 @@ from sanitizer import compiler
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
-KERNEL_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
-SOURCES = [HERE / "cuda_emu.cpp", HERE / "capi.cpp", HERE / "trace.cpp", HERE / "selftest.cu", *KERNEL_SOURCES]
+KERNEL_SOURCES = [HERE / "selftest.cu", *sorted(CUDA_DIR.glob("*.cu"))]  # instrumented (trace.cpp)
+SOURCES = [HERE / "cuda_emu.cpp", HERE / "capi.cpp", HERE / "trace.cpp", *KERNEL_SOURCES]
 HEADERS = [HERE / "cuda_emu.h", *sorted((HERE / "include").glob("*.h")), *sorted(CUDA_DIR.glob("*.h")),
            *sorted(CUDA_DIR.glob("*.cuh"))]
 FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Wno-maybe-uninitialized",
@@ -32,7 +32,8 @@ FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-
 # (register.cpp, compiled against the same header, would otherwise fail to load on a GPU machine)
 LINK_FLAGS = ["-shared", "-Wl,--no-undefined"]
 SANITIZE_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
-# the kernels of the plain build report their loads and stores to trace.cpp (see there)
+# the kernels of the plain build report their loads and stores to trace.cpp (traffic counters, and
+# the check that no kernel reads __shared__ memory its block has not written)
 TRACE_FLAGS = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # unigendet::cuda::DType
 

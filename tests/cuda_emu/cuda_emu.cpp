@@ -85,7 +85,7 @@ class StackPool {
 
 Block* g_block = nullptr;
 StackPool g_stacks;
-uint64_t g_seed = 0, g_launches = 0;
+uint64_t g_seed = 0, g_launches = 0, g_blocks_run = 0;
 cudaError_t g_last_error = cudaSuccess;
 std::string g_message;
 
@@ -301,6 +301,7 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
     for (unsigned y = 0; y < grid.y && b.error.empty(); ++y)
       for (unsigned x = 0; x < grid.x && b.error.empty(); ++x) {
         b.index = {x, y, z};
+        ++g_blocks_run;
         run_block(b, rng);
       }
   g_block = nullptr;
@@ -310,6 +311,8 @@ void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
 void set_seed(uint64_t seed) { g_seed = seed; }
 
 const char* last_error_message() { return g_message.c_str(); }
+
+uint64_t running_block() { return g_block != nullptr && g_block->current != nullptr ? g_blocks_run : 0; }
 
 }  // namespace cuda_emu
 

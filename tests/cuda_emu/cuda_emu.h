@@ -23,9 +23,9 @@
 //     __launch_bounds__ is not known here (the macro expands to nothing), so a block larger than it
 //     is not caught.
 //   - __shared__ variables are function-local statics: one copy per kernel instantiation, shared by
-//     the threads of the (single) running block. Their contents carry over from the previous block
-//     (GCC ignores section attributes on statics of templates, so they cannot be poisoned): a read
-//     of shared memory that no thread of the block wrote is not detected.
+//     the threads of the (single) running block. In the traced build (trace.cpp) a read of shared
+//     memory that no thread of the running block has written is an error, as compute-sanitizer's
+//     initcheck reports it on a GPU.
 //   - __half / __nv_bfloat16 round to nearest even like the device conversions; rsqrtf is exact
 //     here (the device's is within 2 ulp).
 // Memory accesses are plain host loads and stores; build with -fsanitize=address to catch
@@ -107,6 +107,10 @@ void set_seed(uint64_t seed);
 
 // Message of the last failed launch (deadlock, bad configuration, exception in a kernel).
 const char* last_error_message();
+
+// For the memory tracer (trace.cpp): 0 outside kernels, else a number that changes with every
+// block run (shared memory starts undefined in each block).
+uint64_t running_block();
 
 }  // namespace cuda_emu
 
