@@ -157,7 +157,7 @@ def test_ext_meets_the_accuracy_rule_on_cpu(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32] + LOW_PRECISION)
 @pytest.mark.parametrize("shape", [(2, 37, 4, 2, 32), (1, 300, 8, 2, 64), (2, 50, 3, 3, 96), (1, 129, 4, 1, 128),
-                                   (1, 17, 2, 1, 6), (1, 9, 2, 1, 256), (1, 5, 2, 1, 1024)])  # the last: generic kernels
+                                   (1, 17, 2, 1, 6), (1, 9, 2, 1, 256), (1, 5, 2, 1, 1024)])  # last: generic kernels
 @pytest.mark.parametrize("fused_qkv", [False, True])
 @gpu_only
 def test_cuda_within_2x_eager(dtype, shape, fused_qkv):
