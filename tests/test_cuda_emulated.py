@@ -93,8 +93,10 @@ def run_norm_emulated(inputs, upstream):
 
 # (rows, cols): scalar / vector, row groups of 1..1024 threads (backward: 64- and 128-thread groups
 # combine 4 and 2 copies per block through shared memory at 512 and 1024 columns), rows around the
-# 12 partials, uncached forward (> 16384 elements per row) and backward (> 8192)
-NORM_SHAPES = [(37, 129), (300, 64), (1, 1), (33, 512), (20, 1024), (5, 1027), (8, 4096), (2, 9000), (3, 20000)]
+# 12 partials, uncached forward (> 16384 elements per row) and backward (> 8192), vector and scalar
+# (odd width); with these every kernel instantiation runs (checked with gcov)
+NORM_SHAPES = [(37, 129), (300, 64), (1, 1), (33, 512), (20, 1024), (5, 1027), (8, 4096), (2, 9000), (3, 20000),
+               (2, 16411)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
