@@ -7,9 +7,11 @@ wide row groups, grids that loop (3 emulated SMs), fewer and more rows than weig
 partials, grouped and generic RoPE kernels, strided q / k views of a fused qkv projection.
 Each kernel runs twice with different thread interleavings and must give the same bits. The traffic
 tests count the kernels' loads and stores (tests/cuda_emu/trace.cpp): one pass over each row, 16-byte
-packs. The last test repeats this module under AddressSanitizer (out-of-bounds accesses of the kernels).
+packs. The last tests repeat this module under AddressSanitizer (out-of-bounds accesses of the kernels)
+and with gcov (every line of every kernel instantiation runs).
 """
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +28,8 @@ from sanitizer import asan_env, asan_reports
 
 pytestmark = pytest.mark.skipif(NO_EXT or cuda_emu.compiler() is None,
                                 reason="pure-Python install (UNIGENDET_NO_EXT set) or no g++")
-SANITIZED = os.environ.get("UNIGENDET_CUDA_EMU_ASAN") == "1"
+VARIANT = cuda_emu.variant()  # plain here; asan / coverage when the tests at the end rerun this module
+SANITIZED = VARIANT == "asan"
 # under ASan fp16 is left out: its memory accesses are bf16's (same width, same paths)
 DTYPES = [torch.float32, torch.bfloat16] if SANITIZED else [torch.float32] + LOW_PRECISION
 
@@ -228,25 +231,50 @@ def test_qk_rmsnorm_rope_reads_each_head_vector_once(dtype, D, passes, fwd_width
 
 
 # ---------------------------------------------------------------- AddressSanitizer
-@pytest.mark.skipif(SANITIZED, reason="this run is the sanitized one")
+def rerun_this_module(variant: str, env: dict) -> subprocess.CompletedProcess:
+    """This test file in a subprocess on the emulator's build `variant` (its meta tests skip there)."""
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", Path(__file__).name],
+                          cwd=Path(__file__).resolve().parent, env={**env, "UNIGENDET_CUDA_EMU": variant},
+                          capture_output=True, text=True)
+
+
+@pytest.mark.skipif(VARIANT != "plain", reason="run from the plain build's session")
 def test_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
     """This module again with the kernels built with -fsanitize=address: every kernel above stays inside
     its buffers (torch allocates exactly the requested bytes); and a kernel that reads one element past
     its input is caught, so the check is live."""
-    cuda_emu.library_path(sanitize=True)  # build here, so a compile error shows in this test
-    env = asan_env(tmp_path, UNIGENDET_CUDA_EMU_ASAN="1")
-    here = Path(__file__).resolve().parent
+    cuda_emu.library_path("asan")  # build here, so a compile error shows in this test
+    env = asan_env(tmp_path, UNIGENDET_CUDA_EMU="asan")
 
     overrun = subprocess.run([sys.executable, "-c", "import torch, cuda_emu; "
                               "cuda_emu.selftest('overrun', torch.zeros(64), 64)"],
-                             cwd=here, env=env, capture_output=True, text=True)
+                             cwd=Path(__file__).resolve().parent, env=env, capture_output=True, text=True)
     report = asan_reports(tmp_path)
     assert overrun.returncode != 0 and "heap-buffer-overflow" in report, f"{overrun.stderr[-2000:]}\n{report}"
     assert "in overrun_kernel" in report
     for p in tmp_path.glob("asan*"):
         p.unlink()
 
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", Path(__file__).name],
-                         cwd=here, env=env, capture_output=True, text=True)
+    run = rerun_this_module("asan", env)
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{asan_reports(tmp_path)}"
     assert " passed" in run.stdout
+
+
+# ---------------------------------------------------------------- coverage
+@pytest.mark.skipif(VARIANT != "plain", reason="run from the plain build's session")
+@pytest.mark.skipif(shutil.which("gcov") is None, reason="no gcov")
+def test_every_line_of_every_kernel_runs(tmp_path):
+    """This module again with the kernels built for gcov: every line of every instantiation in each
+    csrc/cuda/*.cu runs on some shape above, so no path of the CUDA code is left to the GPU alone."""
+    build = cuda_emu.library_path("coverage").parent
+    for counters in build.glob("*.gcda"):
+        counters.unlink()
+    run = rerun_this_module("coverage", dict(os.environ))
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    unrun = []
+    for src in sorted(cuda_emu.CUDA_DIR.glob("*.cu")):
+        subprocess.run(["gcov", "-o", str(build), str(build / f"{src.name}.o")], cwd=tmp_path, capture_output=True,
+                       check=True)
+        unrun += [f"{src.name}: {line.strip()}" for line in (tmp_path / f"{src.name}.gcov").read_text().splitlines()
+                  if line.lstrip().startswith(("#####", "====="))]
+    assert not unrun, "lines that no test shape runs:\n" + "\n".join(unrun[:40])

@@ -1,7 +1,7 @@
 """The CUDA kernels of csrc/cuda, run on the CPU by the emulator in this folder (see cuda_emu.h).
 
-`library(sanitize)` compiles csrc/cuda/*.cu with the emulator as host C++ (cached under build/cuda_emu/,
-keyed by the sources) and loads it with ctypes; the torch-level functions below call the kernels'
+`library()` compiles csrc/cuda/*.cu with the emulator as host C++ (cached under build/cuda_emu/, keyed
+by the sources and the build variant) and loads it with ctypes; the torch-level functions below call the kernels'
 host entry points (csrc/cuda/launch.h) with the contract of csrc/cuda/register.cpp, so the tests
 can hold them to the same accuracy rule as the GPU. Outputs and workspaces start as NaN, so an
 element a kernel forgets to write shows up.
@@ -11,7 +11,6 @@ import ctypes
 import hashlib
 import os
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,7 +34,20 @@ SANITIZE_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
 # the kernels of the plain build report their loads and stores to trace.cpp (traffic counters, and
 # the check that no kernel reads __shared__ memory its block has not written)
 TRACE_FLAGS = ["-fsanitize=thread", "--param", "tsan-instrument-func-entry-exit=0"]
+# gcov counters of the kernels (atomic updates: the tracer above does not see them as memory accesses)
+COVERAGE_FLAGS = ["--coverage", "-fprofile-update=atomic"]
+# build variant: (flags of every source, extra flags of the kernel sources)
+VARIANTS = {"plain": ([], TRACE_FLAGS), "asan": (SANITIZE_FLAGS, []), "coverage": (COVERAGE_FLAGS, TRACE_FLAGS)}
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # unigendet::cuda::DType
+
+
+def variant() -> str:
+    """The build this process uses: UNIGENDET_CUDA_EMU = plain (default) | asan | coverage. asan needs
+    the ASan runtime preloaded (sanitizer.asan_env); coverage writes gcov counters next to its objects."""
+    name = os.environ.get("UNIGENDET_CUDA_EMU", "plain")
+    if name not in VARIANTS:
+        raise ValueError(f"UNIGENDET_CUDA_EMU={name!r}: expected one of {sorted(VARIANTS)}")
+    return name
 
 
 def _digest(flags: list[str]) -> str:
@@ -45,36 +57,35 @@ def _digest(flags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def library_path(sanitize: bool = False) -> Path:
-    """The emulated library, compiled on first use (one object per source, in parallel)."""
+def library_path(name: str = "plain") -> Path:
+    """The emulated library of build variant `name`, compiled on first use (one object per source, in
+    parallel, kept beside it: the coverage build's gcov notes and counters live there)."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no g++ to build the CUDA emulator")
-    flags = FLAGS + (SANITIZE_FLAGS if sanitize else [])
-    kernel_flags = [] if sanitize else TRACE_FLAGS
-    tag = _digest(flags + kernel_flags + LINK_FLAGS) + ("-asan" if sanitize else "")
-    out = ROOT / "build" / "cuda_emu" / tag / "libcuda_emu.so"
+    flags, kernel_flags = FLAGS + VARIANTS[name][0], VARIANTS[name][1]
+    out = ROOT / "build" / "cuda_emu" / f"{_digest(flags + kernel_flags + LINK_FLAGS)}-{name}" / "libcuda_emu.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        def compile_one(src: Path) -> Path:
-            obj = Path(tmp) / f"{src.name}.o"
-            extra = kernel_flags if src in KERNEL_SOURCES else []
-            cmd = [cxx, "-x", "c++", *flags, *extra, "-c", str(src), "-o", str(obj)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"compiling {src} for the CUDA emulator failed:\n{proc.stderr[-4000:]}")
-            return obj
 
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            objects = list(pool.map(compile_one, SOURCES))
-        tmp_lib = Path(tmp) / out.name
-        link = subprocess.run([cxx, *LINK_FLAGS, *flags, *map(str, objects), "-o", str(tmp_lib)],
+    def compile_one(src: Path) -> Path:
+        obj = out.parent / f"{src.name}.o"
+        extra = kernel_flags if src in KERNEL_SOURCES else []
+        proc = subprocess.run([cxx, "-x", "c++", *flags, *extra, "-c", str(src), "-o", str(obj)],
                               capture_output=True, text=True)
-        if link.returncode != 0:
-            raise RuntimeError(f"linking the CUDA emulator failed:\n{link.stderr[-4000:]}")
-        os.replace(tmp_lib, out)  # atomic: a concurrent or interrupted build never leaves half a file
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {src} for the CUDA emulator failed:\n{proc.stderr[-4000:]}")
+        return obj
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        objects = list(pool.map(compile_one, SOURCES))
+    tmp_lib = out.with_suffix(".tmp")
+    link = subprocess.run([cxx, *LINK_FLAGS, *flags, *map(str, objects), "-o", str(tmp_lib)],
+                          capture_output=True, text=True)
+    if link.returncode != 0:
+        raise RuntimeError(f"linking the CUDA emulator failed:\n{link.stderr[-4000:]}")
+    os.replace(tmp_lib, out)  # atomic: an interrupted build never leaves half a library
     return out
 
 
@@ -102,17 +113,15 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-_LIBS: dict[bool, ctypes.CDLL] = {}
+_LIBS: dict[str, ctypes.CDLL] = {}
 
 
-def library(sanitize: bool | None = None) -> ctypes.CDLL:
-    """The loaded library; by default the sanitized one when UNIGENDET_CUDA_EMU_ASAN=1 (the process
-    must then run with the ASan runtime preloaded, see tests/test_cuda_emulated.py)."""
-    if sanitize is None:
-        sanitize = os.environ.get("UNIGENDET_CUDA_EMU_ASAN") == "1"
-    if sanitize not in _LIBS:
-        _LIBS[sanitize] = _bind(ctypes.CDLL(str(library_path(sanitize))))
-    return _LIBS[sanitize]
+def library() -> ctypes.CDLL:
+    """This process's build variant (variant()), loaded once."""
+    name = variant()
+    if name not in _LIBS:
+        _LIBS[name] = _bind(ctypes.CDLL(str(library_path(name))))
+    return _LIBS[name]
 
 
 _SEED = [0]
