@@ -1,9 +1,9 @@
 """The CUDA kernels of csrc/cuda, run on the CPU by the emulator in this folder (see cuda_emu.h).
 
 `library()` compiles csrc/cuda/*.cu with the emulator as host C++ (cached under build/cuda_emu/, keyed
-by the sources and the build variant) and loads it with ctypes; the torch-level functions below call the kernels'
-host entry points (csrc/cuda/launch.h) with the contract of csrc/cuda/register.cpp, so the tests
-can hold them to the same accuracy rule as the GPU. Outputs and workspaces start as NaN, so an
+by the sources and the build variant) and loads it with ctypes; the torch-level functions below call
+the kernels' host entry points (csrc/cuda/launch.h) with the contract of csrc/cuda/register.cpp, so
+the tests can hold them to the same accuracy rule as the GPU. Outputs and workspaces start as NaN, so an
 element a kernel forgets to write shows up.
 """
 import contextlib
@@ -158,7 +158,7 @@ TRACE_STATS = ("loaded", "stored", "accesses")
 
 @contextlib.contextmanager
 def trace():
-    """Memory traffic of the kernels called inside the block (plain build only: the sanitized one is
+    """Memory traffic of the kernels called inside the block (plain and coverage builds: the asan one is
     not instrumented): {entry point: [per call: {buffer: {"bytes": its size, "loaded": bytes,
     "stored": bytes, "accesses": n}}]}, e.g. t["swiglu_fwd"][0]["gate_up"]["loaded"]."""
     seen: dict = {}
