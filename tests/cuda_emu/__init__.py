@@ -138,7 +138,7 @@ def call(name: str, *args, buffers: dict[str, torch.Tensor | None]):
     if _TRACES:
         n = len(named)
         ptrs = (ctypes.c_void_p * n)(*[t.data_ptr() for t in named.values()])
-        sizes = (ctypes.c_int64 * n)(*[t.numel() * t.element_size() for t in named.values()])
+        sizes = (ctypes.c_int64 * n)(*[t.nbytes for t in named.values()])
         lib.cuda_emu_trace_start(n, ptrs, sizes)
     try:
         if getattr(lib, f"cuda_emu_{name}")(*args) != 0:
@@ -146,7 +146,7 @@ def call(name: str, *args, buffers: dict[str, torch.Tensor | None]):
     finally:
         if _TRACES:
             lib.cuda_emu_trace_stop()
-            stats = {k: {"bytes": t.numel() * t.element_size(),
+            stats = {k: {"bytes": t.nbytes,
                          **{stat: lib.cuda_emu_trace_stat(i, j) for j, stat in enumerate(TRACE_STATS)}}
                      for i, (k, t) in enumerate(named.items())}
             for t in _TRACES:
@@ -185,7 +185,7 @@ def _code(t: torch.Tensor) -> int:
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as contiguous (rows, cols), keeping x's own memory (and alignment) when it is contiguous."""
-    return (x if x.is_contiguous() else x.contiguous()).view(-1, x.shape[-1])
+    return x.contiguous().view(-1, x.shape[-1])
 
 
 # ---------------------------------------------------------------- fused_add_rmsnorm
