@@ -38,11 +38,40 @@ def _log(msg: str) -> None:
     print(f"unigendet setup: {msg}", file=sys.stderr)
 
 
+def _point_torch_at_the_cuda_toolkit() -> None:
+    """Set CUDA_HOME when torch's own guess would miss the toolkit's headers.
+
+    torch takes CUDA_HOME (or CUDA_PATH) from the environment, else the folder above `which nvcc`. Where
+    nvcc on PATH is a wrapper script (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc), that
+    guess is /usr/local, which has no cuda_runtime.h, and the C++ sources of the CUDA build fail. nvcc
+    itself knows where it lives: its dry run prints `TOP=<toolkit>/bin/..`.
+    """
+    nvcc = shutil.which("nvcc")
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or nvcc is None:
+        return
+    if (Path(nvcc).resolve().parents[1] / "include" / "cuda_runtime.h").exists():
+        return
+    import subprocess
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in dry.splitlines():
+        if line.startswith("#$ TOP="):
+            top = Path(line.split("=", 1)[1].strip()).resolve()
+            if (top / "include" / "cuda_runtime.h").exists():
+                os.environ["CUDA_HOME"] = str(top)
+                _log(f"nvcc on PATH ({nvcc}) is not inside its toolkit; CUDA_HOME={top}")
+            return
+
+
 def _extension_plan():
     """(ext_modules, cmdclass) for unigendet._C, or ([], {}) with the reason logged."""
     if os.environ.get("UNIGENDET_NO_EXT", "") not in ("", "0"):
         _log("UNIGENDET_NO_EXT is set: building no extension (ops use the reference backend)")
         return [], {}
+    _point_torch_at_the_cuda_toolkit()  # before cpp_extension reads CUDA_HOME at import
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension

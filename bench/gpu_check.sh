@@ -23,6 +23,10 @@ exec > >(tee "$OUT_DIR/gpu_check.log") 2>&1
 DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-520} ))
 RESULTS="$PWD/bench/results"
 STAMP="$(mktemp)"  # files newer than this one are this run's results
+# The interpreter that holds torch: $PYTHON, else python3 (the lent machines' image names only that one
+# for sure), else python.
+PYBIN="${PYTHON:-$(command -v python3 || command -v python)}"
+echo "python: $PYBIN"
 
 pack() {  # the tables this run wrote (new or changed files), and the build log, into one tarball
     local files
@@ -46,9 +50,9 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...: run within min(LIMIT, time lef
 
 rm -f engine/_C*.so
 stage "building unigendet._C with CUDA (sm_90)" 240 env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 \
-    MAX_JOBS="${MAX_JOBS:-16}" bash -c 'python setup.py -q build_ext --inplace > "$0" 2>&1 \
+    MAX_JOBS="${MAX_JOBS:-16}" bash -c '"$1" setup.py -q build_ext --inplace > "$0" 2>&1 \
     && echo "built: $(ls engine/_C*.so)" || { tail -40 "$0"; echo "EXTENSION BUILD FAILED"; exit 1; }' \
-    "$OUT_DIR/build_ext.log"
+    "$OUT_DIR/build_ext.log" "$PYBIN"
 
 PKG="$(mktemp -d)"
 trap 'rm -rf "$PKG" "$STAMP"' EXIT
@@ -58,7 +62,7 @@ unset TRITON_INTERPRET UNIGENDET_BENCH_RESULTS
 
 # The packages the tests and benchmarks import. A lent GPU machine has all but tomli-w (the config
 # writer), which travels as the small pure-Python wheel in bench/offline_wheels/ (MIT licence).
-MISSING=$(python - <<'PY'
+MISSING=$("$PYBIN" - <<'PY'
 import importlib.util
 needed = {"numpy": "numpy", "scipy": "scipy", "PIL": "pillow", "safetensors": "safetensors", "tqdm": "tqdm",
           "tomli_w": "tomli-w", "sklearn": "scikit-learn", "skimage": "scikit-image", "triton": "triton",
@@ -68,11 +72,11 @@ PY
 )
 if [ -n "$MISSING" ]; then
     echo "missing here: $MISSING; installing the wheels of bench/offline_wheels/"
-    python -m pip install -q --no-index --no-deps --target "$PKG" bench/offline_wheels/*.whl \
+    "$PYBIN" -m pip install -q --no-index --no-deps --target "$PKG" bench/offline_wheels/*.whl \
         || echo "OFFLINE WHEELS FAILED TO INSTALL"
 fi
 
-python - <<'PY'
+"$PYBIN" - <<'PY'
 import torch, triton
 from unigendet.ops import ext_support
 print("unigendet._C:", ext_support.describe())
@@ -80,8 +84,8 @@ print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.ve
 print("device", torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))
 PY
 
-PYTEST=(python -m pytest -q -p no:cacheprovider)
-stage "ceilings (copy bandwidth, bf16 matmul)" 60 python bench/ceilings.py --device cuda
+PYTEST=("$PYBIN" -m pytest -q -p no:cacheprovider)
+stage "ceilings (copy bandwidth, bf16 matmul)" 60 "$PYBIN" bench/ceilings.py --device cuda
 OP_TESTS=(tests/test_ops_attention.py tests/test_ops_loss.py tests/test_ops_norm.py tests/test_ops_activation.py
           tests/test_ops_rope.py)
 stage "GPU op tests (gpu-marked: realistic shapes, autotuned kernels)" 150 "${PYTEST[@]}" -m gpu "${OP_TESTS[@]}"
@@ -89,23 +93,23 @@ stage "GPU op tests (gpu-marked: realistic shapes, autotuned kernels)" 150 "${PY
 # (autotuning every shape would spend the budget on timing candidates)
 stage "op tests on CUDA" 150 env UNIGENDET_TRITON_AUTOTUNE=0 "${PYTEST[@]}" -m "not gpu" "${OP_TESTS[@]}"
 stage "CUDA graphs of the trainer (captured == eager, replays never sync)" 120 "${PYTEST[@]}" tests/test_graphs.py
-stage "bench_attention" 150 python bench/bench_attention.py --device cuda
-stage "bench_loss" 90 python bench/bench_loss.py --device cuda
+stage "bench_attention" 150 "$PYBIN" bench/bench_attention.py --device cuda
+stage "bench_loss" 90 "$PYBIN" bench/bench_loss.py --device cuda
 for b in norm activation rope; do
-    stage "bench_$b" 60 python "bench/bench_$b.py" --device cuda
+    stage "bench_$b" 60 "$PYBIN" "bench/bench_$b.py" --device cuda
 done
-stage "bench_train_step" 150 python bench/bench_train_step.py --device cuda --steps 20 \
+stage "bench_train_step" 150 "$PYBIN" bench/bench_train_step.py --device cuda --steps 20 \
     --providers reference,fused,fused+cuda_graphs
 # The loaders need nvidia-dali, which the lent machines' image lacks and whose wheel is far over what a
 # call can carry: measured where DALI is installed, said plainly where not.
-if python -c "import nvidia.dali" 2>/dev/null; then
-    stage "bench_data" 180 python bench/bench_data.py --device cuda --synthetic 10000 --source-size 512 \
+if "$PYBIN" -c "import nvidia.dali" 2>/dev/null; then
+    stage "bench_data" 180 "$PYBIN" bench/bench_data.py --device cuda --synthetic 10000 --source-size 512 \
         --sizes 256 --batches 100 --rounds 3
 else
     echo "== bench_data: NOT RUN (nvidia-dali is not installed on this machine)"
 fi
 # Last, as it may not fit (inductor compiles each phase for minutes): all four side by side; when it
 # completes, its table replaces the one above.
-stage "bench_train_step with compile" 300 python bench/bench_train_step.py --device cuda --steps 20 \
+stage "bench_train_step with compile" 300 "$PYBIN" bench/bench_train_step.py --device cuda --steps 20 \
     --providers reference,reference+compile,fused,fused+cuda_graphs
 echo "results: bench/results/<device>/ and $OUT_DIR/results.tar.gz"

@@ -73,3 +73,27 @@ def test_auto_check_keeps_slow_backends_opt_in(toy_op):
     backends.register("toy_op", "triton", lambda x: "triton", auto_check=lambda *a, **k: "interpreter is slow")
     assert backends.select("toy_op", "auto", torch.zeros(1))(0) == "reference"
     assert backends.select("toy_op", "triton", torch.zeros(1))(0) == "triton"
+
+
+@pytest.mark.parametrize("version,refuses,broken", [("3.6.0", True, True), ("3.5.1", True, True),
+                                                    ("3.6.0", False, False), ("3.7.0", True, False),
+                                                    ("3.10.2", True, False), (None, True, False)])
+def test_triton_interpreter_incompatibility(version, refuses, broken):
+    """Triton <= 3.6's interpreter breaks on NumPy >= 2.4 (seen with torch 2.11's pinned triton 3.6.0)."""
+    from unigendet.ops import triton_support
+
+    why = triton_support.interpreter_incompatibility(version, refuses)
+    assert (why is not None) == broken
+    if broken:
+        assert version in why and "triton >= 3.7" in why
+
+
+def test_interpreter_problem_is_the_reason_on_cpu(monkeypatch):
+    from unigendet.ops import triton_support
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton_support, "INTERPRETER_PROBLEM", "interpreter broken here")
+    assert triton_support.triton_reason([torch.zeros(2)]) == "interpreter broken here"
+    with pytest.raises(RuntimeError, match="interpreter broken here"):
+        ops.bce_diga_loss(torch.zeros(3), torch.zeros(3), torch.ones(3), torch.zeros(3, 4), torch.zeros(3, 4),
+                          backend="triton")
