@@ -27,5 +27,5 @@ rm -rf "$SRC" && mkdir -p "$SRC"
 git archive HEAD | tar -x -C "$SRC"
 cd "$SRC"
 FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 "${PIP[@]}" install --no-build-isolation --no-deps -e .
-"$VENV/bin/unigendet" info | head -12
+"$VENV/bin/unigendet" info
 UNIGENDET_REQUIRE_NVCC=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider "${@:-tests}"
