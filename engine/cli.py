@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
+import signal
 import sys
 
 
@@ -315,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"unigendet {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` & co., which stopped reading: end quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

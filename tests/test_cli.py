@@ -211,3 +211,16 @@ def test_ablation_runner_produces_every_row(demo_root, tmp_path, capsys):
     assert main(args) == 0
     assert capsys.readouterr().out.count("reusing") == len(ABLATIONS)
     assert json.loads((out / "ablations.json").read_text()) == result
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`unigendet info | head -1`: the reader goes away; no traceback, the exit status a killed cat has."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "unigendet.cli", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child writes anything: its first write fails, deterministically
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
