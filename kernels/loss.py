@@ -39,6 +39,9 @@ from unigendet.ops.reference import LossParts
 
 MAX_BLOCK_C = 8192   # widest row tile loaded in one piece (elements)
 TILE = 8192          # elements of student (and of teacher) per program and iteration
+NARROW_TILE = 2048   # ... when rows are narrower than 1024: a tile of many rows holds per-row values
+                     # (sums, scales, row pointers) in every thread, and at 8192 elements ptxas spills
+                     # (sm_90: 255 registers + 88-240 B stack at 64 x 128; 2048 with 4 warps: 126, none)
 BCE_BLOCK = 1024
 FIN_BLOCK = 4096
 SCALE_BLOCK = 4096
@@ -194,7 +197,7 @@ def _next_pow2(x: int) -> int:
 def _align_config(M: int, C: int) -> tuple[int, int, bool, int]:
     """(BLOCK_M, BLOCK_C, ONE_PASS, num_warps) for an (M, C) alignment problem."""
     block_c = min(_next_pow2(max(C, 1)), MAX_BLOCK_C)
-    block_m = max(1, min(TILE // block_c, _next_pow2(max(M, 1)), 64))
+    block_m = max(1, min((TILE if block_c >= 1024 else NARROW_TILE) // block_c, _next_pow2(max(M, 1)), 64))
     tile = block_c * block_m
     num_warps = 16 if block_c >= 8192 else (8 if tile >= 4096 else 4)
     return block_m, block_c, C <= block_c, num_warps

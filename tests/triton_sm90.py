@@ -11,8 +11,12 @@ on, the other head dims with one candidate, and the loss kernels at the block si
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("unset TRITON_INTERPRET: the interpreter replaces the kernels this script compiles")
@@ -58,6 +62,21 @@ def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int = 3, dtype
     return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def resource_usage(cubin: bytes) -> tuple[int, int] | None:
+    """(registers per thread, bytes of local-memory stack) of a cubin, read with the cuobjdump in the
+    triton wheel (None where it is missing). A stack means ptxas spilled registers: an error in the
+    memory-bound loss kernels, a diagnostic in attention (autotuning may still find one fastest)."""
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "kernel.cubin"
+        path.write_bytes(cubin)
+        listing = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", listing)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
 def variants():
     """(label, kernel, constexprs, num_warps, num_stages) for everything this script compiles."""
     def attn_meta(d):
@@ -74,7 +93,7 @@ def variants():
                 yield label, fn, meta, cfg.num_warps, cfg.num_stages
     yield ("_bwd_preprocess D=128", attention._bwd_preprocess,
            {"HAS_DLSE": True, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 64}, 4, 3)
-    for M, C in ((4096, 96), (64, 8192), (8, 20000)):  # row tile, wide rows, chunked rows
+    for M, C in ((4096, 96), (1037, 500), (16384, 1024), (64, 8192), (8, 20000)):  # row tiles, wide, chunked
         block_m, block_c, one_pass, warps = loss._align_config(M, C)
         meta = dict(BLOCK_M=block_m, BLOCK_C=block_c, ONE_PASS=one_pass, BCE_BLOCK=loss.BCE_BLOCK,
                     GRAD_S=True, GRAD_Z=True)
@@ -86,6 +105,7 @@ def variants():
 
 def main() -> int:
     failures = total = 0
+    spilling = []
     for label, fn, meta, warps, stages in variants():
         t0, total = time.perf_counter(), total + 1
         try:
@@ -93,12 +113,21 @@ def main() -> int:
             shared = kernel.metadata.shared
             if shared > SHARED_LIMIT:
                 raise RuntimeError(f"needs {shared} B of shared memory per block; sm_90 has {SHARED_LIMIT}")
-            print(f"ok    {label}: {len(kernel.asm['cubin'])} B cubin, {shared} B shared memory, "
+            usage = resource_usage(kernel.asm["cubin"])
+            if usage and usage[1] > 0:
+                if "(loss)" in label:
+                    raise RuntimeError(f"spills registers ({usage[0]} registers, {usage[1]} B stack) in a "
+                                       "memory-bound kernel")
+                spilling.append(label)
+            regs = f"{usage[0]} registers, {usage[1]} B stack" if usage else "registers unread"
+            print(f"ok    {label}: {len(kernel.asm['cubin'])} B cubin, {shared} B shared memory, {regs}, "
                   f"{time.perf_counter() - t0:.1f} s", flush=True)
         except Exception as exc:  # report every variant, then fail
             failures += 1
             print(f"FAIL  {label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                   flush=True)
+    print(f"{len(spilling)} of {total} attention variants spill registers (a local-memory stack): "
+          + ("; ".join(spilling) or "none"))
     print(f"compiled {total - failures} of {total} kernel variants for sm_90")
     return 1 if failures else 0
 
