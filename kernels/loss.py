@@ -40,8 +40,9 @@ from unigendet.ops.reference import LossParts
 MAX_BLOCK_C = 8192   # widest row tile loaded in one piece (elements)
 TILE = 8192          # elements of student (and of teacher) per program and iteration
 NARROW_TILE = 2048   # ... when rows are narrower than 1024: a tile of many rows holds per-row values
-                     # (sums, scales, row pointers) in every thread, and at 8192 elements ptxas spills
-                     # (sm_90: 255 registers + 88-240 B stack at 64 x 128; 2048 with 4 warps: 126, none)
+                     # (sums, scales, row pointers) in every thread; at 8192 elements (64 x 128) an
+                     # unaligned launch (row width or stride not a multiple of 16) spills on sm_90
+                     # (255 registers + 88-240 B stack); at 2048 on 4 warps: 122-126, none
 BCE_BLOCK = 1024
 FIN_BLOCK = 4096
 SCALE_BLOCK = 4096

@@ -3,10 +3,12 @@
     python tests/triton_sm90.py            # one line per compiled kernel variant; exit 1 on a failure
 
 The interpreter tests check what the kernels compute; this checks that Triton's GPU compiler (with
-the ptxas bundled in the triton wheel) lowers them to cubins, for the launch configurations the
-launchers use: every autotune candidate of the attention kernels at head dim 128 with all switches
-on, the other head dims with one candidate, and the loss kernels at the block sizes `_forward` and
-`_backward` pick. Run with TRITON_INTERPRET unset (the test runs it in a subprocess).
+the ptxas bundled in the triton wheel) lowers them to cubins, each as an aligned launch and as an
+unaligned one specialises it (see `compile_one`), for the launch configurations the launchers use:
+every autotune candidate of the attention kernels at head dim 128 with all switches on, the other
+head dims with one candidate, and the loss kernels at the block sizes `_forward` and `_backward`
+pick. It also reads each cubin's registers and local-memory stack (`resource_usage`). Run with
+TRITON_INTERPRET unset (the test runs it in a subprocess).
 """
 from __future__ import annotations
 
@@ -56,9 +58,19 @@ def signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
     return sig
 
 
-def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int = 3, dtype: str = "bf16"):
-    source = ASTSource(fn=fn, signature=signature(fn, constexprs, dtype),
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+ALIGNED_INTS = re.compile(r"s[a-z0-9]*[bth]|stride_[a-z]|C")  # strides (and the loss's row width)
+
+
+def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int = 3, dtype: str = "bf16",
+                aligned: bool = False):
+    """A cubin of `fn`. aligned: as a launch on the usual tensors specialises it (16-byte aligned
+    pointers, strides and row width multiples of 16: Triton vectorises and drops address arithmetic);
+    else as a launch where none of that holds (an odd head dim or row width, a misaligned view)."""
+    sig = signature(fn, constexprs, dtype)
+    hinted = [n for n, ty in sig.items() if ty.startswith("*") or (ty == "i32" and ALIGNED_INTS.fullmatch(n))]
+    source = ASTSource(fn=fn, signature=sig,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                       attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted} if aligned else {})
     return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -103,31 +115,40 @@ def variants():
     yield ("_bwd_kernel (loss)", loss._bwd_kernel, {"HAS_S": True, "HAS_Z": True, "BLOCK": loss.SCALE_BLOCK}, 8, 3)
 
 
+def check_one(label, fn, meta, warps, stages, aligned: bool) -> tuple[str, bool]:
+    """Compile one variant; (its report line, whether it spills). Raises what must fail the run:
+    too much shared memory anywhere, a register spill in the memory-bound loss kernels."""
+    kernel = compile_one(fn, meta, warps, stages, aligned=aligned)
+    shared = kernel.metadata.shared
+    if shared > SHARED_LIMIT:
+        raise RuntimeError(f"needs {shared} B of shared memory per block; sm_90 has {SHARED_LIMIT}")
+    usage = resource_usage(kernel.asm["cubin"])
+    spills = bool(usage and usage[1] > 0)
+    if spills and "(loss)" in label:
+        raise RuntimeError(f"spills registers ({usage[0]} registers, {usage[1]} B stack) in a memory-bound kernel")
+    regs = f"{usage[0]} registers, {usage[1]} B stack" if usage else "registers unread"
+    return f"{len(kernel.asm['cubin'])} B cubin, {shared} B shared memory, {regs}", spills
+
+
 def main() -> int:
     failures = total = 0
-    spilling = []
+    spilling = {True: [], False: []}
     for label, fn, meta, warps, stages in variants():
-        t0, total = time.perf_counter(), total + 1
-        try:
-            kernel = compile_one(fn, meta, warps, stages)
-            shared = kernel.metadata.shared
-            if shared > SHARED_LIMIT:
-                raise RuntimeError(f"needs {shared} B of shared memory per block; sm_90 has {SHARED_LIMIT}")
-            usage = resource_usage(kernel.asm["cubin"])
-            if usage and usage[1] > 0:
-                if "(loss)" in label:
-                    raise RuntimeError(f"spills registers ({usage[0]} registers, {usage[1]} B stack) in a "
-                                       "memory-bound kernel")
-                spilling.append(label)
-            regs = f"{usage[0]} registers, {usage[1]} B stack" if usage else "registers unread"
-            print(f"ok    {label}: {len(kernel.asm['cubin'])} B cubin, {shared} B shared memory, {regs}, "
-                  f"{time.perf_counter() - t0:.1f} s", flush=True)
-        except Exception as exc:  # report every variant, then fail
-            failures += 1
-            print(f"FAIL  {label}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                  flush=True)
-    print(f"{len(spilling)} of {total} attention variants spill registers (a local-memory stack): "
-          + ("; ".join(spilling) or "none"))
+        for aligned in (True, False):
+            t0, total = time.perf_counter(), total + 1
+            name = f"{label} [{'aligned' if aligned else 'unaligned'}]"
+            try:
+                report, spills = check_one(label, fn, meta, warps, stages, aligned)
+                if spills:
+                    spilling[aligned].append(label)
+                print(f"ok    {name}: {report}, {time.perf_counter() - t0:.1f} s", flush=True)
+            except Exception as exc:  # report every variant, then fail
+                failures += 1
+                print(f"FAIL  {name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                      flush=True)
+    for aligned, labels in spilling.items():
+        print(f"attention variants that spill registers when {'aligned' if aligned else 'unaligned'}: "
+              f"{len(labels)}: " + ("; ".join(labels) or "none"))
     print(f"compiled {total - failures} of {total} kernel variants for sm_90")
     return 1 if failures else 0
 
