@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from op_testing import gpu_only
 from unigendet import load_config
@@ -20,16 +21,25 @@ def quiet_trainer(overrides, extra=()):
 
 @contextlib.contextmanager
 def host_reads_forbidden():
-    """Every way Python reads a tensor's value raises: what a CUDA-graph capture cannot contain."""
+    """Every way a tensor's value reaches the host raises: what a CUDA-graph capture cannot contain.
+    Python's readers are patched; ATen's own (`_local_scalar_dense`, e.g. inside an op that takes a
+    0-d tensor as a Scalar, as _foreach_lerp_ does) are caught by a dispatch mode."""
     def forbidden(self, *args, **kwargs):
         raise AssertionError("the step read a tensor value on the host")
+
+    class NoScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                raise AssertionError(f"the step read a tensor value on the host (in ATen: {func})")
+            return func(*args, **(kwargs or {}))
 
     names = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "numpy")
     saved = {name: getattr(torch.Tensor, name) for name in names}
     try:
         for name in names:
             setattr(torch.Tensor, name, forbidden)
-        yield
+        with NoScalarReads():
+            yield
     finally:
         for name, fn in saved.items():
             setattr(torch.Tensor, name, fn)

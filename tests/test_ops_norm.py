@@ -131,3 +131,14 @@ def test_ext_meets_the_accuracy_rule_on_cpu(dtype):
 def test_cuda_within_2x_eager(dtype, with_residual, shape):
     inputs, upstream = make_inputs(shape, dtype, with_residual, seed=6, device="cuda")
     assert_accurate(run, inputs, upstream)
+
+
+@EXT_ONLY
+def test_ext_refuses_mixed_x_and_residual_dtypes():
+    """The kernels read x and residual as one dtype: a mix is refused by name, and `auto` takes the
+    reference instead of failing inside the op."""
+    x, residual, weight = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8), torch.ones(8)
+    with pytest.raises(RuntimeError, match="x is torch.bfloat16 but residual is torch.float32"):
+        ops.fused_add_rmsnorm(x, residual, weight, backend="ext")
+    for got, want in zip(ops.fused_add_rmsnorm(x, residual, weight), fused_add_rmsnorm_ref(x, residual, weight)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from op_testing import EXT_ONLY
 from unigendet import load_config
 from unigendet.model import UniGenDet
 from unigendet.train import Trainer, TrainingError, list_checkpoints, load_weights
@@ -224,3 +225,26 @@ def test_compiled_step_matches_eager(tiny_overrides, tmp_path):
         for key in a:
             if "/" in key:
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (a["step"], key)
+
+
+@EXT_ONLY
+def test_steps_under_bf16_autocast_keep_one_dtype_per_stream(tiny_overrides, monkeypatch):
+    """What a CUDA run gets (bf16 autocast), here on CPU with the ext backend: an fp32 buffer added to
+    an autocast output once made the residual stream fp32 while each block's output was bf16, and the
+    fused norm refused the mix on the first GPU step. Every norm call sees one dtype, and steps run."""
+    from unigendet import ops
+
+    seen = []
+    fused = ops.fused_add_rmsnorm
+
+    def spy(x, residual, weight, *args, **kwargs):
+        seen.append((x.dtype, None if residual is None else residual.dtype))
+        return fused(x, residual, weight, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "fused_add_rmsnorm", spy)
+    trainer = Trainer(load_config("tiny_cpu", tiny_overrides + ["--ops.backend=ext"]), log=lambda *_: None)
+    trainer.autocast = torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False)
+    for _ in range(3):  # gen, det, gen
+        trainer.step()
+    assert seen and all(r in (None, x) for x, r in seen), sorted(set(seen), key=str)
+    assert {x for x, _ in seen} == {torch.bfloat16}

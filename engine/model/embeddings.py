@@ -65,7 +65,8 @@ class GenStreamEmbed(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, class_ids: Tensor | None = None) -> Tensor:
         """x_t: (B, 3, S, S), t: (B,), class_ids: (B,) with -1 = none -> (B, N, C)."""
-        h = self.proj(patchify(x_t, self.patch)) + self.pos.to(x_t.dtype)
+        h = self.proj(patchify(x_t, self.patch))
+        h = h + self.pos.to(h.dtype)  # h's dtype, not x_t's: under autocast the stream is bf16 from here on
         cond = self.time(t)  # (B, C)
         if self.classes is not None:
             ids = torch.full_like(t, self.null_class, dtype=torch.long) if class_ids is None else class_ids
@@ -85,6 +86,7 @@ class DetStreamEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, 3, S, S) -> (B, R + N, C)."""
-        h = self.proj(patchify(x, self.patch)) + self.pos.to(x.dtype)
+        h = self.proj(patchify(x, self.patch))
+        h = h + self.pos.to(h.dtype)  # as in GenStreamEmbed: an fp32 pos must not promote a bf16 stream
         reg = self.registers.to(h.dtype).expand(x.shape[0], -1, -1)
         return torch.cat([reg, h], dim=1)

@@ -86,7 +86,11 @@ class EMA:
         weight = weight.float()
         ema = [local(p) for p in self.model.parameters()]  # (FSDP: this rank's shards; both models are
         cur = [local(p.detach()) for p in model.parameters()]  # sharded alike)
-        torch._foreach_lerp_(ema, cur, weight)
+        # ema += weight * (cur - ema). Not _foreach_lerp_: with a 0-d tensor weight it takes the Scalar
+        # overload, which reads the weight on the host (a sync that breaks CUDA-graph capture).
+        step = torch._foreach_sub(cur, ema)
+        torch._foreach_mul_(step, weight)
+        torch._foreach_add_(ema, step)
 
     def state_dict(self) -> dict:
         return {"updates": self.updates}
