@@ -6,7 +6,8 @@ The top-level folders of the repository are the architecture (see DESIGN.md sect
 
 Extension build switches (environment variables):
   UNIGENDET_NO_EXT=1      pure-Python install: the ops run on the reference (and Triton) backends.
-  FORCE_CUDA=1            build the CUDA kernels even where torch sees no GPU (a toolkit is required).
+  FORCE_CUDA=1            build the CUDA kernels even where torch sees no GPU; an error (no CPU-only
+                          fallback) where torch has no CUDA or no CUDA toolkit (nvcc) is found.
   TORCH_CUDA_ARCH_LIST    GPU architectures for the CUDA kernels (default "9.0": H100/H200).
   MAX_JOBS                parallel compile jobs (ninja).
 The CPU kernels are built whenever a C++ compiler is present, vectorised for this machine's best
@@ -66,27 +67,48 @@ def _point_torch_at_the_cuda_toolkit() -> None:
             return
 
 
+def _forced_cuda_missing(what: str) -> SystemExit:
+    """The error for FORCE_CUDA=1 when the CUDA kernels cannot be built (no silent CPU-only build)."""
+    return SystemExit(f"unigendet setup: FORCE_CUDA=1 but {what}, so the CUDA kernels of unigendet._C cannot "
+                      "be built. Fix that, or unset FORCE_CUDA for a CPU-only extension.")
+
+
 def _extension_plan():
     """(ext_modules, cmdclass) for unigendet._C, or ([], {}) with the reason logged."""
     if os.environ.get("UNIGENDET_NO_EXT", "") not in ("", "0"):
         _log("UNIGENDET_NO_EXT is set: building no extension (ops use the reference backend)")
         return [], {}
+    forced = os.environ.get("FORCE_CUDA", "") == "1"
     _point_torch_at_the_cuda_toolkit()  # before cpp_extension reads CUDA_HOME at import
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except ImportError:
+    except ImportError as e:
+        if forced:
+            raise _forced_cuda_missing(f"torch is not importable at build time ({e}; with pip: "
+                                       "--no-build-isolation)") from None
         _log("torch is not importable at build time: building no extension")
         return [], {}
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
+        if forced:
+            raise _forced_cuda_missing(f"no C++ compiler ({cxx!r}) was found")
         _log(f"no C++ compiler ({cxx!r}) found: building no extension")
         return [], {}
 
     capability = torch.backends.cpu.get_cpu_capability()
     capability = capability if capability in CPU_FLAGS else ("AVX2" if capability.startswith("AVX2") else "DEFAULT")
-    want_cuda = os.environ.get("FORCE_CUDA", "") == "1" or torch.cuda.is_available()
+    want_cuda = forced or torch.cuda.is_available()
     with_cuda = want_cuda and torch.version.cuda is not None and CUDA_HOME is not None
+    if forced:
+        nvcc = None if CUDA_HOME is None else Path(CUDA_HOME) / "bin" / ("nvcc.exe" if os.name == "nt" else "nvcc")
+        if torch.version.cuda is None:
+            raise _forced_cuda_missing(f"torch {torch.__version__} has no CUDA (a CPU-only build of torch)")
+        if nvcc is None:
+            raise _forced_cuda_missing("no CUDA toolkit was found (no nvcc on PATH, CUDA_HOME and CUDA_PATH unset, "
+                                       "no /usr/local/cuda)")
+        if not nvcc.exists():
+            raise _forced_cuda_missing(f"the CUDA toolkit found at {CUDA_HOME} has no nvcc ({nvcc} is missing)")
     if want_cuda and not with_cuda:
         _log("CUDA requested but torch has no CUDA or no toolkit (CUDA_HOME) was found: CPU kernels only")
     arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0") if with_cuda else None

@@ -87,13 +87,20 @@ def main(argv=None) -> list[dict]:
     copy_gbs = copy_bandwidth_gbs(device)
     print(f"device: {dev}; copy bandwidth {copy_gbs:.1f} GB/s; dtype {args.dtype}; N = {args.n}")
     rows = []
+    title = f"bce_diga_loss fwd+bwd on {dev} (copy {copy_gbs:.1f} GB/s)"
+
+    def save():  # after every measurement: a run cut short keeps what finished
+        add_speedups(rows)
+        if not args.no_save:
+            return write_results("bench_loss", [{**r, "copy_GB/s": copy_gbs} for r in rows], device,
+                                 plot=("GB/s", ["M", "C"]))
+
     for M, C in shapes:
         inputs = make_inputs(M, C, args.n, dtype, device)
         es = dtype.itemsize
         in_bytes = 3 * args.n * es + 2 * M * C * es
         grad_bytes = args.n * es + M * C * es
         must_move = in_bytes + grad_bytes
-        results = {}
         for prov in providers:
             if prov == "ours":
                 fn = step_fn(ours_loss, inputs)
@@ -109,30 +116,37 @@ def main(argv=None) -> list[dict]:
                 ms = measure_ms(fn, device, **timing)
                 peak = peak_memory_mb(fn, device)
             except torch.OutOfMemoryError:
-                print(f"{prov} M={M} C={C}: out of memory")
+                print(f"{prov} M={M} C={C}: out of memory", flush=True)
                 del fn
                 torch.cuda.empty_cache()
                 continue
-            results[prov] = ms
             row = {"M": M, "C": C, "N": args.n, "dtype": args.dtype, "provider": prov, "ms": ms,
                    "GB/s": must_move / ms / 1e6, "%copy": 100 * must_move / ms / 1e6 / copy_gbs,
                    "peak_MiB": peak,
                    "mem_x": None if peak is None else (in_bytes + peak * 2**20) / (in_bytes + grad_bytes)}
             rows.append(row)
+            print(f"M={M} C={C} {prov}: {ms:.4g} ms, {row['GB/s']:.4g} GB/s", flush=True)
+            save()
             del fn
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        if "ours" in results:
-            for r in rows[-len(results):]:
-                r["ours_speedup"] = r["ms"] / results["ours"]
         del inputs
     cols = ["M", "C", "N", "dtype", "provider", "ms", "GB/s", "%copy", "peak_MiB", "mem_x", "ours_speedup"]
-    print(markdown_table(rows, cols, title=f"bce_diga_loss fwd+bwd on {dev} (copy {copy_gbs:.1f} GB/s)"))
+    print(markdown_table(rows, cols, title=title))
     if not args.no_save:
-        folder = write_results("bench_loss", [{**r, "copy_GB/s": copy_gbs} for r in rows], device,
-                               plot=("GB/s", ["M", "C"]))
-        print(f"wrote {folder}/bench_loss.csv and .md")
+        print(f"wrote {save()}/bench_loss.csv and .md")  # also when nothing was measured
     return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """ours_speedup of each row: its ms over ours' ms at the same M, C, N and dtype (> 1: ours is faster)."""
+    def key(r):
+        return r["M"], r["C"], r["N"], r["dtype"]
+
+    ours = {key(r): r["ms"] for r in rows if r["provider"] == "ours"}
+    for r in rows:
+        if key(r) in ours:
+            r["ours_speedup"] = r["ms"] / ours[key(r)]
 
 
 if __name__ == "__main__":

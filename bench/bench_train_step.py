@@ -6,7 +6,9 @@
 Each provider builds a Trainer on the embedded demo data (written once to a temporary folder); the
 trainers step round-robin and each `Trainer.step()` is timed (phase alternation, fake-pool refills, forward, backward, fused AdamW, EMA,
 device-side non-finite check) after warm-up steps; the pool refill cost is part of the step, as in
-training. Providers:
+training. Images load inside the timed step on a CPU (data.num_workers = 0: loader processes would
+compete with the compute threads); on a GPU the config's loader workers prepare them ahead, as in
+training. The table is rewritten after every timed round (--name: its file name). Providers:
   reference          every op on the eager reference (`ops.backend = reference`)
   reference+compile  the same with `train.compile = true` (warm-up steps cover each phase's compile)
   fused              `ops.backend = auto`: the extension (CPU, CUDA) and the Triton kernels (CUDA only)
@@ -22,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,13 +41,17 @@ PROVIDERS = {"reference": ("reference", False, False), "reference+compile": ("re
              "fused": ("auto", False, False), "fused+cuda_graphs": ("auto", False, True)}
 
 
-def time_steps(cfgs: dict, warmup: int, steps: int, device: torch.device) -> dict[str, list[float]]:
+def time_steps(cfgs: dict, warmup: int, steps: int, device: torch.device,
+               on_round: Callable[[dict], object] | None = None) -> dict[str, list[float]]:
     """ms of each step, per provider. The providers' trainers step round-robin (one step of each per
     round), so that the drift of a shared machine hits them alike; the op backend is a process-wide
-    setting, so it is set to each trainer's choice before its step."""
+    setting, so it is set to each trainer's choice before its step. `on_round(times)` is called after
+    each timed round (outside the timing)."""
+    t_start = time.perf_counter()
     trainers = {}
     for name, cfg in cfgs.items():
         trainers[name] = Trainer(cfg, log=lambda *_: None)
+    print(f"trainers built ({', '.join(trainers)}): {time.perf_counter() - t_start:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in cfgs}
     try:
         for i in range(warmup + steps):
@@ -58,6 +65,11 @@ def time_steps(cfgs: dict, warmup: int, steps: int, device: torch.device) -> dic
                     torch.cuda.synchronize(device)
                 if i >= warmup:
                     times[name].append((time.perf_counter() - t0) * 1e3)
+            if i + 1 == warmup:
+                print(f"warm-up ({warmup} steps each, compiles and captures included) done: "
+                      f"{time.perf_counter() - t_start:.1f} s", flush=True)
+            if i >= warmup and on_round is not None:
+                on_round(times)
     finally:
         ops.set_default_backend("auto")
     return times
@@ -70,13 +82,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=40, help="timed steps per provider")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps (>= 8: graphs capture at each phase's 4th)")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {', '.join(PROVIDERS)}")
+    ap.add_argument("--name", default="bench_train_step", help="the table's name under bench/results/<device>/")
     ap.add_argument("--no-save", action="store_true")
     args, overrides = ap.parse_known_args(argv)  # the rest: --section.key=value config overrides
     device = bench_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     config = args.config or ("small_gpu" if device.type == "cuda" else "tiny_cpu")
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_demo_dataset(Path(tmp) / "demo", seed=0)
         chosen = [p for p in args.providers.split(",") if p]
@@ -84,6 +96,9 @@ def main(argv=None) -> list[dict]:
         if unknown or "reference" not in chosen:
             raise SystemExit(f"--providers: need 'reference' and names from {list(PROVIDERS)}; got {chosen}")
         cfgs, skipped = {}, []
+        # CPU: loader processes would compete with the compute threads, so images load in the timed step;
+        # GPU: the config's loader workers prepare batches ahead, as in training
+        cpu_only = ["--data.num_workers=0"] if device.type == "cpu" else []
         for name in chosen:
             backend, compile_, graphs = PROVIDERS[name]
             if graphs and device.type != "cuda":
@@ -94,24 +109,36 @@ def main(argv=None) -> list[dict]:
                 f"--data.root={tmp}/demo/train", f"--train.out_dir={tmp}/run-{name}",
                 f"--train.device={device.type}", f"--ops.backend={backend}",
                 f"--train.compile={str(compile_).lower()}", f"--train.cuda_graphs={str(graphs).lower()}",
-                "--train.progress=false", "--data.num_workers=0", *overrides])
-        times = time_steps(cfgs, args.warmup, args.steps, device)
+                "--train.progress=false", *cpu_only, *overrides])
         peak = device_peak_flops(device)
-        for name, cfg in cfgs.items():
-            ms = statistics.median(times[name])
-            rate = cfg.train.batch_size / ms * 1e3
-            rows.append({"config": config, "provider": name, "ms_per_step": ms, "samples_per_s": rate,
-                         "mfu": rate * train_flops_per_sample(cfg.model) / peak if peak else None})
-    base = {r["provider"]: r["ms_per_step"] for r in rows}
-    for r in rows:
-        r["x_reference"] = base["reference"] / r["ms_per_step"]
-    rows += skipped
+
+        def table(times: dict[str, list[float]]) -> list[dict]:
+            """Rows of the medians so far, the skipped providers' rows last."""
+            rows = []
+            for name, cfg in cfgs.items():
+                if times[name]:
+                    ms = statistics.median(times[name])
+                    rate = cfg.train.batch_size / ms * 1e3
+                    rows.append({"config": config, "provider": name, "ms_per_step": ms, "samples_per_s": rate,
+                                 "mfu": rate * train_flops_per_sample(cfg.model) / peak if peak else None})
+            base = {r["provider"]: r["ms_per_step"] for r in rows}
+            for r in rows:
+                r["x_reference"] = base["reference"] / r["ms_per_step"]
+            return rows + skipped
+
+        def save(rows: list[dict]):
+            if not args.no_save:
+                return write_results(args.name, rows, device, plot=("samples_per_s", ["config"]))
+
+        # the table is rewritten after every timed round: a run cut short by a time limit keeps the
+        # medians of the steps it timed
+        times = time_steps(cfgs, args.warmup, args.steps, device, on_round=lambda t: save(table(t)))
+        rows = table(times)
     dev = device_name(device)
     cols = ["config", "provider", "ms_per_step", "samples_per_s", "x_reference", "mfu", "note"]
     print(markdown_table(rows, cols, title=f"train step ({config}) on {dev}"))
     if not args.no_save:
-        folder = write_results("bench_train_step", rows, device, plot=("samples_per_s", ["config"]))
-        print(f"wrote {folder}/bench_train_step.csv and .md")
+        print(f"wrote {save(rows)}/{args.name}.csv and .md")
     return rows
 
 

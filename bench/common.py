@@ -110,22 +110,34 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
 def write_results(name: str, rows: list[dict], device: torch.device | str,
                   plot: tuple[str, list[str]] | None = None) -> Path:
     """Write rows as bench/results/<device>/<name>.csv and .md (and <name>.png when `plot` names the
-    value column and the grouping columns of a bar chart, one bar per provider); returns the folder."""
+    value column and the grouping columns of a bar chart, one bar per provider); returns the folder.
+
+    Each call replaces the files with a table of exactly `rows`, so a benchmark calls it again after
+    each measured case with all rows so far: a run cut short (a time limit) keeps what finished, and
+    a complete run ends with the complete table. Files are written beside and renamed into place
+    (os.replace), so a run killed mid-write leaves the previous complete file, never a truncated one."""
     dev = device_name(device)
     folder = RESULTS / slug(dev)
     folder.mkdir(parents=True, exist_ok=True)
     rows = [{"device": dev, **r} for r in rows]
     cols = list(dict.fromkeys(k for r in rows for k in r))
-    with open(folder / f"{name}.csv", "w", newline="") as f:
+
+    def tmp(ext: str) -> Path:
+        return folder / f"{name}.{ext}.tmp"
+
+    with open(tmp("csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()
         writer.writerows(rows)
-    (folder / f"{name}.md").write_text(markdown_table(rows, cols, title=f"{name} on {dev}"))
+    os.replace(tmp("csv"), folder / f"{name}.csv")
+    tmp("md").write_text(markdown_table(rows, cols, title=f"{name} on {dev}"))
+    os.replace(tmp("md"), folder / f"{name}.md")
     if plot is not None:
         from bench.plot import bar_chart
 
         value, group_by = plot
-        bar_chart(rows, value, group_by, folder / f"{name}.png", title=f"{name}: {value} on {dev}")
+        if bar_chart(rows, value, group_by, tmp("png"), title=f"{name}: {value} on {dev}") is not None:
+            os.replace(tmp("png"), folder / f"{name}.png")
     return folder
 
 

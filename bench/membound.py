@@ -81,6 +81,8 @@ def run(title: str, result_name: str, cases_for: Callable[[torch.device, torch.d
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[dtype_name]
     providers = [p for p in args.providers.split(",") if p]
+    if set(providers) - set(PROVIDERS):
+        raise SystemExit(f"unknown provider in {providers}; expected {PROVIDERS}")
     modes = [m for m in args.modes.split(",") if m]
     timing = {} if device.type == "cuda" else {"warmup": 3, "reps": args.reps}
     impls = {"ext": ext, "eager": reference}
@@ -90,28 +92,19 @@ def run(title: str, result_name: str, cases_for: Callable[[torch.device, torch.d
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") if device.type == "cpu" else None
     print(f"device: {dev}; copy bandwidth {copy_gbs:.1f} GB/s; dtype {dtype_name}; THP_MEM_ALLOC_ENABLE={thp}")
     rows = []
-    for case in cases_for(device, dtype):
-        fns_of = {}
-        for prov in providers:
-            if prov == "compile":
-                fn = torch.compile(reference, dynamic=False)
-            elif prov in impls:
-                fn = impls[prov]
-            else:
-                raise SystemExit(f"unknown provider {prov!r}; expected {PROVIDERS}")
-            fns_of[prov] = timed_fns(fn, case)
-        ms_of: dict[tuple[str, str], float] = {}
-        for mode in modes:
-            for fns in fns_of.values():
-                fns[mode]()  # compile / warm up outside the timing
-            if device.type == "cuda":
-                for prov, fns in fns_of.items():
-                    ms_of[(prov, mode)] = measure_ms(fns[mode], device)
-            else:  # interleaved, so that the drift of a shared machine hits every provider alike
-                ms_of.update({(prov, mode): ms for prov, ms in measure_interleaved_ms(
-                    {p: f[mode] for p, f in fns_of.items()}, **timing).items()})
+
+    def save():  # after every case (CUDA: every provider): a run cut short keeps what finished
+        if not args.no_save:
+            return write_results(result_name, [{**r, "copy_GB/s": copy_gbs} for r in rows], device,
+                                 plot=("GB/s", ["case", "mode"]))
+
+    def case_rows(case, ms_of):
+        """The table rows of one case from what is measured so far ({(provider, mode): ms})."""
+        out = []
         for prov in providers:
             for mode in modes:
+                if (prov, mode) not in ms_of:
+                    continue
                 ms = ms_of[(prov, mode)]
                 nbytes = {"fwd": case.bytes_fwd, "bwd": case.bytes_bwd,
                           "fwd+bwd": case.bytes_fwd + case.bytes_bwd}[mode]
@@ -120,13 +113,43 @@ def run(title: str, result_name: str, cases_for: Callable[[torch.device, torch.d
                 for base in ("eager", "compile"):
                     if (base, mode) in ms_of:
                         row[f"x_{base}"] = ms_of[(base, mode)] / ms
-                rows.append(row)
-        del fns_of
+                out.append(row)
+        return out
+
+    def forward_of(prov):
+        if prov == "compile":
+            return torch.compile(reference, dynamic=False)
+        return impls[prov]
+
+    for case in cases_for(device, dtype):
+        done = len(rows)
+        ms_of: dict[tuple[str, str], float] = {}
+        if device.type == "cuda":
+            # one provider at a time, in the order given (compile last by default), the table rewritten
+            # after each: a compile cut short by a time limit leaves the others' rows
+            for prov in providers:
+                fns = timed_fns(forward_of(prov), case)
+                for mode in modes:
+                    fns[mode]()  # compile / warm up outside the timing
+                    ms_of[(prov, mode)] = measure_ms(fns[mode], device)
+                del fns
+                rows[done:] = case_rows(case, ms_of)
+                print(f"{case.name} {prov}: " + ", ".join(f"{m} {ms_of[(prov, m)]:.4g} ms" for m in modes),
+                      flush=True)
+                save()
+        else:  # interleaved, so that the drift of a shared machine hits every provider alike
+            fns_of = {prov: timed_fns(forward_of(prov), case) for prov in providers}
+            for mode in modes:
+                for fns in fns_of.values():
+                    fns[mode]()  # compile / warm up outside the timing
+                ms_of.update({(prov, mode): ms for prov, ms in measure_interleaved_ms(
+                    {p: f[mode] for p, f in fns_of.items()}, **timing).items()})
+            del fns_of
+            rows[done:] = case_rows(case, ms_of)
+            save()
         torch._dynamo.reset()
     cols = ["case", "dtype", "thp", "mode", "provider", "ms", "GB/s", "%copy", "x_eager", "x_compile"]
     print(markdown_table(rows, cols, title=f"{title} on {dev} (copy {copy_gbs:.1f} GB/s)"))
     if not args.no_save:
-        folder = write_results(result_name, [{**r, "copy_GB/s": copy_gbs} for r in rows], device,
-                               plot=("GB/s", ["case", "mode"]))
-        print(f"wrote {folder}/{result_name}.csv and .md")
+        print(f"wrote {save()}/{result_name}.csv and .md")  # also when nothing was measured
     return rows

@@ -403,7 +403,7 @@ def _launch(tuned, plain, which, grid, *args, **meta):
     if INTERPRET:
         bm, bn = INTERPRET_BLOCKS[which]
         plain[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
-    elif not AUTOTUNE:
+    elif not AUTOTUNE or meta["PREC"] == "ieee":  # fp32: IEEE dots compile 5-30 s a config, too slow to tune
         c = _FIXED[which]
         plain[grid](*args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, **meta)
     else:

@@ -98,25 +98,30 @@ def test_flow_inputs_and_one_step_estimate():
 
 # ----------------------------------------------------------------------------- triton backend
 # The fused kernel (kernels/loss.py) runs here under the Triton interpreter (conftest sets
-# TRITON_INTERPRET=1). Oracle: the reference in float64 on the same (rounded) inputs.
+# TRITON_INTERPRET=1) on CPU tensors, or compiled for the GPU on CUDA tensors where a CUDA device is
+# present (the compiled backend refuses CPU tensors). Oracle: the reference in float64 on the same
+# (rounded) inputs.
 
 from unigendet import backends  # noqa: E402
-from unigendet.ops.loss import OP, _triton_auto_check, _triton_check  # noqa: E402
+from unigendet.ops.loss import OP, _triton_auto_check, _triton_check, _triton_impl  # noqa: E402
 from unigendet.ops.reference import bce_diga_loss_ref  # noqa: E402
 
 triton = pytest.importorskip("triton")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton tests put their inputs
 
 # (dtype, atol, rtol) for fp32; fp16/bf16 use the 2x-eager rule below (DESIGN.md 4.4)
 TOL = [(torch.float32, 1e-5, 1e-5), (torch.float16, None, None), (torch.bfloat16, None, None)]
 
 
-def make_loss_inputs(N, M, C, dtype=torch.float32, seed=0, scale=5.0):
+def make_loss_inputs(N, M, C, dtype=torch.float32, seed=0, scale=5.0, device=DEV):
+    """Drawn on the CPU (the same values on every device), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
-    z = (torch.randn(N, generator=g) * scale).to(dtype)
-    y = torch.rand(N, generator=g).to(dtype)   # soft labels
-    w = torch.rand(N, generator=g).to(dtype)
-    s = torch.randn(M, C, generator=g).to(dtype)
-    t = torch.randn(M, C, generator=g).to(dtype)
+    z = (torch.randn(N, generator=g) * scale).to(device=device, dtype=dtype)
+    y = torch.rand(N, generator=g).to(device=device, dtype=dtype)   # soft labels
+    w = torch.rand(N, generator=g).to(device=device, dtype=dtype)
+    s = torch.randn(M, C, generator=g).to(device=device, dtype=dtype)
+    t = torch.randn(M, C, generator=g).to(device=device, dtype=dtype)
     return z, y, w, s, t
 
 
@@ -164,7 +169,7 @@ def test_triton_parts_and_grads_match_reference(N, M, C):
 def test_triton_large_row_block_m1037_c1024_n333():
     """The biggest required shape once, fp32, with a non-contiguous teacher (row stride 2C)."""
     z, y, w, s, _ = make_loss_inputs(333, 1037, 1024, seed=3)
-    t = torch.randn(1037, 2048, generator=torch.Generator().manual_seed(4))[:, 1024:]
+    t = torch.randn(1037, 2048, generator=torch.Generator().manual_seed(4)).to(DEV)[:, 1024:]
     assert not t.is_contiguous()
     assert_match_ref(run_loss(triton_loss, z, y, w, s, t), run_loss(bce_diga_loss_ref, z, y, w, s, t, upcast=True))
 
@@ -198,11 +203,11 @@ def test_triton_mixed_input_dtypes():
 
 
 def test_triton_extreme_logits_zero_weights_zero_and_tiny_vectors():
-    z = torch.tensor([100.0, -100.0, 100.0, -100.0, 0.0, 3.0])
-    y = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.3])
-    w = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
-    s = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
-    t = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    z = torch.tensor([100.0, -100.0, 100.0, -100.0, 0.0, 3.0], device=DEV)
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.3], device=DEV)
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 0.0], device=DEV)
+    s = torch.randn(5, 8, generator=torch.Generator().manual_seed(0)).to(DEV)
+    t = torch.randn(5, 8, generator=torch.Generator().manual_seed(1)).to(DEV)
     s[0] = 0.0          # zero student: cos = 0, the norm clamp is constant
     t[1] = 0.0          # zero teacher
     s[2], t[2] = 0.0, 0.0
@@ -211,8 +216,8 @@ def test_triton_extreme_logits_zero_weights_zero_and_tiny_vectors():
     assert all(torch.isfinite(x).all() for x in got)
     assert_match_ref(got, run_loss(bce_diga_loss_ref, z, y, w, s, t, upcast=True), atol=1e-5, rtol=1e-5)
     assert got[3][4] == 0 and got[3][5] == 0  # zero weight, zero gradient
-    torch.testing.assert_close(got[1], torch.tensor(50.0, dtype=torch.float64))
-    zero_w = run_loss(triton_loss, z, y, torch.zeros(6), s, t)  # sum(w) = 0: bce = 0, dz = 0
+    torch.testing.assert_close(got[1], torch.tensor(50.0, dtype=torch.float64, device=DEV))
+    zero_w = run_loss(triton_loss, z, y, torch.zeros(6, device=DEV), s, t)  # sum(w) = 0: bce = 0, dz = 0
     assert zero_w[1] == 0 and (zero_w[3] == 0).all() and torch.isfinite(zero_w[0])
 
 
@@ -257,20 +262,27 @@ def test_triton_second_backward_raises():
 
 def test_triton_backend_selection(monkeypatch):
     z, y, w, s, t = make_loss_inputs(4, 3, 5)
-    assert _triton_check(z, y, w, s, t) is None  # interpreter on
-    assert "slow" in _triton_auto_check(z, y, w, s, t)  # ... but auto keeps the reference on CPU
-    assert backends.select(OP, "auto", z, y, w, s, t) is bce_diga_loss_ref
+    assert _triton_check(z, y, w, s, t) is None  # interpreter on (CPU), or compiled (CUDA)
+    if DEV == "cpu":
+        assert "slow" in _triton_auto_check(z, y, w, s, t)  # ... but auto keeps the reference on CPU
+        assert backends.select(OP, "auto", z, y, w, s, t) is bce_diga_loss_ref
+    else:  # compiled kernels on CUDA tensors: auto takes them
+        assert _triton_auto_check(z, y, w, s, t) is None
+        assert backends.select(OP, "auto", z, y, w, s, t) is _triton_impl
     assert "float64" in _triton_check(z.double(), y, w, s, t)
     with pytest.raises(ops.BackendError, match="float64"):
         ops.bce_diga_loss(z, y, w, s.double(), t.double(), backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert "TRITON_INTERPRET" in _triton_check(z, y, w, s, t)
+    cpu = [x.cpu() for x in (z, y, w, s, t)]
+    assert "TRITON_INTERPRET" in _triton_check(*cpu)  # CPU tensors need the interpreter
     if not torch.cuda.is_available():
         assert _triton_check() is not None
 
 
 def test_triton_custom_op_opcheck():
     """Schema, fake (meta) and autograd registrations of the torch.library ops are consistent."""
+    import unigendet.kernels.loss  # noqa: F401  (registers the ops; otherwise imported on first use)
+
     z, y, w, s, t = make_loss_inputs(5, 4, 33, seed=8)
     z.requires_grad_()
     s.requires_grad_()
@@ -278,7 +290,7 @@ def test_triton_custom_op_opcheck():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     out, g_z, g_s = torch.ops.unigendet.bce_diga_loss_fwd(z.detach(), y, w, s.detach(), t, 0.7, 1e-8, True, True)
     torch.library.opcheck(torch.ops.unigendet.bce_diga_loss_bwd_,
-                          (out, g_z, g_s, torch.tensor([2.0, 0.0, 1.0, 0.0]), torch.float32, 1.0, 1.0, 1.0),
+                          (out, g_z, g_s, torch.tensor([2.0, 0.0, 1.0, 0.0], device=DEV), torch.float32, 1.0, 1.0, 1.0),
                           test_utils=("test_schema", "test_faketensor"))
 
 
