@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_device, device_name, markdown_table, measure_ms, peak_memory_mb, write_results  # noqa: E402
+from bench.common import (add_ratio_to, bench_device, device_name, markdown_table, measure_ms,  # noqa: E402
+                          peak_memory_mb, write_results)
 
 # (name, B, Tg, Td, H, Hkv, D); the published shape (the issue's targets) first, so that a run cut short by a
 # time limit has it (the table is rewritten after every measurement)
@@ -158,7 +159,8 @@ def main(argv=None) -> list[dict]:
     rows, skipped = [], []
 
     def save():  # after every measurement: a run cut short keeps what finished
-        add_ratios(rows)
+        add_ratio_to(rows, "ours", ("shape", "B", "Tg", "Td", "H", "Hkv", "D", "layout", "dtype", "mode"),
+                     "x_vs_ours")
         if not args.no_save:
             return write_results("bench_attention", rows, device, plot=("TFLOP/s", ["shape", "layout", "mode"]))
 
@@ -211,18 +213,6 @@ def main(argv=None) -> list[dict]:
     if not args.no_save:
         print(f"wrote {save()}/bench_attention.csv and .md")  # also when nothing was measured
     return rows
-
-
-def add_ratios(rows: list[dict]) -> None:
-    """x_vs_ours of each row: its ms over ours' ms at the same shape, layout, dtype and mode (> 1: ours is
-    faster); rows without an `ours` row to compare with get none."""
-    def key(r):
-        return tuple(r[k] for k in ("shape", "B", "Tg", "Td", "H", "Hkv", "D", "layout", "dtype", "mode"))
-
-    ours = {key(r): r["ms"] for r in rows if r["provider"] == "ours"}
-    for r in rows:
-        if key(r) in ours:
-            r["x_vs_ours"] = r["ms"] / ours[key(r)]
 
 
 def targets_report(rows: list[dict]) -> str:

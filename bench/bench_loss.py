@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_device, copy_bandwidth_gbs, device_name, markdown_table, measure_ms, peak_memory_mb, write_results  # noqa: E402
+from bench.common import (add_ratio_to, bench_device, copy_bandwidth_gbs, device_name, markdown_table,  # noqa: E402
+                          measure_ms, peak_memory_mb, write_results)
 
 CUDA_SHAPES = [(m, c) for m in (16 * 1024, 256 * 1024, 1024 * 1024) for c in (1024, 3584)]
 CPU_SHAPES = [(m, c) for m in (256, 1024) for c in (128, 1024)]
@@ -90,7 +91,7 @@ def main(argv=None) -> list[dict]:
     title = f"bce_diga_loss fwd+bwd on {dev} (copy {copy_gbs:.1f} GB/s)"
 
     def save():  # after every measurement: a run cut short keeps what finished
-        add_speedups(rows)
+        add_ratio_to(rows, "ours", ("M", "C", "N", "dtype"), "ours_speedup")
         if not args.no_save:
             return write_results("bench_loss", [{**r, "copy_GB/s": copy_gbs} for r in rows], device,
                                  plot=("GB/s", ["M", "C"]))
@@ -136,17 +137,6 @@ def main(argv=None) -> list[dict]:
     if not args.no_save:
         print(f"wrote {save()}/bench_loss.csv and .md")  # also when nothing was measured
     return rows
-
-
-def add_speedups(rows: list[dict]) -> None:
-    """ours_speedup of each row: its ms over ours' ms at the same M, C, N and dtype (> 1: ours is faster)."""
-    def key(r):
-        return r["M"], r["C"], r["N"], r["dtype"]
-
-    ours = {key(r): r["ms"] for r in rows if r["provider"] == "ours"}
-    for r in rows:
-        if key(r) in ours:
-            r["ours_speedup"] = r["ms"] / ours[key(r)]
 
 
 if __name__ == "__main__":

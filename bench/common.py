@@ -141,6 +141,19 @@ def write_results(name: str, rows: list[dict], device: torch.device | str,
     return folder
 
 
+def add_ratio_to(rows: list[dict], base: str, same: tuple[str, ...], column: str) -> None:
+    """rows[column] = row ms / ms of the `base` provider's row that agrees on the `same` columns (> 1: the
+    base is faster); rows with no such base row get none. Recomputed in place, so it can follow each
+    measurement of a table that grows."""
+    def key(r):
+        return tuple(r[k] for k in same)
+
+    base_ms = {key(r): r["ms"] for r in rows if r["provider"] == base}
+    for r in rows:
+        if key(r) in base_ms:
+            r[column] = r["ms"] / base_ms[key(r)]
+
+
 def markdown_table(rows: list[dict], cols: list[str], title: str = "") -> str:
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
