@@ -7,7 +7,9 @@ the ptxas bundled in the triton wheel) lowers them to cubins, each as an aligned
 unaligned one specialises it (see `compile_one`), for the launch configurations the launchers use:
 every autotune candidate of the attention kernels at head dim 128 with all switches on, the other
 head dims with one candidate, and the loss kernels at the block sizes `_forward` and `_backward`
-pick. It also reads each cubin's registers and local-memory stack (`resource_usage`). Run with
+pick. It also reads each cubin's registers and local-memory stack (`resource_usage`) and checks that
+the attention kernels' dots lower to Hopper's warpgroup tensor-core instructions (`tensor_core_ops`):
+a kernel that falls back to the older mma.sync form cannot approach the H100/H200 targets. Run with
 TRITON_INTERPRET unset (the test runs it in a subprocess).
 """
 from __future__ import annotations
@@ -89,6 +91,11 @@ def resource_usage(cubin: bytes) -> tuple[int, int] | None:
     return (int(found.group(1)), int(found.group(2))) if found else None
 
 
+def tensor_core_ops(ptx: str) -> tuple[int, int]:
+    """(Hopper warpgroup MMAs `wgmma.mma_async`, Ampere-style warp MMAs `mma.sync`) in a kernel's PTX."""
+    return ptx.count("wgmma.mma_async"), len(re.findall(r"\bmma\.sync\b", ptx))
+
+
 def variants():
     """(label, kernel, constexprs, num_warps, num_stages) for everything this script compiles."""
     def attn_meta(d):
@@ -117,17 +124,22 @@ def variants():
 
 def check_one(label, fn, meta, warps, stages, aligned: bool) -> tuple[str, bool]:
     """Compile one variant; (its report line, whether it spills). Raises what must fail the run:
-    too much shared memory anywhere, a register spill in the memory-bound loss kernels."""
+    too much shared memory anywhere, a register spill in the memory-bound loss kernels, an attention
+    kernel whose matrix products are not (all) warpgroup MMAs."""
     kernel = compile_one(fn, meta, warps, stages, aligned=aligned)
     shared = kernel.metadata.shared
     if shared > SHARED_LIMIT:
         raise RuntimeError(f"needs {shared} B of shared memory per block; sm_90 has {SHARED_LIMIT}")
+    wgmma, mma_sync = tensor_core_ops(kernel.asm["ptx"])
+    if fn in (attention._mmsa_fwd, attention._mmsa_bwd_dq, attention._mmsa_bwd_dkdv) and (mma_sync or not wgmma):
+        raise RuntimeError(f"dots lower to {wgmma} wgmma.mma_async and {mma_sync} mma.sync; want wgmma only")
     usage = resource_usage(kernel.asm["cubin"])
     spills = bool(usage and usage[1] > 0)
     if spills and "(loss)" in label:
         raise RuntimeError(f"spills registers ({usage[0]} registers, {usage[1]} B stack) in a memory-bound kernel")
     regs = f"{usage[0]} registers, {usage[1]} B stack" if usage else "registers unread"
-    return f"{len(kernel.asm['cubin'])} B cubin, {shared} B shared memory, {regs}", spills
+    mma = f", {wgmma} wgmma" if wgmma else ""
+    return f"{len(kernel.asm['cubin'])} B cubin, {shared} B shared memory, {regs}{mma}", spills
 
 
 def main() -> int:
