@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sass
 from op_testing import EXT_ONLY
 from unigendet import ops
 from unigendet.ops import ext_support
@@ -38,17 +39,61 @@ def _nvcc() -> str | None:
 @pytest.mark.parametrize("source", sorted(p.name for p in CUDA_DIR.glob("*.cu")) or ["<none>"])
 def test_cuda_sources_compile_for_sm90(source, tmp_path):
     """Every .cu file compiles for sm_90 with the flags setup.py gives nvcc (torch's and ours): CUDA code
-    that does not build cannot land, although no GPU runs it here."""
+    that does not build cannot land, although no GPU runs it here. The sm_90 code is then read back:
+    no kernel spills registers, and the vector-path kernels move whole packs (no 16-byte access
+    split into narrower ones, which nvcc did for the second of two Pack stores in a loop body)."""
     assert source != "<none>", "no .cu files under csrc/cuda"
     assert _nvcc() is not None, "UNIGENDET_REQUIRE_NVCC=1 but nvcc was not found"
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
     flags = COMMON_NVCC_FLAGS + (CUDA_DIR / "nvcc_flags.txt").read_text().split()
-    cmd = [_nvcc(), *flags, "-arch=sm_90", "-Xcompiler", "-Wall", "-c", str(CUDA_DIR / source),
-           "-o", str(tmp_path / "out.o")]
+    obj = tmp_path / "out.o"
+    cmd = [_nvcc(), *flags, "-arch=sm_90", "-Xcompiler", "-Wall", "-Xptxas", "-v", "-c", str(CUDA_DIR / source),
+           "-o", str(obj)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     assert "warning" not in proc.stderr.lower(), proc.stderr
+    assert sass.spilling_kernels(proc.stderr) == [], proc.stderr
+
+    assert sass.cuobjdump() is not None, "no cuobjdump (it ships in the triton wheel) to read the sm_90 code"
+    listing = subprocess.run([str(sass.cuobjdump()), "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    assert listing.returncode == 0, listing.stderr
+    kernels = sass.global_accesses(listing.stdout)
+    vector_path = {name: acc for name, acc in kernels.items() if sass.pack_bytes(name)}
+    assert vector_path, f"no vector-path kernel instantiation found in {source}: {sorted(kernels)}"
+    for name, accesses in vector_path.items():
+        assert sass.split_pack_accesses(name, accesses) == [], name
+        assert any(a.bytes == sass.pack_bytes(name) for a in accesses), f"{name}: no access of one whole pack"
+
+
+def test_sass_reader_finds_split_packs_and_spills():
+    """The readers above on listings shaped like cuobjdump's and ptxas's: a 16-byte store split into
+    four 4-byte stores is found, one 16-byte store is not, and neither is a scalar-path kernel."""
+    sass_text = """
+\t\tFunction : _ZN9unigendet4cuda17swiglu_bwd_kernelIfLi4EEEvPKT_S5_PS3_ll
+        /*0580*/                   LDG.E.128 R8, desc[UR14][R8.64] ;
+        /*0f20*/                   STG.E.128 desc[UR14][R18.64], R8 ;
+        /*0f30*/                   STG.E desc[UR14][R38.64], R12 ;
+        /*0f40*/                   STG.E desc[UR14][R38.64+0x4], R13 ;
+        /*0f50*/                   STG.E desc[UR14][R38.64+0x8], R14 ;
+        /*0f60*/                   STG.E desc[UR14][R38.64+0xc], R15 ;
+\t\tFunction : _ZN9unigendet4cuda17swiglu_fwd_kernelI6__halfLi8EEEvPKT_PS4_ll
+        /*0100*/              @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0110*/                   LDG.E R9, desc[UR4][R6.64] ;
+        /*0200*/                   STG.E.128.STRONG.SM desc[UR4][R2.64+0x10], R4 ;
+\t\tFunction : _ZN9unigendet4cuda17swiglu_fwd_kernelIfLi1EEEvPKT_PS3_ll
+        /*0200*/                   STG.E desc[UR4][R2.64+0x4], R4 ;
+"""
+    kernels = sass.global_accesses(sass_text)
+    split, whole, scalar = kernels
+    assert [a.offset for a in sass.split_pack_accesses(split, kernels[split])] == [4, 8, 12]
+    assert sass.split_pack_accesses(whole, kernels[whole]) == [] and sass.pack_bytes(whole) == 16
+    assert kernels[whole][0] == sass.Access("LDG", 16, "R2", 0) and kernels[whole][2].offset == 16
+    assert sass.pack_bytes(scalar) is None and sass.split_pack_accesses(scalar, kernels[scalar]) == []
+    log = ("ptxas info    : Function properties for k1\n    8 bytes stack frame, 4 bytes spill stores, 8 bytes spill"
+           " loads\nptxas info    : Function properties for k2\n    0 bytes stack frame, 0 bytes spill stores, "
+           "0 bytes spill loads\n")
+    assert sass.spilling_kernels(log) == ["k1"]
 
 
 @pytest.mark.skipif(_nvcc() is None and os.environ.get("UNIGENDET_REQUIRE_NVCC") != "1", reason="no nvcc here")

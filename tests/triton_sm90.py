@@ -29,6 +29,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import sass  # noqa: E402  (tests/, this script's folder)
 from unigendet.kernels import attention, loss  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -80,8 +81,8 @@ def resource_usage(cubin: bytes) -> tuple[int, int] | None:
     """(registers per thread, bytes of local-memory stack) of a cubin, read with the cuobjdump in the
     triton wheel (None where it is missing). A stack means ptxas spilled registers: an error in the
     memory-bound loss kernels, a diagnostic in attention (autotuning may still find one fastest)."""
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not cuobjdump.exists():
+    cuobjdump = sass.cuobjdump()
+    if cuobjdump is None:
         return None
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "kernel.cubin"

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -37,25 +38,76 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 // Elements per 16-byte access: 4 for fp32, 8 for fp16 / bf16.
 template <typename T> struct VecWidth { static constexpr int N = 16 / static_cast<int>(sizeof(T)); };
 
-// W consecutive elements moved as one access. W == VecWidth<T>::N gives a 16-byte aligned struct,
-// which nvcc moves with a single LDG.128 / STG.128; W == 1 is the scalar fallback path.
+// W consecutive elements moved as one access. W == VecWidth<T>::N gives a 16-byte aligned struct;
+// W == 1 is the scalar fallback path.
 template <typename T, int W> struct alignas(sizeof(T) * W) Pack {
   T v[W];
 };
 
-// Loads W elements at p (aligned to sizeof(T) * W) and widens them to fp32.
+// Packs move as native words: uint4 (16 bytes), uint2, unsigned int, unsigned short. Loads are
+// plain word loads. A plain store of a uint4 (or a struct copy of the Pack) is not always one
+// instruction: nvcc 13 splits the second of two such stores in a loop body into four 4-byte stores
+// (swiglu's backward, RoPE's forward), so vector words are stored with one PTX st.global (weak, the
+// default cache policy; CUDA's __stwb would make it a strong store). The SASS check in
+// tests/test_ext.py fails on split accesses.
+template <int B> struct NativeWord;
+template <> struct NativeWord<2> { using type = unsigned short; };
+template <> struct NativeWord<4> { using type = unsigned int; };
+template <> struct NativeWord<8> { using type = uint2; };
+template <> struct NativeWord<16> { using type = uint4; };
+
+template <typename Word> __device__ __forceinline__ void store_word(Word* p, const Word& w) {
+#ifdef UNIGENDET_CUDA_EMU
+  memcpy(p, &w, sizeof w);  // one access of sizeof(Word) bytes, as traced by tests/cuda_emu
+#else
+  if constexpr (sizeof(Word) == 16)
+    asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w) : "memory");
+  else if constexpr (sizeof(Word) == 8)
+    asm("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w.x), "r"(w.y) : "memory");
+  else
+    *p = w;
+#endif
+}
+
+// A Pack (sizeof(P) bytes; 16-byte words above 16) from p, which is aligned to min(sizeof(P), 16).
+template <typename P> __device__ __forceinline__ P load_pack(const void* p) {
+  constexpr int B = static_cast<int>(sizeof(P)), WordBytes = B < 16 ? B : 16;
+  using Word = typename NativeWord<WordBytes>::type;
+  static_assert(B % WordBytes == 0, "a Pack is a whole number of native words");
+  P pk;
+#pragma unroll
+  for (int k = 0; k < B / WordBytes; ++k) {
+    const Word w = static_cast<const Word*>(p)[k];
+    memcpy(reinterpret_cast<char*>(&pk) + k * WordBytes, &w, WordBytes);
+  }
+  return pk;
+}
+
+template <typename P> __device__ __forceinline__ void store_pack(void* p, const P& pk) {
+  constexpr int B = static_cast<int>(sizeof(P)), WordBytes = B < 16 ? B : 16;
+  using Word = typename NativeWord<WordBytes>::type;
+  static_assert(B % WordBytes == 0, "a Pack is a whole number of native words");
+#pragma unroll
+  for (int k = 0; k < B / WordBytes; ++k) {
+    Word w;
+    memcpy(&w, reinterpret_cast<const char*>(&pk) + k * WordBytes, WordBytes);
+    store_word(static_cast<Word*>(p) + k, w);
+  }
+}
+
+// Loads W elements at p (aligned to sizeof(T) * W, or 16 bytes) and widens them to fp32.
 template <typename T, int W> __device__ __forceinline__ void load_f(const T* p, float (&f)[W]) {
-  const Pack<T, W> pk = *reinterpret_cast<const Pack<T, W>*>(p);
+  const Pack<T, W> pk = load_pack<Pack<T, W>>(p);
 #pragma unroll
   for (int i = 0; i < W; ++i) f[i] = to_float(pk.v[i]);
 }
 
-// Rounds W fp32 values to T and stores them at p (aligned to sizeof(T) * W).
+// Rounds W fp32 values to T and stores them at p (aligned to sizeof(T) * W, or 16 bytes).
 template <typename T, int W> __device__ __forceinline__ void store_f(T* p, const float (&f)[W]) {
   Pack<T, W> pk;
 #pragma unroll
   for (int i = 0; i < W; ++i) pk.v[i] = from_float<T>(f[i]);
-  *reinterpret_cast<Pack<T, W>*>(p) = pk;
+  store_pack(p, pk);
 }
 
 // W fp32 parameters (weight, cos, sin: never written by a kernel, so read through the read-only

@@ -30,7 +30,8 @@ void fused_add_rmsnorm_fwd(DType dtype, const void* x, const void* residual, con
                            void* y, void* res, float* rstd, int64_t rows, int64_t cols, float eps,
                            cudaStream_t stream);
 
-// Number of rows of the fp32 workspace `partial` (num_partials, cols) the backward needs.
+// Number of rows of the fp32 workspace `partial` (num_partials, cols) the backward needs. The
+// workspace must be 16-byte aligned (a fresh allocation is): the vector path moves its rows in packs.
 int64_t rmsnorm_bwd_num_partials(int64_t rows, int device);
 
 // grad_y: (rows, cols); grad_res: (rows, cols) or nullptr (the gradient reaching the `res` output);
@@ -64,6 +65,7 @@ void rmsnorm_rope_fwd(DType dtype, const void* x, const RopeShape& shape, const 
                       const float* cos, const float* sin, void* out, float* rstd, float eps,
                       cudaStream_t stream);
 
+// Rows of the fp32 workspace `partial` (num_partials, D); 16-byte aligned, as for rmsnorm.
 int64_t rmsnorm_rope_bwd_num_partials(const RopeShape& shape, int device);
 
 // grad_out: contiguous (B, T, H, D); x strided as in `shape`; grad_x contiguous (B, T, H, D);

@@ -148,10 +148,10 @@ __global__ void __launch_bounds__(1024)
   const int64_t chunks = cols / W;
   float* prow = partial + static_cast<int64_t>(blockIdx.x) * cols;
   float acc[CACHED ? K : 1][W] = {};
-  if constexpr (!CACHED)
-    for (int64_t ch = o; ch < chunks; ch += tpr)
-#pragma unroll
-      for (int i = 0; i < W; ++i) prow[ch * W + i] = 0.f;
+  if constexpr (!CACHED) {
+    const float zero[W] = {};
+    for (int64_t ch = o; ch < chunks; ch += tpr) store_f<float, W>(prow + ch * W, zero);
+  }
 
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * rpb; base < rows;
        base += static_cast<int64_t>(gridDim.x) * rpb) {
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(1024)
           float gy[W], w[W];
           load_f<T, W>(grad_y + off + c, gy);
           load_f<T, W>(res + off + c, n[k]);
-          if (grad_res != nullptr) gr[k] = *reinterpret_cast<const Pack<T, W>*>(grad_res + off + c);
+          if (grad_res != nullptr) gr[k] = load_pack<Pack<T, W>>(grad_res + off + c);
           load_param<W>(weight + c, w);
 #pragma unroll
           for (int i = 0; i < W; ++i) {
@@ -184,16 +184,18 @@ __global__ void __launch_bounds__(1024)
     } else {  // pass 1: dot and the weight gradient
       for (int64_t ch = o; active && ch < chunks; ch += tpr) {
         const int64_t c = ch * W;
-        float gy[W], r[W], w[W];
+        float gy[W], r[W], w[W], pw[W];
         load_f<T, W>(grad_y + off + c, gy);
         load_f<T, W>(res + off + c, r);
         load_param<W>(weight + c, w);
+        load_f<float, W>(prow + c, pw);
 #pragma unroll
         for (int i = 0; i < W; ++i) {
           const float nn = r[i] * rs;
           dot += gy[i] * w[i] * nn;
-          prow[c + i] += gy[i] * nn;
+          pw[i] += gy[i] * nn;
         }
+        store_f<float, W>(prow + c, pw);
       }
     }
     dot = row_group_sum(dot, tpr, red);
@@ -247,9 +249,7 @@ __global__ void __launch_bounds__(1024)
 #pragma unroll
         for (int k = 0; k < K; ++k) {
           const int64_t c = (o + static_cast<int64_t>(k) * tpr) * W;
-#pragma unroll
-          for (int i = 0; i < W; ++i)
-            if (c < cols) prow[c + i] = acc[k][i];
+          if (c < cols) store_f<float, W>(prow + c, acc[k]);
         }
     } else {  // blockDim == 256 here, so M * tpr * K * W <= 256 * K * W = size of buf
       if (s < tpr)

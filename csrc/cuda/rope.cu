@@ -99,10 +99,10 @@ __device__ __forceinline__ void store_grad_x(T* gx, const BwdTerms<T, W>& b, flo
 template <typename T, int W>
 __device__ __forceinline__ void load_bwd_inputs(Pack<T, W> (&in)[4], const T* dr, const T* xr,
                                                 int64_t half) {
-  in[0] = *reinterpret_cast<const Pack<T, W>*>(dr);
-  in[1] = *reinterpret_cast<const Pack<T, W>*>(dr + half);
-  in[2] = *reinterpret_cast<const Pack<T, W>*>(xr);
-  in[3] = *reinterpret_cast<const Pack<T, W>*>(xr + half);
+  in[0] = load_pack<Pack<T, W>>(dr);
+  in[1] = load_pack<Pack<T, W>>(dr + half);
+  in[2] = load_pack<Pack<T, W>>(xr);
+  in[3] = load_pack<Pack<T, W>>(xr + half);
 }
 
 // ---------------------------------------------------------------- forward
@@ -249,9 +249,11 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t D = s.head_dim, half = D / 2, rows = s.batch * s.seq * s.heads;
   const int64_t step = static_cast<int64_t>(blockDim.x) * W;
   float* prow = partial + static_cast<int64_t>(blockIdx.x) * D;
-  for (int64_t j = threadIdx.x * W; j < half; j += step)
-#pragma unroll
-    for (int i = 0; i < W; ++i) prow[j + i] = prow[half + j + i] = 0.f;
+  const float zero[W] = {};
+  for (int64_t j = threadIdx.x * W; j < half; j += step) {
+    store_f<float, W>(prow + j, zero);
+    store_f<float, W>(prow + half + j, zero);
+  }
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const RowPtr rp = locate(s, row);
     const float rs = rstd[row];
@@ -263,12 +265,17 @@ __global__ void __launch_bounds__(kBlock)
         load_bwd_inputs<T, W>(in, grad_out + row * D + j, x + rp.xo + j, half);
         const BwdTerms<T, W> b(in, rs, weight + j, cos + rp.t * half + j, sin + rp.t * half + j, half);
         if (pass == 0) {
+          float p1[W], p2[W];
+          load_f<float, W>(prow + j, p1);
+          load_f<float, W>(prow + half + j, p2);
 #pragma unroll
           for (int i = 0; i < W; ++i) {
             dot += b.dn1[i] * b.n1[i] + b.dn2[i] * b.n2[i];
-            prow[j + i] += b.du1[i] * b.n1[i];
-            prow[half + j + i] += b.du2[i] * b.n2[i];
+            p1[i] += b.du1[i] * b.n1[i];
+            p2[i] += b.du2[i] * b.n2[i];
           }
+          store_f<float, W>(prow + j, p1);
+          store_f<float, W>(prow + half + j, p2);
         } else {
           store_grad_x<T, W>(grad_x + row * D + j, b, rs, cc, half);
         }

@@ -4,8 +4,8 @@
 // the accesses that fall inside the buffers a test registered. So a test can check that a
 // kernel reads each input row once and moves 16-byte packs, without changing a line of the kernel;
 // and a read of shared memory that no thread of the block has written stops the launch.
-// (Widths are those of the host compiler's code for the same source: a 16-byte Pack copy is one
-// 16-byte access, as nvcc's LDG.128 / STG.128.)
+// (Widths are those of the host compiler's code for the same source: a 16-byte Pack is one 16-byte
+// access here. nvcc's code is checked separately, from its SASS: tests/sass.py, tests/test_ext.py.)
 #include <link.h>
 
 #include <cstddef>
