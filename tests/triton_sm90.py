@@ -61,14 +61,15 @@ def signature(fn, constexprs: dict, dtype: str) -> dict[str, str]:
     return sig
 
 
-ALIGNED_INTS = re.compile(r"s[a-z0-9]*[bth]|stride_[a-z]|C")  # strides (and the loss's row width)
+ALIGNED_INTS = re.compile(r"s[a-z0-9]*[bth]|stride_[a-z]|C|N|n_s")  # strides; the loss's row width and sizes
 
 
 def compile_one(fn, constexprs: dict, num_warps: int, num_stages: int = 3, dtype: str = "bf16",
                 aligned: bool = False):
     """A cubin of `fn`. aligned: as a launch on the usual tensors specialises it (16-byte aligned
-    pointers, strides and row width multiples of 16: Triton vectorises and drops address arithmetic);
-    else as a launch where none of that holds (an odd head dim or row width, a misaligned view)."""
+    pointers; strides, row width and element counts multiples of 16: Triton vectorises and drops
+    address arithmetic); else as a launch where none of that holds (an odd head dim or row width, a
+    misaligned view)."""
     sig = signature(fn, constexprs, dtype)
     hinted = [n for n, ty in sig.items() if ty.startswith("*") or (ty == "i32" and ALIGNED_INTS.fullmatch(n))]
     source = ASTSource(fn=fn, signature=sig,
@@ -95,6 +96,13 @@ def resource_usage(cubin: bytes) -> tuple[int, int] | None:
 def tensor_core_ops(ptx: str) -> tuple[int, int]:
     """(Hopper warpgroup MMAs `wgmma.mma_async`, Ampere-style warp MMAs `mma.sync`) in a kernel's PTX."""
     return ptx.count("wgmma.mma_async"), len(re.findall(r"\bmma\.sync\b", ptx))
+
+
+def scalar_16bit_accesses(ptx: str) -> int:
+    """Global loads and stores of single bf16 elements (`ld.global.b16`; not `.v4.b16`) in PTX. An
+    aligned launch moves the activations in 16-byte vectors; scalar ones mean Triton could not prove
+    the contiguity or alignment it needs, and the kernel runs far from the memory bandwidth."""
+    return len(re.findall(r"\b(?:ld|st)\.global(?:\.(?!v\d)[a-z0-9]+)*\.b16\b", ptx))
 
 
 def variants():
@@ -126,14 +134,21 @@ def variants():
 def check_one(label, fn, meta, warps, stages, aligned: bool) -> tuple[str, bool]:
     """Compile one variant; (its report line, whether it spills). Raises what must fail the run:
     too much shared memory anywhere, a register spill in the memory-bound loss kernels, an attention
-    kernel whose matrix products are not (all) warpgroup MMAs."""
+    kernel whose matrix products are not (all) warpgroup MMAs or (aligned) not pipelined through
+    cp.async, scalar bf16 accesses in an aligned launch."""
     kernel = compile_one(fn, meta, warps, stages, aligned=aligned)
     shared = kernel.metadata.shared
     if shared > SHARED_LIMIT:
         raise RuntimeError(f"needs {shared} B of shared memory per block; sm_90 has {SHARED_LIMIT}")
+    scalar16 = scalar_16bit_accesses(kernel.asm["ptx"])
+    if aligned and scalar16 and fn is not loss._finalize_kernel:
+        raise RuntimeError(f"{scalar16} scalar 2-byte global loads/stores in an aligned launch; want vector accesses")
     wgmma, mma_sync = tensor_core_ops(kernel.asm["ptx"])
-    if fn in (attention._mmsa_fwd, attention._mmsa_bwd_dq, attention._mmsa_bwd_dkdv) and (mma_sync or not wgmma):
+    is_attention = fn in (attention._mmsa_fwd, attention._mmsa_bwd_dq, attention._mmsa_bwd_dkdv)
+    if is_attention and (mma_sync or not wgmma):
         raise RuntimeError(f"dots lower to {wgmma} wgmma.mma_async and {mma_sync} mma.sync; want wgmma only")
+    if is_attention and aligned and "cp.async" not in kernel.asm["ptx"]:
+        raise RuntimeError("no cp.async: the key/value blocks are not software-pipelined")
     usage = resource_usage(kernel.asm["cubin"])
     spills = bool(usage and usage[1] > 0)
     if spills and "(loss)" in label:
