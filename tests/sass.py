@@ -1,13 +1,13 @@
 """Reading compiled GPU code without a GPU: what ptxas and cuobjdump say about csrc/cuda's kernels.
 
 The CUDA kernels promise 16-byte global accesses on their vector path (csrc/cuda/common.cuh Pack)
-and no register spills. The emulator (tests/cuda_emu) checks the access widths of the host
+and everything per thread in registers. The emulator (tests/cuda_emu) checks the access widths of the host
 compiler's code for the same source; nvcc's code can differ (it split a 16-byte store into four
 4-byte ones where GCC kept one), so these helpers read the SASS that ptxas produced for sm_90:
 
     accesses = global_accesses(sass_text)                  # {mangled kernel: [Access, ...]}
     split_pack_accesses(kernel, accesses[kernel])           # narrow accesses inside one pack
-    spilling_kernels(ptxas_verbose_log)                     # kernels with spill stores or loads
+    local_memory_kernels(ptxas_verbose_log)                 # kernels with a stack frame or spills
 """
 from __future__ import annotations
 
@@ -73,11 +73,13 @@ def split_pack_accesses(kernel: str, accesses: list[Access]) -> list[Access]:
     return [a for a in accesses if a.bytes < pack and 0 < a.offset < pack]
 
 
-def spilling_kernels(ptxas_log: str) -> list[str]:
-    """Kernels whose `ptxas -v` report has spill stores or loads."""
-    spilled = []
+def local_memory_kernels(ptxas_log: str) -> list[str]:
+    """Kernels whose `ptxas -v` report shows local memory: a stack frame (a per-thread array indexed
+    at run time, or spills) or spill stores / loads. Local memory is device memory: a kernel that
+    uses it in its inner loop is no longer bandwidth-bound on its inputs alone."""
+    found = []
     for m in re.finditer(r"Function properties for (\S+)\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
                          r"(\d+) bytes spill loads", ptxas_log):
-        if int(m.group(3)) or int(m.group(4)):
-            spilled.append(m.group(1))
-    return spilled
+        if int(m.group(2)) or int(m.group(3)) or int(m.group(4)):
+            found.append(m.group(1))
+    return found

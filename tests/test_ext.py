@@ -40,8 +40,9 @@ def _nvcc() -> str | None:
 def test_cuda_sources_compile_for_sm90(source, tmp_path):
     """Every .cu file compiles for sm_90 with the flags setup.py gives nvcc (torch's and ours): CUDA code
     that does not build cannot land, although no GPU runs it here. The sm_90 code is then read back:
-    no kernel spills registers, and the vector-path kernels move whole packs (no 16-byte access
-    split into narrower ones, which nvcc did for the second of two Pack stores in a loop body)."""
+    no kernel uses local memory (spills, run-time indexed arrays), and the vector-path kernels move
+    whole packs (no 16-byte access split into narrower ones, which nvcc did for the second of two Pack
+    stores in a loop body)."""
     assert source != "<none>", "no .cu files under csrc/cuda"
     assert _nvcc() is not None, "UNIGENDET_REQUIRE_NVCC=1 but nvcc was not found"
     from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
@@ -53,7 +54,7 @@ def test_cuda_sources_compile_for_sm90(source, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     assert "warning" not in proc.stderr.lower(), proc.stderr
-    assert sass.spilling_kernels(proc.stderr) == [], proc.stderr
+    assert sass.local_memory_kernels(proc.stderr) == [], proc.stderr
 
     assert sass.cuobjdump() is not None, "no cuobjdump (it ships in the triton wheel) to read the sm_90 code"
     listing = subprocess.run([str(sass.cuobjdump()), "-sass", str(obj)], capture_output=True, text=True, timeout=300)
@@ -66,7 +67,7 @@ def test_cuda_sources_compile_for_sm90(source, tmp_path):
         assert any(a.bytes == sass.pack_bytes(name) for a in accesses), f"{name}: no access of one whole pack"
 
 
-def test_sass_reader_finds_split_packs_and_spills():
+def test_sass_reader_finds_split_packs_and_local_memory():
     """The readers above on listings shaped like cuobjdump's and ptxas's: a 16-byte store split into
     four 4-byte stores is found, one 16-byte store is not, and neither is a scalar-path kernel."""
     sass_text = """
@@ -93,7 +94,9 @@ def test_sass_reader_finds_split_packs_and_spills():
     log = ("ptxas info    : Function properties for k1\n    8 bytes stack frame, 4 bytes spill stores, 8 bytes spill"
            " loads\nptxas info    : Function properties for k2\n    0 bytes stack frame, 0 bytes spill stores, "
            "0 bytes spill loads\n")
-    assert sass.spilling_kernels(log) == ["k1"]
+    assert sass.local_memory_kernels(log) == ["k1"]
+    frame_only = log.replace("4 bytes spill stores, 8 bytes spill", "0 bytes spill stores, 0 bytes spill")
+    assert sass.local_memory_kernels(frame_only) == ["k1"]
 
 
 @pytest.mark.skipif(_nvcc() is None and os.environ.get("UNIGENDET_REQUIRE_NVCC") != "1", reason="no nvcc here")
