@@ -99,14 +99,15 @@ def tensor_core_ops(ptx: str) -> tuple[int, int]:
 
 
 def scalar_16bit_accesses(ptx: str) -> int:
-    """Global loads and stores of single bf16 elements (`ld.global.b16`; not `.v4.b16`) in PTX. An
+    """Global loads and stores of single 16-bit elements (`ld.global.b16`; not `.v4.b16`) in PTX. An
     aligned launch moves the activations in 16-byte vectors; scalar ones mean Triton could not prove
     the contiguity or alignment it needs, and the kernel runs far from the memory bandwidth."""
     return len(re.findall(r"\b(?:ld|st)\.global(?:\.(?!v\d)[a-z0-9]+)*\.b16\b", ptx))
 
 
 def variants():
-    """(label, kernel, constexprs, num_warps, num_stages) for everything this script compiles."""
+    """(label, kernel, constexprs, num_warps, num_stages, dtype) for everything this script compiles:
+    bf16 throughout, and fp16 for each attention kernel's first candidate and one loss shape."""
     def attn_meta(d):
         return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), UPCAST=False, PREC="tf32")
 
@@ -117,26 +118,29 @@ def variants():
         for k, cfg in enumerate(configs):
             for d in (128,) if k else (32, 64, 96, 128):
                 meta = {**attn_meta(d), **cfg.kwargs, "CAUSAL": True, other: True}
-                label = f"{fn.__name__} D={d} {cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages}"
-                yield label, fn, meta, cfg.num_warps, cfg.num_stages
+                for dtype in ("bf16", "fp16") if k == 0 and d == 128 else ("bf16",):
+                    label = f"{fn.__name__} D={d} {cfg.kwargs} warps={cfg.num_warps} stages={cfg.num_stages} {dtype}"
+                    yield label, fn, meta, cfg.num_warps, cfg.num_stages, dtype
     yield ("_bwd_preprocess D=128", attention._bwd_preprocess,
-           {"HAS_DLSE": True, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 64}, 4, 3)
+           {"HAS_DLSE": True, "HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": 64}, 4, 3, "bf16")
     for M, C in ((4096, 96), (1037, 500), (16384, 1024), (64, 8192), (8, 20000)):  # row tiles, wide, chunked
         block_m, block_c, one_pass, warps = loss._align_config(M, C)
         meta = dict(BLOCK_M=block_m, BLOCK_C=block_c, ONE_PASS=one_pass, BCE_BLOCK=loss.BCE_BLOCK,
                     GRAD_S=True, GRAD_Z=True)
-        yield f"_fwd_kernel (loss) M={M} C={C}", loss._fwd_kernel, meta, warps, 3
+        for dtype in ("bf16", "fp16") if C == 1024 else ("bf16",):
+            yield f"_fwd_kernel (loss) M={M} C={C} {dtype}", loss._fwd_kernel, meta, warps, 3, dtype
     yield ("_finalize_kernel (loss)", loss._finalize_kernel,
-           {"HAS_ALIGN": True, "HAS_BCE": True, "BLOCK": loss.FIN_BLOCK}, 8, 3)
-    yield ("_bwd_kernel (loss)", loss._bwd_kernel, {"HAS_S": True, "HAS_Z": True, "BLOCK": loss.SCALE_BLOCK}, 8, 3)
+           {"HAS_ALIGN": True, "HAS_BCE": True, "BLOCK": loss.FIN_BLOCK}, 8, 3, "bf16")
+    yield ("_bwd_kernel (loss)", loss._bwd_kernel, {"HAS_S": True, "HAS_Z": True, "BLOCK": loss.SCALE_BLOCK}, 8, 3,
+           "bf16")
 
 
-def check_one(label, fn, meta, warps, stages, aligned: bool) -> tuple[str, bool]:
+def check_one(label, fn, meta, warps, stages, dtype: str, aligned: bool) -> tuple[str, bool]:
     """Compile one variant; (its report line, whether it spills). Raises what must fail the run:
     too much shared memory anywhere, a register spill in the memory-bound loss kernels, an attention
     kernel whose matrix products are not (all) warpgroup MMAs or (aligned) not pipelined through
-    cp.async, scalar bf16 accesses in an aligned launch."""
-    kernel = compile_one(fn, meta, warps, stages, aligned=aligned)
+    cp.async, scalar 16-bit accesses in an aligned launch."""
+    kernel = compile_one(fn, meta, warps, stages, dtype=dtype, aligned=aligned)
     shared = kernel.metadata.shared
     if shared > SHARED_LIMIT:
         raise RuntimeError(f"needs {shared} B of shared memory per block; sm_90 has {SHARED_LIMIT}")
@@ -161,12 +165,12 @@ def check_one(label, fn, meta, warps, stages, aligned: bool) -> tuple[str, bool]
 def main() -> int:
     failures = total = 0
     spilling = {True: [], False: []}
-    for label, fn, meta, warps, stages in variants():
+    for label, fn, meta, warps, stages, dtype in variants():
         for aligned in (True, False):
             t0, total = time.perf_counter(), total + 1
             name = f"{label} [{'aligned' if aligned else 'unaligned'}]"
             try:
-                report, spills = check_one(label, fn, meta, warps, stages, aligned)
+                report, spills = check_one(label, fn, meta, warps, stages, dtype, aligned)
                 if spills:
                     spilling[aligned].append(label)
                 print(f"ok    {name}: {report}, {time.perf_counter() - t0:.1f} s", flush=True)
