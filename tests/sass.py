@@ -1,9 +1,9 @@
 """Reading compiled GPU code without a GPU: what ptxas and cuobjdump say about csrc/cuda's kernels.
 
 The CUDA kernels promise 16-byte global accesses on their vector path (csrc/cuda/common.cuh Pack)
-and everything per thread in registers. The emulator (tests/cuda_emu) checks the access widths of the host
-compiler's code for the same source; nvcc's code can differ (it split a 16-byte store into four
-4-byte ones where GCC kept one), so these helpers read the SASS that ptxas produced for sm_90:
+and everything per thread in registers. The emulator (tests/cuda_emu) checks the access widths of
+the host compiler's code for the same source; nvcc's code can differ (it split a 16-byte store into
+four 4-byte ones where GCC kept one), so these helpers read the SASS that ptxas produced for sm_90:
 
     accesses = global_accesses(sass_text)                  # {mangled kernel: [Access, ...]}
     split_pack_accesses(kernel, accesses[kernel])           # narrow accesses inside one pack

@@ -56,8 +56,9 @@ def test_cuda_sources_compile_for_sm90(source, tmp_path):
     assert "warning" not in proc.stderr.lower(), proc.stderr
     assert sass.local_memory_kernels(proc.stderr) == [], proc.stderr
 
-    assert sass.cuobjdump() is not None, "no cuobjdump (it ships in the triton wheel) to read the sm_90 code"
-    listing = subprocess.run([str(sass.cuobjdump()), "-sass", str(obj)], capture_output=True, text=True, timeout=300)
+    cuobjdump = sass.cuobjdump()
+    assert cuobjdump is not None, "no cuobjdump (it ships in the triton wheel) to read the sm_90 code"
+    listing = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True, timeout=300)
     assert listing.returncode == 0, listing.stderr
     kernels = sass.global_accesses(listing.stdout)
     vector_path = {name: acc for name, acc in kernels.items() if sass.pack_bytes(name)}

@@ -144,8 +144,8 @@ def check_one(label, fn, meta, warps, stages, dtype: str, aligned: bool) -> tupl
     shared = kernel.metadata.shared
     if shared > SHARED_LIMIT:
         raise RuntimeError(f"needs {shared} B of shared memory per block; sm_90 has {SHARED_LIMIT}")
-    scalar16 = scalar_16bit_accesses(kernel.asm["ptx"])
-    if aligned and scalar16 and fn is not loss._finalize_kernel:
+    scalar16 = scalar_16bit_accesses(kernel.asm["ptx"]) if aligned else 0
+    if scalar16:
         raise RuntimeError(f"{scalar16} scalar 2-byte global loads/stores in an aligned launch; want vector accesses")
     wgmma, mma_sync = tensor_core_ops(kernel.asm["ptx"])
     is_attention = fn in (attention._mmsa_fwd, attention._mmsa_bwd_dq, attention._mmsa_bwd_dkdv)
