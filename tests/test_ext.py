@@ -223,3 +223,16 @@ def test_cpu_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
     so = run.stdout.split("sanitized unigendet._C: ")[1].split()[0]
     symbols = subprocess.run(["nm", "-D", "--undefined-only", so], capture_output=True, text=True).stdout
     assert "__asan_report_load" in symbols
+
+
+@EXT_ONLY
+def test_cpu_kernels_with_non_temporal_stores_forced():
+    """The CPU kernels stream outputs past the caches (non-temporal stores) only above 32 MiB, which no
+    op test reaches: the op tests of the three ops again with UNIGENDET_CPU_NT_STORES=1 (read once per
+    process) run that path on all their shapes and dtypes."""
+    tests = ["tests/test_ops_norm.py", "tests/test_ops_activation.py", "tests/test_ops_rope.py"]
+    env = {**os.environ, "UNIGENDET_CPU_NT_STORES": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=ROOT,
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert " passed" in run.stdout

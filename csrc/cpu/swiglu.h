@@ -49,22 +49,34 @@ template <typename T, typename A = acc_t<T>>
 void swiglu_bwd(const T* grad_out, const T* gate_up, T* grad_gate_up, int64_t rows, int64_t features) {
   using V = AccVec<T>;
   constexpr int64_t kV = lanes<T>();
+  constexpr int64_t kChunk = 512;  // elements, a multiple of kV
   const bool nt = use_stream_stores(2 * rows * features * int64_t(sizeof(T)));
   at::parallel_for(0, rows, row_grain(3 * features), [&](int64_t begin, int64_t end) {
     const V one(A(1));
+    alignas(64) A dup_chunk[kChunk];
     for (int64_t r = begin; r < end; ++r) {
       const T* gate = gate_up + r * 2 * features;
       const T* up = gate + features;
       const T* go = grad_out + r * features;
       T* dgate = grad_gate_up + r * 2 * features;
       T* dup = dgate + features;
-      for (int64_t j = 0; j < features; j += kV) {
-        const int64_t n = std::min<int64_t>(kV, features - j);
-        const V g = load_acc(gate + j, n);
-        const V d = load_acc(go + j, n);
-        const V s = sigmoid(g);
-        store_out(dgate + j, d * load_acc(up + j, n) * s * (one + g * (one - s)), n, nt);
-        store_out(dup + j, d * g * s, n, nt);
+      // Chunk by chunk: d gate goes out while d up waits in an L1 buffer, then d up goes out, so the
+      // stores fill one output's lines at a time. Interleaving the two outputs vector by vector made
+      // the non-temporal stores 1.9x slower than plain ones on an AVX2 EPYC (two half-written
+      // write-combining lines at once); chunked, they are as fast.
+      for (int64_t c = 0; c < features; c += kChunk) {
+        const int64_t chunk_end = std::min(features, c + kChunk);
+        for (int64_t j = c; j < chunk_end; j += kV) {
+          const int64_t n = std::min<int64_t>(kV, features - j);
+          const V g = load_acc(gate + j, n);
+          const V d = load_acc(go + j, n);
+          const V s = sigmoid(g);
+          store_out(dgate + j, d * load_acc(up + j, n) * s * (one + g * (one - s)), n, nt);
+          (d * g * s).store(dup_chunk + (j - c));
+        }
+        for (int64_t j = c; j < chunk_end; j += kV) {
+          store_out(dup + j, V::loadu(dup_chunk + (j - c)), std::min<int64_t>(kV, features - j), nt);
+        }
       }
     }
     stream_fence();
