@@ -169,6 +169,9 @@ def test_trainer_with_ext_matches_reference(tiny_overrides, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
 
 
+BACKBONE_OP_TESTS = ["tests/test_ops_norm.py", "tests/test_ops_activation.py", "tests/test_ops_rope.py"]
+
+
 def _backbone_op_cases():
     """{op: (run(backend) -> scalar to backprop, leaves, bytes of the op's outputs)} on mid-size inputs."""
     g = torch.Generator().manual_seed(0)
@@ -214,8 +217,7 @@ def test_cpu_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
     bytes on any of their shapes (vector tails, odd widths, strided q / k, every dtype)."""
     from sanitizer import asan_env, asan_reports
 
-    tests = ["tests/test_ops_norm.py", "tests/test_ops_activation.py", "tests/test_ops_rope.py"]
-    run = subprocess.run([sys.executable, "tests/ext_asan.py", "-q", "-x", *tests], cwd=ROOT,
+    run = subprocess.run([sys.executable, "tests/ext_asan.py", "-q", "-x", *BACKBONE_OP_TESTS], cwd=ROOT,
                          env=asan_env(tmp_path), capture_output=True, text=True)
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}\n{asan_reports(tmp_path)}"
     assert "sanitized unigendet._C: " in run.stdout and " passed" in run.stdout
@@ -230,9 +232,8 @@ def test_cpu_kernels_with_non_temporal_stores_forced():
     """The CPU kernels stream outputs past the caches (non-temporal stores) only above 32 MiB, which no
     op test reaches: the op tests of the three ops again with UNIGENDET_CPU_NT_STORES=1 (read once per
     process) run that path on all their shapes and dtypes."""
-    tests = ["tests/test_ops_norm.py", "tests/test_ops_activation.py", "tests/test_ops_rope.py"]
     env = {**os.environ, "UNIGENDET_CPU_NT_STORES": "1"}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=ROOT,
-                         env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *BACKBONE_OP_TESTS],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert " passed" in run.stdout
