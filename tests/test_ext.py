@@ -118,6 +118,28 @@ def test_cuda_registration_compiles_against_torch_headers():
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-3000:]}"
 
 
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_cpu_kernels_compile_for_every_instruction_set(tmp_path):
+    """setup.py compiles the CPU kernels for the build machine's instruction set only, so code or flags
+    that one set rejects pass unseen on machines of another (the AVX2 flags lacked -mf16c, which
+    at::vec's AVX2 fp16 conversions need, until the first AVX2-only machine). Each of setup.py's other
+    sets is compiled here (object code only; nothing of it runs)."""
+    import sysconfig
+
+    from ext_asan import setup_cpu_flags
+    from torch.utils.cpp_extension import include_paths
+
+    built = (ext_support.BUILD_INFO or {}).get("cpu_capability")
+    for capability, flags in setup_cpu_flags().items():
+        if capability == built:
+            continue  # make venv compiled this one with setup.py itself
+        cmd = ["c++", "-std=c++20", "-O1", "-fopenmp", "-fPIC", *flags,
+               *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
+               "-c", str(ROOT / "csrc" / "cpu" / "ops.cpp"), "-o", str(tmp_path / f"ops_{capability}.o")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{capability}: {' '.join(cmd)}\n{proc.stderr[-3000:]}"
+
+
 @EXT_ONLY
 def test_block_ops_under_torch_compile_fullgraph():
     """The three ext ops trace as single nodes (fake kernels + autograd registered from Python)."""
