@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 BUILD_INFO = CSRC / "build_info.h"  # generated; read back by engine/ops/ext_support.py via _C.build_info
 
-# torch's CPU capability -> compiler flags for at::vec (the same names and instruction sets ATen compiles its
-# kernels with; at::vec's AVX2 half<->float conversions need F16C, which every AVX2 CPU has).
+# torch's CPU capability -> compiler flags for at::vec (the same names ATen uses for its kernels; at::vec's
+# AVX2 half<->float conversions need F16C, which every AVX2 CPU has).
 CPU_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
                "-DCPU_CAPABILITY=AVX512"],
