@@ -63,10 +63,12 @@ def combined_bce_align(groups: list[BCEGroup], student: Tensor | None, teacher: 
                        align_weight: float, align_scale: Tensor | None = None) -> LossTerms:
     """sum_g weight_g * mean BCE(g) + align_weight * align_scale * mean(1 - cos(student, teacher)), one op call.
 
-    The op returns bce = sum(w_i l_i) / sum(w_i) and total = bce + w_align * align. With per-row
-    weights w_i = weight_g / n_g (or weight_g * row_weights_g) the numerator is the wanted sum and
-    sum(w_i) = W = sum_g weight_g, so W * op(w_align = align_weight / W).total is exactly the wanted
-    loss. `align_scale` (a 0-d tensor, default 1) rescales the alignment mean on the device: the
+    The op returns bce = sum(w_i l_i) / sum(w_i) and align = mean(1 - cos). With per-row weights
+    w_i = weight_g / n_g (or weight_g * row_weights_g) the numerator is the wanted sum, so the loss
+    is sum(w_i) * bce + align_weight * align. sum(w_i) is summed on the device: it is sum_g weight_g
+    except when a group's row weights are all 0 (a generator phase on a batch without a real image),
+    which then adds nothing (a host-side sum of the group weights would rescale the other groups).
+    `align_scale` (a 0-d tensor, default 1) rescales the alignment mean on the device: the
     generator phases blank the rows of external fakes (teacher = student, loss and gradient 0) and
     scale by rows / kept rows, so the mean runs over the kept rows without a data-dependent shape.
     """
@@ -76,18 +78,16 @@ def combined_bce_align(groups: list[BCEGroup], student: Tensor | None, teacher: 
     if not groups and student is None:
         raise ValueError("combined_bce_align: no loss terms (all weights are zero)")
     logits = targets = weights = None
-    W = 1.0
     if groups:
-        W = sum(g.weight for g in groups)
         logits = torch.cat([g.logits.float() for g in groups])
         targets = torch.cat([g.targets.float() for g in groups])
         weights = torch.cat([g.weight * g.row_weights.float() if g.row_weights is not None else
                              torch.full_like(g.logits, g.weight / g.logits.numel(), dtype=torch.float32)
-                             for g in groups])
-    parts = ops.bce_diga_loss(logits, targets, weights, student, teacher, w_align=align_weight / W)
-    total = W * parts.total
-    if student is not None and align_scale is not None:
-        total = total + align_weight * (align_scale - 1.0) * parts.align
+                             for g in groups])  # (sum_g n_g,)
+    parts = ops.bce_diga_loss(logits, targets, weights, student, teacher, w_align=align_weight)
+    total = parts.bce * weights.sum() if groups else parts.bce.new_zeros(())
+    if student is not None:
+        total = total + align_weight * (parts.align if align_scale is None else align_scale * parts.align)
     terms = LossTerms(total)
     with torch.no_grad():
         for g in groups:

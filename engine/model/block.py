@@ -5,7 +5,10 @@ Hidden states travel as (x, res) pairs, the fused-residual form: the layer input
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -29,6 +32,23 @@ class ExpertWeights(nn.Module):
         self.gate_up = nn.Linear(width, 2 * ffn, bias=False)
         self.down = nn.Linear(ffn, width, bias=False)
 
+    def tensors(self, constant: bool = False) -> "ExpertTensors":
+        """The weights as tensors; constant=True detaches them (used, no gradient reaches them)."""
+        get = (lambda t: t.detach()) if constant else (lambda t: t)  # noqa: E731
+        return ExpertTensors(get(self.attn_norm), get(self.qkv.weight), get(self.q_norm), get(self.k_norm),
+                             get(self.out.weight), get(self.mlp_norm), get(self.gate_up.weight), get(self.down.weight))
+
+
+class ExpertTensors(NamedTuple):
+    attn_norm: Tensor  # (C,)
+    qkv: Tensor        # ((H + 2 Hkv) D, C)
+    q_norm: Tensor     # (D,)
+    k_norm: Tensor     # (D,)
+    out: Tensor        # (C, H D)
+    mlp_norm: Tensor   # (C,)
+    gate_up: Tensor    # (2 F, C)
+    down: Tensor       # (C, F)
+
 
 class MoTBlock(nn.Module):
     def __init__(self, width: int, heads: int, kv_heads: int, ffn: int, experts: str, eps: float):
@@ -42,18 +62,21 @@ class MoTBlock(nn.Module):
         return self.experts[stream] if stream in self.experts else self.experts["shared"]
 
     def forward(self, states: dict[str, StreamState], rope: dict[str, tuple[Tensor, Tensor]],
-                mask: dict) -> dict[str, StreamState]:
+                mask: dict, constant_experts: frozenset[str] = frozenset()) -> dict[str, StreamState]:
         """states: {"g": (x, res), "d": (x, res)} (either may be absent); rope: {stream: (cos, sin)},
-        each (T, D/2); mask: the MMSA switches g2d, d2g, g_causal, d_causal."""
+        each (T, D/2); mask: the MMSA switches g2d, d2g, g_causal, d_causal; constant_experts: the
+        experts ("g", "d") whose weights are used as constants (no gradient reaches them)."""
+        weights = {s: self.expert(s).tensors(constant=s in constant_experts and s in self.experts) for s in states}
         qkv, residual = {}, {}
         for s, (x, res) in states.items():
-            w = self.expert(s)
+            e, w = self.expert(s), weights[s]
             h, residual[s] = ops.fused_add_rmsnorm(x, res, w.attn_norm, self.eps)  # (B, T, C)
             B, T, _ = h.shape
-            q, k, v = w.qkv(h).split([w.heads * w.head_dim, w.kv_heads * w.head_dim, w.kv_heads * w.head_dim], -1)
-            q = q.view(B, T, w.heads, w.head_dim)     # (B, T, H, D)
-            k = k.view(B, T, w.kv_heads, w.head_dim)  # (B, T, Hkv, D)
-            v = v.view(B, T, w.kv_heads, w.head_dim)
+            q, k, v = F.linear(h, w.qkv).split([e.heads * e.head_dim, e.kv_heads * e.head_dim,
+                                                e.kv_heads * e.head_dim], -1)
+            q = q.view(B, T, e.heads, e.head_dim)     # (B, T, H, D)
+            k = k.view(B, T, e.kv_heads, e.head_dim)  # (B, T, Hkv, D)
+            v = v.view(B, T, e.kv_heads, e.head_dim)
             q, k = ops.qk_rmsnorm_rope(q, k, w.q_norm, w.k_norm, *rope[s], self.eps)
             qkv[s] = (q, k, v)
         none3 = (None, None, None)
@@ -62,8 +85,8 @@ class MoTBlock(nn.Module):
         for s, o in (("g", o_g), ("d", o_d)):
             if o is None:
                 continue
-            w = self.expert(s)
-            x = w.out(o.flatten(2))  # (B, T, C)
+            w = weights[s]
+            x = F.linear(o.flatten(2), w.out)  # (B, T, C)
             h, res = ops.fused_add_rmsnorm(x, residual[s], w.mlp_norm, self.eps)
-            out[s] = (w.down(ops.swiglu(w.gate_up(h))), res)
+            out[s] = (F.linear(ops.swiglu(F.linear(h, w.gate_up)), w.down), res)
         return out

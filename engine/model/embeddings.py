@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -75,7 +76,11 @@ class GenStreamEmbed(nn.Module):
 
 
 class DetStreamEmbed(nn.Module):
-    """D stream: R learned register tokens (the first is CLS), then patch tokens + pos_embed."""
+    """D stream: N patch tokens + pos_embed, then R learned register tokens (the first is CLS).
+
+    The registers follow the image tokens so that under a causal detector stream (`d_causal`) the
+    CLS token, at index N, still reads every image token. Registers carry no position (identity
+    rotation in RoPE), so without the causal rule their place in the sequence changes nothing."""
 
     def __init__(self, image_size: int, patch: int, width: int, registers: int):
         super().__init__()
@@ -84,9 +89,11 @@ class DetStreamEmbed(nn.Module):
         self.registers = nn.Parameter(torch.randn(registers, width) * 0.02)
         self.register_buffer("pos", sincos_pos_embed_2d(image_size // patch, width), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, 3, S, S) -> (B, R + N, C)."""
-        h = self.proj(patchify(x, self.patch))
+    def forward(self, x: Tensor, constant: bool = False) -> Tensor:
+        """x: (B, 3, S, S) -> (B, N + R, C): image tokens, then registers. constant: use the weights
+        as constants (the gradient still reaches x)."""
+        get = (lambda t: t.detach()) if constant else (lambda t: t)  # noqa: E731
+        h = F.linear(patchify(x, self.patch), get(self.proj.weight), get(self.proj.bias))
         h = h + self.pos.to(h.dtype)  # as in GenStreamEmbed: an fp32 pos must not promote a bf16 stream
-        reg = self.registers.to(h.dtype).expand(x.shape[0], -1, -1)
-        return torch.cat([reg, h], dim=1)
+        reg = get(self.registers).to(h.dtype).expand(x.shape[0], -1, -1)
+        return torch.cat([h, reg], dim=1)

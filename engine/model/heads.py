@@ -25,11 +25,13 @@ class GeneratorHead(nn.Module):
 
 
 class DetectorHead(nn.Module):
-    """CLS token -> norm -> MLP -> one logit per image (label 1 = generated, p_fake = sigmoid)."""
+    """CLS token -> norm -> MLP -> one logit per image (label 1 = generated, p_fake = sigmoid).
 
-    def __init__(self, width: int, eps: float):
+    The CLS token is the first register, at index `cls_index` = N of the detector stream."""
+
+    def __init__(self, width: int, eps: float, cls_index: int):
         super().__init__()
-        self.eps = eps
+        self.eps, self.cls_index = eps, cls_index
         self.norm = nn.Parameter(torch.ones(width))
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
 
@@ -38,4 +40,5 @@ class DetectorHead(nn.Module):
         return ops.fused_add_rmsnorm(x, res, self.norm, self.eps)[0]
 
     def forward(self, x: Tensor, res: Tensor | None) -> Tensor:
-        return self.mlp(self.normed(x[:, :1], None if res is None else res[:, :1]))[:, 0, 0]  # (B,)
+        cls = slice(self.cls_index, self.cls_index + 1)
+        return self.mlp(self.normed(x[:, cls], None if res is None else res[:, cls]))[:, 0, 0]  # (B,)

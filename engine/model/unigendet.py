@@ -3,7 +3,7 @@
 Two kinds of pass, both through the same MoT layers and MMSA joint attention:
 - generation sample: G = tokens of x_t; D = the detector's view of x_t when g2d is on, else absent.
 - detection sample:  G = the image's tokens at t = 0 (when d2g lets D read them, else absent);
-                     D = the image's tokens plus registers; the CLS register feeds the detector head.
+                     D = the image's tokens, then registers; the CLS register feeds the detector head.
 """
 from __future__ import annotations
 
@@ -48,12 +48,14 @@ class UniGenDet(nn.Module):
             MoTBlock(C, cfg.heads, cfg.kv_heads, ffn, cfg.experts, cfg.norm_eps) for _ in range(cfg.depth)
         )
         self.gen_head = GeneratorHead(C, p, cfg.norm_eps)
-        self.det_head = DetectorHead(C, cfg.norm_eps)
+        self.det_head = DetectorHead(C, cfg.norm_eps, cls_index=(cfg.image_size // p) ** 2)
         # DIGA projector P: generator hidden -> detector feature space
-        self.projector = nn.Sequential(nn.Linear(C, cfg.projector_hidden), nn.SiLU(), nn.Linear(cfg.projector_hidden, C))
+        hidden = cfg.projector_hidden or 4 * C  # 0 = 4 C
+        act = nn.GELU() if cfg.projector_act == "gelu" else nn.SiLU()
+        self.projector = nn.Sequential(nn.Linear(C, hidden), act, nn.Linear(hidden, C))
         grid, hd = cfg.image_size // p, C // cfg.heads
-        for s, prefix in (("g", 0), ("d", cfg.registers)):
-            cos, sin = axial_rope_tables(grid, hd, cfg.rope_base, prefix)  # (prefix + N, D/2)
+        for s, registers in (("g", 0), ("d", cfg.registers)):
+            cos, sin = axial_rope_tables(grid, hd, cfg.rope_base, suffix=registers)  # (N + R, D/2)
             self.register_buffer(f"rope_cos_{s}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{s}", sin, persistent=False)
         self.mask = dict(g2d=cfg.g2d, d2g=cfg.d2g, g_causal=cfg.g_causal, d_causal=cfg.d_causal)
@@ -78,17 +80,19 @@ class UniGenDet(nn.Module):
 
     # ------------------------------------------------------------------ passes
 
-    def _backbone(self, states: dict[str, StreamState], capture_layer: int | None, stop_early: bool = False):
+    def _backbone(self, states: dict[str, StreamState], capture_layer: int | None, stop_early: bool = False,
+                  constant_experts: frozenset[str] = frozenset()):
         """Run the MoT layers; also return the states after layer `capture_layer` (1-based).
 
-        stop_early: stop at `capture_layer` (when only the captured features are wanted)."""
+        stop_early: stop at `capture_layer` (when only the captured features are wanted);
+        constant_experts: experts ("g", "d") whose block weights are used without gradient."""
         if self.stream_embed is not None:
             index = {"g": 0, "d": 1}
             states = {s: (x + self.stream_embed[index[s]].to(x.dtype), r) for s, (x, r) in states.items()}
         rope = {s: (getattr(self, f"rope_cos_{s}"), getattr(self, f"rope_sin_{s}")) for s in states}
         captured = None
         for i, block in enumerate(self.blocks, start=1):
-            states = block(states, rope, self.mask)
+            states = block(states, rope, self.mask, constant_experts)
             if i == capture_layer:
                 captured = states
                 if stop_early:
@@ -96,12 +100,17 @@ class UniGenDet(nn.Module):
         return states, captured
 
     def generation_pass(self, x_t: Tensor, t: Tensor, class_ids: Tensor | None = None,
-                        capture_layer: int | None = None) -> GenOutput:
-        """x_t: (B, 3, S, S), t: (B,) in [0, 1], class_ids: (B,) or None -> GenOutput."""
+                        capture_layer: int | None = None, constant_detector: bool = False) -> GenOutput:
+        """x_t: (B, 3, S, S), t: (B,) in [0, 1], class_ids: (B,) or None -> GenOutput.
+
+        constant_detector: the detector-owned weights the pass reads with g2d (detector embedding
+        and expert) are used as constants, so no gradient of the output reaches them; the values
+        are the same as without."""
         states = {"g": (self.gen_embed(x_t, t, class_ids), None)}
         if self.cfg.g2d:
-            states["d"] = (self.det_embed(x_t), None)
-        final, cap = self._backbone(states, capture_layer)
+            states["d"] = (self.det_embed(x_t, constant=constant_detector), None)
+        constant = frozenset({"d"}) if constant_detector else frozenset()
+        final, cap = self._backbone(states, capture_layer, constant_experts=constant)
         hidden = None
         if cap is not None:
             x, res = cap["g"]
@@ -122,7 +131,8 @@ class UniGenDet(nn.Module):
         hidden = None
         if cap is not None:
             x_d, res_d = cap["d"]
-            hidden = self.det_head.normed(x_d, res_d)[:, self.cfg.registers:]  # image tokens only
+            n = self.det_head.cls_index
+            hidden = self.det_head.normed(x_d[:, :n], None if res_d is None else res_d[:, :n])  # image tokens only
         return DetOutput(None if features_only else self.det_head(*final["d"]), hidden)
 
     def forward(self, kind: str, *args, **kwargs):

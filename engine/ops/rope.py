@@ -77,11 +77,11 @@ backends.register(OP, "ext", qk_rmsnorm_rope_ext, check=_ext_check)
 
 
 def axial_rope_tables(grid: int, head_dim: int, base: float = 100.0, prefix: int = 0,
-                      device=None) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (prefix + grid*grid, head_dim/2) for tokens on a grid x grid patch grid.
+                      device=None, suffix: int = 0) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (prefix + grid*grid + suffix, head_dim/2) for tokens on a grid x grid patch grid.
 
-    Token i (after `prefix` position-less tokens, e.g. registers, which get the identity rotation)
-    sits at row i // grid, column i % grid. The D/2 rotation pairs are split in two halves: the first
+    Token i (after `prefix` position-less tokens, which get the identity rotation) sits at row
+    i // grid, column i % grid; `suffix` position-less tokens (e.g. registers) follow the grid. The D/2 rotation pairs are split in two halves: the first
     rotates with the row, the second with the column, each with frequencies base^(-j / (D/4)).
     """
     if head_dim % 4:
@@ -91,5 +91,5 @@ def axial_rope_tables(grid: int, head_dim: int, base: float = 100.0, prefix: int
     pos = torch.arange(grid * grid, device=device)
     rows, cols = (pos // grid).double(), (pos % grid).double()
     angles = torch.cat([rows[:, None] * freqs, cols[:, None] * freqs], dim=1)  # (N, D/2)
-    angles = torch.cat([angles.new_zeros(prefix, head_dim // 2), angles], dim=0)
+    angles = torch.cat([angles.new_zeros(prefix, head_dim // 2), angles, angles.new_zeros(suffix, head_dim // 2)])
     return angles.cos().float(), angles.sin().float()

@@ -6,8 +6,11 @@ generate, does it detect), so `gen`, `det`, `joint` and `diga` share one code pa
 - det:   L_det = BCE on real (y=0), external fakes (y=1) and fake-pool images (y=1); trains det + shared.
 - joint: L_gen + L_det in one step; trains everything (the published stage I, GDUF).
 - diga:  L_gen with the detector expert frozen; trains the generator only (the published stage II).
-L_auth always runs the detector with detached weights: its gradient reaches the generator through
-x0_hat only, whatever the phase trains.
+L_auth never trains the detector, whatever the phase trains: the detector that scores x0_hat runs
+with constant weights (its gradient reaches x0_hat only), and when the phase also trains the detector
+while the generation pass reads it (joint mode with g2d), x0_hat comes from a second generation pass
+with the detector-owned weights held constant (same values; the gradient reaches the generator's and
+shared weights only). L_flow and L_align keep their gradients to the detector expert there.
 """
 from __future__ import annotations
 
@@ -95,6 +98,18 @@ def frozen_detection_logit(model: nn.Module, images: Tensor) -> Tensor:
     return _ThroughImagesOnly.apply(images, lambda x: core("det", x).logit)
 
 
+def authenticity_logit(model: nn.Module, phase: Phase, x_t: Tensor, t: Tensor, class_ids: Tensor | None,
+                       velocity: Tensor) -> Tensor:
+    """The detector's logit (B,) of x0_hat = x_t - t v_hat, differentiable w.r.t. the generator only.
+
+    velocity: v_hat (B, 3, S, S) of the step's generation pass. When the phase trains detector-owned
+    weights and that pass read them (g2d), v_hat is recomputed with those weights held constant, so
+    L_auth's gradient cannot reach the detector through v_hat either."""
+    if "det" in phase.trainable and unwrap(model).cfg.g2d:
+        velocity = model("gen", x_t, t, class_ids, constant_detector=True).velocity
+    return frozen_detection_logit(model, one_step_estimate(x_t, t, velocity))
+
+
 def drop_labels(class_ids: Tensor, p: float, generator: Gen) -> Tensor:
     """Replace each label by -1 ("no class") with probability p (classifier-free guidance training)."""
     if p <= 0:
@@ -137,7 +152,7 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
             teacher = torch.where(keep, teacher, student.detach().to(teacher.dtype))  # fake rows: 1 - cos = 0
             align_scale = B / kept
         if w_auth > 0:
-            logit = frozen_detection_logit(model, one_step_estimate(x_t, t, out.velocity))
+            logit = authenticity_logit(model, phase, x_t, t, ids, out.velocity)
             groups.append(BCEGroup("auth", logit, torch.zeros_like(logit), w_auth, row_weights))
     if phase.detects:
         det_images, targets = images, is_fake.float()
