@@ -8,7 +8,8 @@ from unigendet import backends, ops
 
 def test_available_backends_reports_reasons():
     table = ops.available_backends(verbose=True)
-    assert set(table) == {"mmsa_attention", "bce_diga_loss", "fused_add_rmsnorm", "swiglu", "qk_rmsnorm_rope"}
+    assert set(table) == {"mmsa_attention", "mmsa_consistency_loss", "bce_diga_loss", "fused_add_rmsnorm", "swiglu",
+                          "qk_rmsnorm_rope"}
     for op, row in table.items():
         assert row["reference"] == "ok"
         assert all(isinstance(why, str) and why for why in row.values())

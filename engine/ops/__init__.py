@@ -7,6 +7,7 @@ from .. import backends
 from ..backends import BackendError, set_default_backend
 from .activation import swiglu
 from .attention import mmsa_attention
+from .consistency import mmsa_consistency_loss
 from .loss import bce_diga_loss
 from .norm import fused_add_rmsnorm
 from .reference import LossParts
@@ -22,6 +23,6 @@ def available_backends(verbose: bool = False):
 
 
 __all__ = [
-    "mmsa_attention", "bce_diga_loss", "fused_add_rmsnorm", "swiglu", "qk_rmsnorm_rope",
+    "mmsa_attention", "mmsa_consistency_loss", "bce_diga_loss", "fused_add_rmsnorm", "swiglu", "qk_rmsnorm_rope",
     "axial_rope_tables", "available_backends", "set_default_backend", "BackendError", "LossParts",
 ]

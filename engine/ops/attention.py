@@ -63,13 +63,17 @@ def _check_stream(name: str, q: Tensor, k: Tensor, v: Tensor, lens: Tensor | Non
 
 def mmsa_attention(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: bool = True,
                    g_causal: bool = False, d_causal: bool = False, len_g: Tensor | None = None,
-                   len_d: Tensor | None = None, scale: float | None = None, backend: str = "auto"):
+                   len_d: Tensor | None = None, scale: float | None = None, return_lse: bool = False,
+                   backend: str = "auto"):
     """Joint attention of the generator (G) and detector (D) streams in one softmax per query row.
 
     q_*: (B, T*, H, D); k_*, v_*: (B, T*, Hkv, D). G queries read G keys (causal if g_causal) and D
     keys iff g2d; D queries read D keys (causal if d_causal) and G keys iff d2g. Keys at index >=
     len_* are never read; query rows at index >= len_* output 0. A stream may be absent (its triple
-    None); its output is then None. Returns (o_g, o_d) with q's dtype and layout.
+    None); its output is then None. Returns (o_g, o_d) with q's dtype and layout; with return_lse
+    also (lse_g, lse_d): each query row's natural-log log-sum-exp over the keys it reads, (B, H, T*)
+    fp32 and differentiable (None for an absent stream; padded rows: +inf on Triton, finite on the
+    reference, so mask them).
     """
     present = [(n, q, k, v, ln) for n, q, k, v, ln in (("g", q_g, k_g, v_g, len_g), ("d", q_d, k_d, v_d, len_d))
                if q is not None]
@@ -86,4 +90,4 @@ def mmsa_attention(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: bool 
             raise ValueError(f"mmsa_attention: streams have different dtypes ({qg.dtype}, {qd.dtype})")
     impl = backends.select(OP, backend, q_g, k_g, v_g, q_d, k_d, v_d)
     return impl(q_g, k_g, v_g, q_d, k_d, v_d, g2d=g2d, d2g=d2g, g_causal=g_causal, d_causal=d_causal,
-                len_g=len_g, len_d=len_d, scale=scale)
+                len_g=len_g, len_d=len_d, scale=scale, return_lse=return_lse)

@@ -141,6 +141,52 @@ def mmsa_attention_dense(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d=True, d2g=True, g_
     return out[:, :Tg], out[:, Tg:]
 
 
+# ----------------------------------------------------------------------------- MMSA consistency loss
+
+
+def consistency_valid_rows(B: int, n_tokens: int, g_offset: int, d_offset: int, len_g: Tensor | None,
+                           len_d: Tensor | None, device) -> Tensor:
+    """(B, N) bool: image token i counts iff its G row g_offset + i < len_g and its D row d_offset + i < len_d."""
+    i = torch.arange(n_tokens, device=device)[None, :]  # (1, N)
+    ok = torch.ones(B, n_tokens, dtype=torch.bool, device=device)
+    if len_g is not None:
+        ok = ok & (g_offset + i < len_g.to(device)[:, None])
+    if len_d is not None:
+        ok = ok & (d_offset + i < len_d.to(device)[:, None])
+    return ok
+
+
+def mmsa_consistency_loss_ref(q_g: Tensor, k_g: Tensor, q_d: Tensor, k_d: Tensor, lse_g: Tensor, lse_d: Tensor,
+                              *, n_tokens: int, d_offset: int, g_offset: int = 0, len_g: Tensor | None = None,
+                              len_d: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """L_MMSA of one layer (definition: `unigendet.ops.consistency`); the oracle of the fused backends.
+
+    q_*: (B, T*, H, D); k_*: (B, T*, Hkv, D); lse_*: (B, H, T*) the attention's per-query lse.
+    Image token i is G row g_offset + i and D row d_offset + i, i < n_tokens. Computes the cross
+    blocks (B, H, N, T_other) with a matmul and logsumexp (keys past len_* masked), then
+    mean over valid (b, h, i) of (exp(lse_cross_gd - lse_g) - exp(lse_cross_dg - lse_d))^2.
+    Returns a 0-d tensor in the accumulation dtype (fp32; fp64 for fp64 inputs).
+    """
+    B, _, H, D = q_g.shape
+    N = n_tokens
+    sc = D ** -0.5 if scale is None else scale
+    valid = consistency_valid_rows(B, N, g_offset, d_offset, len_g, len_d, q_g.device)  # (B, N)
+    masses = []
+    for q, off, lse, k, k_lens in ((q_g, g_offset, lse_g, k_d, len_d), (q_d, d_offset, lse_d, k_g, len_g)):
+        qf = _acc(q[:, off:off + N]).transpose(1, 2)  # (B, H, N, D)
+        kf = _expand_kv(_acc(k), H)  # (B, H, Tk, D)
+        s = torch.matmul(qf, kf.transpose(-1, -2)) * sc  # (B, H, N, Tk): the cross block only
+        mask = _key_mask(N, kf.shape[2], False, k_lens, q.device)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        lse_cross = torch.logsumexp(s, dim=-1)  # (B, H, N)
+        log_mass = lse_cross - _acc(lse[..., off:off + N])
+        # padded rows (lse may be +inf there) are excluded before exp: no inf - inf, no NaN gradient
+        masses.append(torch.exp(torch.where(valid[:, None], log_mass, float("-inf"))))  # (B, H, N)
+    sq = (masses[0] - masses[1]).square()
+    return sq.sum() / (valid.sum() * H).clamp_min(1)
+
+
 # ----------------------------------------------------------------------------- BCE + DIGA loss
 
 
