@@ -11,6 +11,7 @@ is built in three steps, each of which names the offending file / key / value wh
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
@@ -67,7 +68,8 @@ class ModelConfig:
     experts: str = "mot"
     """`mot`: one weight set per stream (generator / detector experts); `shared`: one set for both."""
     registers: int = 4
-    """Register tokens R >= 1 appended to the detector stream; the first is the CLS token."""
+    """Register tokens R >= 1 appended to the detector stream after its N image tokens; the first is
+    the CLS token (index N), which the detector head reads (under d_causal it still sees every image token)."""
     g2d: bool = True
     """MMSA: generator queries may read detector keys."""
     d2g: bool = True
@@ -83,7 +85,9 @@ class ModelConfig:
     align_layer: int = 2
     """DIGA alignment layer l (1-based): hidden states after this many layers are aligned."""
     projector_hidden: int = 256
-    """Hidden width of the 2-layer DIGA projector MLP P."""
+    """Hidden width of the 2-layer DIGA projector MLP P (0 = 4 * model.width)."""
+    projector_act: str = "silu"
+    """Activation between the DIGA projector's two layers: `silu` or `gelu`."""
     rope_base: float = 100.0
     """Base of the 2-D axial RoPE frequencies."""
     norm_eps: float = 1e-6
@@ -112,6 +116,11 @@ class PhasesConfig:
     """Refill part of the fake pool every this many steps."""
     refill_count: int = 32
     """Images generated per refill by the EMA generator."""
+    max_fake_age: int = 120
+    """The det phase samples only fakes written at most this many steps ago (0 = no limit: the whole
+    pool, whose oldest images are pool_size / refill_count * refill_every steps old). Must be 0 or
+    >= refill_every, so the last refill always qualifies; the pool serves about refill_count *
+    max_fake_age / refill_every images at a time."""
     sampler_steps: int = 8
     """Euler steps of the sampler that fills the pool."""
 
@@ -121,11 +130,16 @@ class OptimConfig:
     lr: float = 3e-4
     """Peak learning rate."""
     shared_lr_scale: float = 0.1
-    """Learning-rate multiplier for parameters used by both streams."""
+    """Learning-rate multiplier for the parameters both streams use: with model.experts = `shared`
+    the block weights and the stream embedding. With `mot` every parameter belongs to one expert (or
+    to an embedding, head or the projector of one stream), so this has no effect."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon (added to the root of the second moment)."""
     weight_decay: float = 0.01
-    """AdamW weight decay (not applied to norms, biases, embeddings)."""
+    """AdamW weight decay of the linear layers' weight matrices (not of norm scales, biases, class
+    embeddings, registers or the stream embedding)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off)."""
     warmup_steps: int = 50
@@ -192,6 +206,10 @@ class EvalConfig:
     """Generated images for detection metrics and FID/KID."""
     sampler_steps: int = 16
     """Euler steps used to generate evaluation images."""
+    timestep_shift: float = 1.0
+    """Timestep shift of the evaluation sampler's grid, as in SD3 / FLUX: t' = shift * t / (1 + (shift - 1) * t)
+    on the uniform grid from t = 1 (noise) to 0; > 1 spends more steps at high noise, 1 = uniform.
+    Also the default of `unigendet generate --timestep-shift`. The fake-pool refill stays uniform."""
     batch_size: int = 50
     """Images per forward pass in evaluation."""
     use_ema: bool = True
@@ -223,6 +241,7 @@ class Config:
 CHOICES = {
     ("data", "loader"): ("auto", "dali", "pil"),
     ("model", "experts"): ("mot", "shared"),
+    ("model", "projector_act"): ("silu", "gelu"),
     ("phases", "mode"): ("alternate", "joint", "diga"),
     ("optim", "schedule"): ("cosine", "constant"),
     ("train", "device"): ("auto", "cpu", "cuda"),
@@ -407,12 +426,25 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: optim.lr must be > 0 and optim.shared_lr_scale >= 0")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         raise ConfigError(f"{source}: optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
+    if not (math.isfinite(cfg.optim.eps) and cfg.optim.eps > 0):
+        raise ConfigError(f"{source}: optim.eps must be a finite number > 0, got {cfg.optim.eps}")
+    if not (math.isfinite(cfg.eval.timestep_shift) and cfg.eval.timestep_shift > 0):
+        raise ConfigError(f"{source}: eval.timestep_shift must be a finite number > 0, got {cfg.eval.timestep_shift}")
     for key in ("lambda_dig", "w_align", "w_auth"):
         if getattr(cfg.loss, key) < 0:
             raise ConfigError(f"{source}: loss.{key} must be >= 0, got {getattr(cfg.loss, key)}")
+    if cfg.phases.mode == "diga" and m.experts == "shared":
+        raise ConfigError(f"{source}: phases.mode = 'diga' trains the generator with the detector frozen, but "
+                          "model.experts = 'shared' gives both streams one set of block weights, so the stage "
+                          "would train no block weight (only embeddings, heads and projector); use "
+                          "model.experts = 'mot', or phases.mode = 'joint' / 'alternate'")
     if cfg.phases.refill_count > cfg.phases.pool_size:
         raise ConfigError(f"{source}: phases.refill_count ({cfg.phases.refill_count}) exceeds phases.pool_size "
                           f"({cfg.phases.pool_size})")
+    age, every = cfg.phases.max_fake_age, cfg.phases.refill_every
+    if age != 0 and age < every:
+        raise ConfigError(f"{source}: phases.max_fake_age = {age} must be 0 (no limit) or >= phases.refill_every "
+                          f"({every}), so the fakes of the last refill are always young enough to sample")
 
 
 def check_model(m: ModelConfig, source: str = "ModelConfig") -> None:
@@ -435,6 +467,10 @@ def check_model(m: ModelConfig, source: str = "ModelConfig") -> None:
         raise ConfigError(f"{source}: model.class_dropout must be in [0, 1), got {m.class_dropout}")
     if m.num_classes < 0:
         raise ConfigError(f"{source}: model.num_classes must be >= 0, got {m.num_classes}")
+    if m.projector_hidden < 0:
+        raise ConfigError(f"{source}: model.projector_hidden must be >= 0 (0 = 4 * model.width), got {m.projector_hidden}")
+    if m.projector_act not in ("silu", "gelu"):
+        raise ConfigError(f"{source}: model.projector_act = {m.projector_act!r} is not one of ('silu', 'gelu')")
 
 
 # ----------------------------------------------------------------------------- saving

@@ -1,7 +1,7 @@
 """Config: TOML files, overrides, validation errors that name the key and file, saved config round trip."""
 import pytest
 
-from unigendet.config import ConfigError, describe, dumps, load_config, to_dict
+from unigendet.config import ConfigError, describe, dumps, load_config, save_config, to_dict
 
 
 def test_builtin_configs_load():
@@ -72,3 +72,56 @@ def test_data_quarantine_key(tmp_path):
     cfg = load_config("tiny_cpu", [f"--data.quarantine={tmp_path / 'bad.tsv'}"])
     assert cfg.data.quarantine == str(tmp_path / "bad.tsv")
     assert "quarantine = ''" in describe() and "unigendet data check" in describe()
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--eval.timestep_shift=0", r"tiny_cpu.toml: eval.timestep_shift must be a finite number > 0, got 0.0"),
+    ("--eval.timestep_shift=-2", r"eval.timestep_shift must be a finite number > 0"),
+    ("--eval.timestep_shift=nan", r"eval.timestep_shift must be a finite number > 0, got nan"),
+    ("--eval.timestep_shift=inf", r"eval.timestep_shift must be a finite number > 0, got inf"),
+    ("--eval.timestep_shift=three", r"eval.timestep_shift: expected a number"),
+    ("--optim.eps=0", r"optim.eps must be a finite number > 0"),
+    ("--optim.eps=nan", r"optim.eps must be a finite number > 0"),
+    ("--model.projector_act=relu", r"model.projector_act = 'relu' is not one of \('silu', 'gelu'\)"),
+    ("--model.projector_hidden=-1", r"model.projector_hidden must be >= 0"),
+])
+def test_sampler_optimizer_and_projector_keys_are_checked(override, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config("tiny_cpu", [override])
+    assert "\n" not in str(info.value)
+
+
+def test_new_keys_default_to_the_old_behaviour():
+    cfg = load_config("tiny_cpu")
+    assert (cfg.eval.timestep_shift, cfg.optim.eps) == (1.0, 1e-8)  # 1e-8 = torch's AdamW default
+    assert (cfg.model.projector_act, cfg.model.projector_hidden) == ("silu", 256)
+    ok = load_config("tiny_cpu", ["--eval.timestep_shift=0.5", "--optim.eps=1e-15", "--model.projector_hidden=0"])
+    assert (ok.eval.timestep_shift, ok.optim.eps, ok.model.projector_hidden) == (0.5, 1e-15, 0)
+
+
+def test_published_presets(tmp_path):
+    one, two = load_config("published"), load_config("published_stage2")
+    assert (one.phases.mode, two.phases.mode) == ("joint", "diga")
+    assert (one.optim.ema_decay, two.optim.ema_decay) == (0.99, 0.95)
+    assert two.train.init_from == ""  # for the user to set to the stage I run
+    assert one.model == two.model  # stage II loads stage I's weights: the same model
+    for cfg in (one, two):
+        o, m, e = cfg.optim, cfg.model, cfg.eval
+        assert (o.schedule, o.warmup_steps, o.weight_decay, o.eps) == ("constant", 2000, 0.0, 1e-15)
+        assert (m.projector_act, m.projector_hidden) == ("gelu", 0)  # 0 = 4 * width
+        assert m.align_layer == max(1, round(8 * m.depth / 28))  # layer 8 of 28, at this depth
+        assert (e.timestep_shift, e.sampler_steps) == (3.0, 50)
+        assert (m.width, m.depth, m.image_size, cfg.train.device) == (512, 12, 64, "cuda")
+        path = tmp_path / "saved.toml"
+        save_config(cfg, path)
+        assert load_config(path) == cfg
+
+
+def test_shared_experts_refused_in_diga():
+    """Stage II freezes the detector; with shared experts no block weight would train: refused,
+    naming both keys. The other modes accept shared experts."""
+    with pytest.raises(ConfigError, match=r"phases\.mode = 'diga'.*model\.experts = 'shared'"):
+        load_config("tiny_cpu", ["--phases.mode=diga", "--model.experts=shared"])
+    for mode in ("joint", "alternate"):
+        load_config("tiny_cpu", [f"--phases.mode={mode}", "--model.experts=shared"])
+    load_config("tiny_cpu", ["--phases.mode=diga", "--model.experts=mot"])

@@ -157,14 +157,12 @@ def _owner_params(model, owner):
     return [(n, p) for n, p in model.named_parameters() if model.param_owner(n) == owner]
 
 
-@pytest.mark.parametrize("mode", ["joint", "alternate", "diga"])
-@pytest.mark.parametrize("experts", ["mot", "shared"])
+@pytest.mark.parametrize("mode,experts", [("joint", "mot"), ("joint", "shared"), ("alternate", "mot"),
+                                          ("alternate", "shared"), ("diga", "mot")])  # diga + shared: refused
 @pytest.mark.parametrize("g2d", [True, False])
 def test_auth_term_never_reaches_detector_weights(mode, experts, g2d):
     """L_auth alone puts exactly zero gradient on every detector-owned parameter, in every phase of
     every mode; the step's other terms still reach the detector where the phase trains it."""
-    if mode == "diga" and experts == "shared":
-        pytest.skip("refused by the config (test_shared_experts_refused_in_diga)")
     m = make_model(experts=experts, g2d=g2d)
     images, is_fake, ids = batch()
     det = _owner_params(m, "det")
@@ -221,3 +219,30 @@ def test_bce_not_rescaled_when_batch_holds_no_real_image():
                        torch.Generator().manual_seed(0))
     torch.testing.assert_close(terms.total, terms.parts["bce"] + terms.parts["flow"])
     assert terms.parts["auth"] == 0
+
+
+def test_weight_decay_by_kind():
+    """Decay the linear layers' weight matrices wherever they sit (patch projections and timestep MLP
+    included); never norms, biases, class embeddings, registers or the stream embedding."""
+    from unigendet.train.optim import decayed_parameters
+
+    m = make_model(experts="shared", num_classes=3)
+    decayed = decayed_parameters(m)
+    names = dict(m.named_parameters())
+    assert decayed <= set(names)
+    for name in ("gen_embed.proj.weight", "det_embed.proj.weight", "gen_embed.time.mlp.0.weight",
+                 "gen_embed.time.mlp.2.weight", "blocks.0.experts.shared.qkv.weight", "projector.0.weight",
+                 "gen_head.proj.weight", "det_head.mlp.0.weight"):
+        assert name in decayed, name
+    for name, p in names.items():
+        if name in decayed:
+            assert p.ndim == 2 and name.endswith(".weight"), name
+        else:  # 1-D scales and biases, or the embedding-like tables
+            assert p.ndim == 1 or name in ("gen_embed.classes.weight", "det_embed.registers", "stream_embed"), name
+    assert {"gen_embed.classes.weight", "det_embed.registers", "stream_embed"}.isdisjoint(decayed)
+
+
+def test_mot_layout_has_no_shared_parameter():
+    """optim.shared_lr_scale applies to parameters both streams use; the mot layout has none."""
+    assert make_model(experts="mot").params_by_owner()["shared"] == []
+    assert make_model(experts="shared").params_by_owner()["shared"]

@@ -12,9 +12,12 @@ from ..model.unigendet import OWNERS
 from .fsdp import local
 
 
-def _decays(name: str, p: nn.Parameter) -> bool:
-    """Weight decay on matrices only: not on norms, biases, embeddings, registers."""
-    return p.ndim >= 2 and not any(k in name for k in ("embed", "registers", "classes"))
+def decayed_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters AdamW decays: the weight matrices of the linear layers, wherever they
+    sit (blocks, patch projections, timestep MLP, heads, projector). Norm scales, biases, embedding
+    tables (class embeddings), registers and the stream embedding are not decayed."""
+    return {f"{prefix}.weight" if prefix else "weight" for prefix, module in model.named_modules()
+            if isinstance(module, nn.Linear)}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, capturable: bool = False) -> torch.optim.AdamW:
@@ -24,16 +27,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, capturable: bool = False
     device-side `found_inf` flag: a step whose loss or gradients are not finite is skipped without
     the host reading anything (see `Trainer.step`). capturable=True (CUDA graphs): step counts on
     the device and learning rates as device tensors, which the schedule fills in place."""
-    groups = []
+    groups, decayed = [], decayed_parameters(model)
     for owner, named in model.params_by_owner().items():
         for decay in (True, False):
-            params = [p for n, p in named if _decays(n, p) == decay]
+            params = [p for n, p in named if (n in decayed) == decay]
             if params:
                 scale = cfg.shared_lr_scale if owner == "shared" else 1.0
                 groups.append({"params": params, "lr": cfg.lr * scale, "owner": owner,
                                "weight_decay": cfg.weight_decay if decay else 0.0})
     assert {g["owner"] for g in groups} <= set(OWNERS)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True, capturable=capturable)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True,
+                                  capturable=capturable)
     if capturable:
         device_lrs(optimizer)
     return optimizer
