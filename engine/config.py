@@ -102,6 +102,10 @@ class LossConfig:
     """Weight of the REPA-style alignment term inside L_DIGA."""
     w_auth: float = 0.1
     """Weight of the authenticity term (BCE of the frozen detector on x0_hat against 'real')."""
+    lambda_att: float = 0.0
+    """Weight of L_MMSA in L_det (0 = off, nothing computed): mean over MMSA layers, heads and image
+    tokens of (m_gd - m_dg)^2, the squared gap between the attention mass a G query puts on D keys
+    and the D query of the same token puts on G keys (`ops.mmsa_consistency_loss`). Needs g2d and d2g."""
 
 
 @dataclass
@@ -433,6 +437,11 @@ def validate(cfg: Config, source: str = "config") -> None:
     for key in ("lambda_dig", "w_align", "w_auth"):
         if getattr(cfg.loss, key) < 0:
             raise ConfigError(f"{source}: loss.{key} must be >= 0, got {getattr(cfg.loss, key)}")
+    if not (math.isfinite(cfg.loss.lambda_att) and cfg.loss.lambda_att >= 0):
+        raise ConfigError(f"{source}: loss.lambda_att must be a finite number >= 0, got {cfg.loss.lambda_att}")
+    if cfg.loss.lambda_att > 0 and not (m.g2d and m.d2g):
+        raise ConfigError(f"{source}: loss.lambda_att > 0 needs model.g2d and model.d2g (L_MMSA compares the two "
+                          f"cross directions); got g2d={m.g2d}, d2g={m.d2g}")
     if cfg.phases.mode == "diga" and m.experts == "shared":
         raise ConfigError(f"{source}: phases.mode = 'diga' trains the generator with the detector frozen, but "
                           "model.experts = 'shared' gives both streams one set of block weights, so the stage "

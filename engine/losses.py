@@ -43,6 +43,19 @@ def one_step_estimate(x_t: Tensor, t: Tensor, v_hat: Tensor) -> Tensor:
     return x_t - t.view(-1, 1, 1, 1).to(x_t.dtype) * v_hat.to(x_t.dtype)
 
 
+def mmsa_consistency(layers, g_tokens: tuple[int, int], d_tokens: tuple[int, int]) -> Tensor:
+    """L_MMSA: the mean over MMSA layers of `ops.mmsa_consistency_loss` (definition: `ops.consistency`).
+
+    layers: per layer (q_g, k_g, q_d, k_d, lse_g, lse_d) (`DetOutput.attention`); g_tokens, d_tokens:
+    (offset, count) of the image tokens in the G and D sequences. -> 0-d fp32 tensor."""
+    (g_off, n), (d_off, n_d) = g_tokens, d_tokens
+    if not layers or n != n_d:
+        raise ValueError(f"mmsa_consistency: needs at least one MMSA layer (got {len(layers or ())}) and as many "
+                         f"image tokens in G as in D (got {n}, {n_d})")
+    per_layer = [ops.mmsa_consistency_loss(*st, n_tokens=n, d_offset=d_off, g_offset=g_off).float() for st in layers]
+    return torch.stack(per_layer).mean()
+
+
 @dataclass
 class BCEGroup:
     """Rows of BCE-with-logits that enter the total with weight `weight` (as a mean over the group)."""

@@ -16,6 +16,16 @@ from .. import ops
 StreamState = tuple[Tensor, "Tensor | None"]  # (x, res): (B, T, C) each; hidden = x + res
 
 
+class AttentionStats(NamedTuple):
+    """What L_MMSA (`ops.mmsa_consistency_loss`) reads from one MMSA layer of a detection sample."""
+    q_g: Tensor    # (B, Tg, H, D) normed, rotated queries as the attention read them
+    k_g: Tensor    # (B, Tg, Hkv, D)
+    q_d: Tensor    # (B, Td, H, D)
+    k_d: Tensor    # (B, Td, Hkv, D)
+    lse_g: Tensor  # (B, H, Tg) fp32: each G query's log-sum-exp over all keys it reads
+    lse_d: Tensor  # (B, H, Td) fp32
+
+
 class ExpertWeights(nn.Module):
     """The weights one stream uses in a layer: norms, QKV, q/k norms, output projection, SwiGLU MLP."""
 
@@ -62,16 +72,27 @@ class MoTBlock(nn.Module):
         return self.experts[stream] if stream in self.experts else self.experts["shared"]
 
     def forward(self, states: dict[str, StreamState], rope: dict[str, tuple[Tensor, Tensor]],
-                mask: dict, constant_experts: frozenset[str] = frozenset()) -> dict[str, StreamState]:
+                mask: dict, constant_experts: frozenset[str] = frozenset(),
+                attention: list | None = None, key_only: frozenset[str] = frozenset()) -> dict[str, StreamState]:
         """states: {"g": (x, res), "d": (x, res)} (either may be absent); rope: {stream: (cos, sin)},
         each (T, D/2); mask: the MMSA switches g2d, d2g, g_causal, d_causal; constant_experts: the
-        experts ("g", "d") whose weights are used as constants (no gradient reaches them)."""
+        experts ("g", "d") whose weights are used as constants (no gradient reaches them);
+        attention: a list to which this layer appends its `AttentionStats` when it is an MMSA layer
+        (both streams present, g2d and d2g on); None: nothing extra is computed; key_only: streams
+        whose output is not needed, only their keys and values (the other stream's queries read
+        them): no queries, no attention output, output projection or MLP; absent from the result."""
         weights = {s: self.expert(s).tensors(constant=s in constant_experts and s in self.experts) for s in states}
         qkv, residual = {}, {}
         for s, (x, res) in states.items():
             e, w = self.expert(s), weights[s]
             h, residual[s] = ops.fused_add_rmsnorm(x, res, w.attn_norm, self.eps)  # (B, T, C)
             B, T, _ = h.shape
+            if s in key_only:  # k, v rows of the QKV weight only: ((2 Hkv) D, C)
+                k, v = F.linear(h, w.qkv[e.heads * e.head_dim:]).view(B, T, 2 * e.kv_heads, e.head_dim).chunk(2, 2)
+                # the op normalises and rotates a (q, k) pair; k stands in for q here, that result is dropped
+                _, k = ops.qk_rmsnorm_rope(k, k, w.k_norm, w.k_norm, *rope[s], self.eps)  # (B, T, Hkv, D)
+                qkv[s] = (None, k, v)
+                continue
             q, k, v = F.linear(h, w.qkv).split([e.heads * e.head_dim, e.kv_heads * e.head_dim,
                                                 e.kv_heads * e.head_dim], -1)
             q = q.view(B, T, e.heads, e.head_dim)     # (B, T, H, D)
@@ -80,7 +101,11 @@ class MoTBlock(nn.Module):
             q, k = ops.qk_rmsnorm_rope(q, k, w.q_norm, w.k_norm, *rope[s], self.eps)
             qkv[s] = (q, k, v)
         none3 = (None, None, None)
-        o_g, o_d = ops.mmsa_attention(*qkv.get("g", none3), *qkv.get("d", none3), **mask)
+        if attention is not None and len(qkv) == 2 and mask["g2d"] and mask["d2g"]:
+            o_g, o_d, lse_g, lse_d = ops.mmsa_attention(*qkv["g"], *qkv["d"], **mask, return_lse=True)
+            attention.append(AttentionStats(qkv["g"][0], qkv["g"][1], qkv["d"][0], qkv["d"][1], lse_g, lse_d))
+        else:
+            o_g, o_d = ops.mmsa_attention(*qkv.get("g", none3), *qkv.get("d", none3), **mask)
         out = {}
         for s, o in (("g", o_g), ("d", o_d)):
             if o is None:

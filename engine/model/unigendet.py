@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, check_model
 from ..ops import axial_rope_tables
-from .block import MoTBlock, StreamState
+from .block import AttentionStats, MoTBlock, StreamState
 from .embeddings import DetStreamEmbed, GenStreamEmbed
 from .heads import DetectorHead, GeneratorHead
 
@@ -27,6 +27,7 @@ class GenOutput(NamedTuple):
 class DetOutput(NamedTuple):
     logit: Tensor | None    # (B,) authenticity logit, label 1 = generated (None if features_only)
     hidden: Tensor | None   # (B, N, C) D image-token hidden after `capture_layer`, final-normed
+    attention: tuple[AttentionStats, ...] | None = None  # per MMSA layer, with return_attention
 
 
 OWNERS = ("gen", "det", "shared")
@@ -49,6 +50,9 @@ class UniGenDet(nn.Module):
         )
         self.gen_head = GeneratorHead(C, p, cfg.norm_eps)
         self.det_head = DetectorHead(C, cfg.norm_eps, cls_index=(cfg.image_size // p) ** 2)
+        # image tokens of a detection sample as (offset, count): G rows [0, N); D rows [0, N), registers after
+        self.g_image_tokens = (0, (cfg.image_size // p) ** 2)
+        self.d_image_tokens = (0, (cfg.image_size // p) ** 2)
         # DIGA projector P: generator hidden -> detector feature space
         hidden = cfg.projector_hidden or 4 * C  # 0 = 4 C
         act = nn.GELU() if cfg.projector_act == "gelu" else nn.SiLU()
@@ -81,18 +85,19 @@ class UniGenDet(nn.Module):
     # ------------------------------------------------------------------ passes
 
     def _backbone(self, states: dict[str, StreamState], capture_layer: int | None, stop_early: bool = False,
-                  constant_experts: frozenset[str] = frozenset()):
+                  constant_experts: frozenset[str] = frozenset(), attention: list | None = None):
         """Run the MoT layers; also return the states after layer `capture_layer` (1-based).
 
         stop_early: stop at `capture_layer` (when only the captured features are wanted);
-        constant_experts: experts ("g", "d") whose block weights are used without gradient."""
+        constant_experts: experts ("g", "d") whose block weights are used without gradient;
+        attention: a list that collects each MMSA layer's `AttentionStats` (None: not collected)."""
         if self.stream_embed is not None:
             index = {"g": 0, "d": 1}
             states = {s: (x + self.stream_embed[index[s]].to(x.dtype), r) for s, (x, r) in states.items()}
         rope = {s: (getattr(self, f"rope_cos_{s}"), getattr(self, f"rope_sin_{s}")) for s in states}
         captured = None
         for i, block in enumerate(self.blocks, start=1):
-            states = block(states, rope, self.mask, constant_experts)
+            states = block(states, rope, self.mask, constant_experts, attention)
             if i == capture_layer:
                 captured = states
                 if stop_early:
@@ -117,23 +122,27 @@ class UniGenDet(nn.Module):
             hidden = x + res
         return GenOutput(self.gen_head(*final["g"]), hidden)
 
-    def detection_pass(self, x: Tensor, capture_layer: int | None = None, features_only: bool = False) -> DetOutput:
+    def detection_pass(self, x: Tensor, capture_layer: int | None = None, features_only: bool = False,
+                       return_attention: bool = False) -> DetOutput:
         """x: (B, 3, S, S) image under test -> DetOutput (logit; final-normed D features if asked).
 
         features_only: run only the layers up to `capture_layer` and return logit = None (the DIGA
-        teacher pass needs nothing above layer l)."""
+        teacher pass needs nothing above layer l); return_attention: also return each MMSA layer's
+        queries, keys and attention lse (`AttentionStats`, for L_MMSA; empty unless g2d and d2g)."""
         if features_only and capture_layer is None:
             raise ValueError("detection_pass: features_only needs capture_layer")
         states = {"d": (self.det_embed(x), None)}
         if self.cfg.d2g:  # G = the clean image's tokens (t = 0) for D to read
             states["g"] = (self.gen_embed(x, x.new_zeros(x.shape[0])), None)
-        final, cap = self._backbone(states, capture_layer, stop_early=features_only)
+        attention = [] if return_attention else None
+        final, cap = self._backbone(states, capture_layer, stop_early=features_only, attention=attention)
         hidden = None
         if cap is not None:
             x_d, res_d = cap["d"]
             n = self.det_head.cls_index
             hidden = self.det_head.normed(x_d[:, :n], None if res_d is None else res_d[:, :n])  # image tokens only
-        return DetOutput(None if features_only else self.det_head(*final["d"]), hidden)
+        return DetOutput(None if features_only else self.det_head(*final["d"]), hidden,
+                         None if attention is None else tuple(attention))
 
     def forward(self, kind: str, *args, **kwargs):
         """`model("gen", x_t, t, class_ids)` or `model("det", x)`; one entry point for DDP / compile."""

@@ -3,7 +3,8 @@
 One function, `phase_loss`, assembles the terms of every phase from two switches (does the phase
 generate, does it detect), so `gen`, `det`, `joint` and `diga` share one code path:
 - gen:   L_gen = L_flow + lambda_dig * (w_align * L_align + w_auth * L_auth); trains gen + shared.
-- det:   L_det = BCE on real (y=0), external fakes (y=1) and fake-pool images (y=1); trains det + shared.
+- det:   L_det = BCE on real (y=0), external fakes (y=1) and fake-pool images (y=1), plus
+         lambda_att * L_MMSA of those detection passes when loss.lambda_att > 0; trains det + shared.
 - joint: L_gen + L_det in one step; trains everything (the published stage I, GDUF).
 - diga:  L_gen with the detector expert frozen; trains the generator only (the published stage II).
 L_auth never trains the detector, whatever the phase trains: the detector that scores x0_hat runs
@@ -20,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import LossConfig
-from ..losses import BCEGroup, LossTerms, combined_bce_align, flow_loss, one_step_estimate, sample_flow_inputs
+from ..losses import (BCEGroup, LossTerms, combined_bce_align, flow_loss, mmsa_consistency, one_step_estimate,
+                      sample_flow_inputs)
 from ..rng import Gen, batch_rand
 
 
@@ -130,7 +132,7 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
     w_align = loss_cfg.lambda_dig * loss_cfg.w_align
     w_auth = loss_cfg.lambda_dig * loss_cfg.w_auth
     groups: list[BCEGroup] = []
-    student = teacher = flow = align_scale = None
+    student = teacher = flow = align_scale = att = None
     if phase.generates:
         # The generator learns from real images only. External fakes stay in the batch with weight 0
         # (no data-dependent shapes, no host sync: CUDA-graph safe); they cost their share of compute.
@@ -159,12 +161,20 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
         if fakes is not None:
             det_images = torch.cat([images, fakes.to(images.dtype)])
             targets = torch.cat([targets, targets.new_ones(fakes.shape[0])])
-        logit = model("det", det_images).logit
+        if loss_cfg.lambda_att > 0:  # L_MMSA: the detection pass also returns each MMSA layer's q, k, lse
+            det = model("det", det_images, return_attention=True)
+            att = mmsa_consistency(det.attention, core.g_image_tokens, core.d_image_tokens)
+        else:
+            det = model("det", det_images)
+        logit = det.logit
         groups.append(BCEGroup("bce", logit, targets, 1.0))
     if groups or student is not None:
         terms = combined_bce_align(groups, student, teacher, w_align, align_scale)
     else:
         terms = LossTerms(images.new_zeros((), dtype=torch.float32))
+    if att is not None:
+        terms.total = terms.total + loss_cfg.lambda_att * att
+        terms.parts["mmsa"] = att.detach()
     if flow is not None:
         terms.total = terms.total + flow
         terms.parts["flow"] = flow.detach()
