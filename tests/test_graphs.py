@@ -73,7 +73,8 @@ def test_step_storage_is_static(tiny_overrides):
 
     def storage():
         tensors = {"images": t.inputs.images, "is_fake": t.inputs.is_fake, "class_ids": t.inputs.class_ids,
-                   "pool": t.pool.images, "pool_ptr": t.pool._ptr, "ema_updates": t.ema._updates,
+                   "pool": t.pool.images, "pool_ptr": t.pool._ptr, "pool_written": t.pool._written,
+                   "pool_now": t.pool._now, "ema_updates": t.ema._updates,
                    "bad_run": t._bad_run, "skipped": t._skipped, **t.sums.sums}
         for k, state in enumerate(t.optimizer.state.values()):
             tensors.update({f"adam{k}/{name}": v for name, v in state.items() if torch.is_tensor(v)})

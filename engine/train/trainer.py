@@ -114,7 +114,7 @@ class Trainer:
         # batch-dimension draws of the global batch, this rank's rows (unigendet.rng); the pool
         # refill draws with self.noise in full on every rank, so all ranks hold the same pool
         self.draws = ShardedGenerator(self.noise, self.dist.rank, self.dist.world_size)
-        self.pool = FakePool(cfg.phases.pool_size, cfg.data.image_size, self.device)
+        self.pool = FakePool(cfg.phases.pool_size, cfg.data.image_size, self.device, max_age=cfg.phases.max_fake_age)
         self.uses_pool = cfg.phases.mode != "diga"
         self.step_idx = 0
         # Non-finite steps are counted on the device (no host sync per step) and read by
@@ -168,8 +168,12 @@ class Trainer:
         the captured step's outputs, rewritten by the next step of the same phase)."""
         cfg = self.cfg
         phase = phase_at(self.step_idx, cfg.phases.mode, cfg.phases.k)
-        if self.uses_pool and (self.pool.count == 0 or self.step_idx % cfg.phases.refill_every == 0):
-            self.refill_pool(self.pool.capacity if self.pool.count == 0 else cfg.phases.refill_count)
+        if self.uses_pool:
+            self.pool.set_step(self.step_idx)  # the device clock the pool stamps and ages images by
+            # the schedule, plus a refill whenever nothing in the pool is young enough to sample
+            # (phases.max_fake_age >= refill_every makes that happen only after a resume)
+            if self.pool.must_refill() or self.step_idx % cfg.phases.refill_every == 0:
+                self.refill_pool(self.pool.capacity if self.pool.count == 0 else cfg.phases.refill_count)
         batch = next(self._data_iter)
         if self.inputs is None:
             self.inputs = StaticBatch(batch, self.device)
@@ -360,6 +364,7 @@ class Trainer:
             device_lrs(self.optimizer)  # the saved groups hold plain floats
         self.scheduler.load_state_dict(saved["scheduler"])
         self.ema.load_state_dict(saved["ema"])
+        self.pool.set_step(int(saved["step"]))  # a pool saved without write stamps counts as written now
         self.pool.load_state_dict(saved["pool"])
         self.loader.load_state_dict(saved["data"])
         torch.set_rng_state(saved["rng"]["torch"])
