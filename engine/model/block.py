@@ -78,7 +78,7 @@ class MoTBlock(nn.Module):
         each (T, D/2); mask: the MMSA switches g2d, d2g, g_causal, d_causal; constant_experts: the
         experts ("g", "d") whose weights are used as constants (no gradient reaches them);
         attention: a list to which this layer appends its `AttentionStats` when it is an MMSA layer
-        (both streams present, g2d and d2g on); None: nothing extra is computed; key_only: streams
+        (both streams present with queries, g2d and d2g on); None: nothing extra is computed; key_only: streams
         whose output is not needed, only their keys and values (the other stream's queries read
         them): no queries, no attention output, output projection or MLP; absent from the result."""
         weights = {s: self.expert(s).tensors(constant=s in constant_experts and s in self.experts) for s in states}
@@ -101,7 +101,9 @@ class MoTBlock(nn.Module):
             q, k = ops.qk_rmsnorm_rope(q, k, w.q_norm, w.k_norm, *rope[s], self.eps)
             qkv[s] = (q, k, v)
         none3 = (None, None, None)
-        if attention is not None and len(qkv) == 2 and mask["g2d"] and mask["d2g"]:
+        # an MMSA layer for L_MMSA: both streams with queries (not key-only) and both cross directions on
+        if attention is not None and all(qkv.get(s, none3)[0] is not None for s in "gd") and mask["g2d"] \
+                and mask["d2g"]:
             o_g, o_d, lse_g, lse_d = ops.mmsa_attention(*qkv["g"], *qkv["d"], **mask, return_lse=True)
             attention.append(AttentionStats(qkv["g"][0], qkv["g"][1], qkv["d"][0], qkv["d"][1], lse_g, lse_d))
         else:
