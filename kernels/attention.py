@@ -20,11 +20,12 @@ How it works (FlashAttention-2 style, no concatenation of the streams, no dense 
   (cdiv(Tk, BLOCK_N), B * H): each program owns one key tile and one QUERY head h, reads K/V of
   head h // (H / Hkv) and loops over the query blocks of every query stream that reads this key
   stream (own stream: diagonal blocks causal-masked then unmasked blocks when causal, unmasked then
-  one row-masked block when not; other stream iff its switch reads this one), accumulating dK, dV
-  in fp32 registers; keys past len get zeros. With GQA each head writes an fp32 partial
-  (B, Tk, H, D) and the wrapper sums each group (fixed order; H / Hkv x the dK/dV memory, still
-  linear in T); looping over the group inside the program spilled registers when compiled for
-  sm_90 and gave too few programs. (c) one dQ launch per query stream, same iteration as the forward.
+  one row-masked block when not, and none for a key-only stream, which has no query rows; other
+  stream iff its switch reads this one), accumulating dK, dV in fp32 registers; keys past len get
+  zeros. With GQA each head writes an fp32 partial (B, Tk, H, D) and the wrapper sums each group
+  (fixed order; H / Hkv x the dK/dV memory, still linear in T); looping over the group inside the
+  program spilled registers when compiled for sm_90 and gave too few programs. (c) one dQ launch
+  per query stream, same iteration as the forward.
   Every output element is written by exactly one program: no atomics, bitwise deterministic, so
   `deterministic=True` costs nothing (the dQ pass recomputes QK^T and dO V^T instead of using
   atomics, FlashAttention-2's Triton design).
@@ -235,9 +236,10 @@ def _mmsa_bwd_dkdv(Q, DO, LSE, DELTA, Q2, DO2, LSE2, DELTA2, K, V, DK, DV, LEN_K
                    skb, skt, skh, svb, svt, svh, sdkb, sdkt, sdkh,
                    CAUSAL: tl.constexpr, OTHER_READS: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """One key tile of key stream S for ONE query head h: Q/DO/LSE/DELTA are S's own queries,
-    Q2/... the other stream's queries (read iff OTHER_READS). Writes dK, dV of head h into DK, DV
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, OWN_READS: tl.constexpr):
+    """One key tile of key stream S for ONE query head h: Q/DO/LSE/DELTA are S's own queries (read
+    iff OWN_READS: False for a key-only stream, whose Q has no rows), Q2/... the other stream's
+    queries (read iff OTHER_READS). Writes dK, dV of head h into DK, DV
     (one shared layout (B, T, H, D)): with GQA the wrapper sums the H / Hkv heads of a group
     (a fixed-order reduction: deterministic, no atomics). Looping over the group's heads inside
     the program instead makes the compiler spill the fp32 dK/dV tiles (sm_90, D=128) and leaves
@@ -266,21 +268,22 @@ def _mmsa_bwd_dkdv(Q, DO, LSE, DELTA, Q2, DO2, LSE2, DELTA2, K, V, DK, DV, LEN_K
     do_base = DO + b * sdob + h * sdoh
     lse_base = LSE + (b * H + h) * T_K
     delta_base = DELTA + (b * H + h) * T_K
-    if CAUSAL:
-        # diagonal: query rows [start_n, start_n + BLOCK_N) with the causal mask; rows below: none
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, start_n,
-                             tl.minimum(start_n + BLOCK_N, len_k), T_K, offs_n, offs_d, qk_scale, 2,
+    if OWN_READS:
+        if CAUSAL:
+            # diagonal: query rows [start_n, start_n + BLOCK_N) with the causal mask; rows below: none
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, start_n,
+                                 tl.minimum(start_n + BLOCK_N, len_k), T_K, offs_n, offs_d, qk_scale, 2,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PREC)
+            lo = start_n + BLOCK_N
+            mid = tl.maximum(lo, full_q)
+        else:
+            lo = 0
+            mid = tl.where(active, full_q, 0)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, lo, mid, T_K,
+                             offs_n, offs_d, qk_scale, 0, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, mid,
+                             tl.where(active, len_k, 0), T_K, offs_n, offs_d, qk_scale, 1,
                              HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PREC)
-        lo = start_n + BLOCK_N
-        mid = tl.maximum(lo, full_q)
-    else:
-        lo = 0
-        mid = tl.where(active, full_q, 0)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, lo, mid, T_K,
-                         offs_n, offs_d, qk_scale, 0, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PREC)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, mid,
-                         tl.where(active, len_k, 0), T_K, offs_n, offs_d, qk_scale, 1,
-                         HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PREC)
     if OTHER_READS:  # the other stream's queries read this key stream (never causal)
         len_q2 = tl.load(LEN_Q2 + b)
         full_q2 = tl.where(active, (len_q2 // BLOCK_M) * BLOCK_M, 0)
@@ -392,7 +395,8 @@ _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 3
 _KEY = ["T_Q", "HEAD_DIM", "CAUSAL", "READ_OTHER"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY)(_mmsa_fwd)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY)(_mmsa_bwd_dq)
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=["T_K", "T_Q2", "HEAD_DIM", "CAUSAL", "OTHER_READS"])(_mmsa_bwd_dkdv)
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=["T_K", "T_Q2", "HEAD_DIM", "CAUSAL", "OTHER_READS",
+                                                  "OWN_READS"])(_mmsa_bwd_dkdv)
 # UNIGENDET_TRITON_AUTOTUNE=0: launch each kernel with its smallest candidate instead of timing them
 # all per shape (quick correctness runs on a GPU, e.g. most op tests in bench/gpu_check.sh).
 AUTOTUNE = os.environ.get("UNIGENDET_TRITON_AUTOTUNE", "1") != "0"
@@ -458,7 +462,8 @@ def _delta(o, do, dlse):
 
 
 def _dkdv_stream(own, other, k, v, len_k, len_q2, causal: bool, other_reads: bool, scale: float):
-    """dK, dV (B, Tk, Hkv, D) of one key stream. own/other: (q, do, lse, delta) of the query streams."""
+    """dK, dV (B, Tk, Hkv, D) of one key stream. own/other: (q, do, lse, delta) of the query streams;
+    own q with no rows (B, 0, H, D) while Tk > 0: a key-only stream, read by the other stream only."""
     B, T, Hkv, D = k.shape
     q, do, lse, delta = own
     q2, do2, lse2, delta2 = other
@@ -473,7 +478,7 @@ def _dkdv_stream(own, other, k, v, len_k, len_q2, causal: bool, other_reads: boo
         _launch(_dkdv_tuned, _mmsa_bwd_dkdv, "dkdv", grid, q, do, lse, delta, q2, do2, lse2, delta2, k, v, dk,
                 dv, len_k, len_q2, scale * LOG2E, scale, T, q2.shape[1], H, group, *_s3(q), *_s3(do), *_s3(q2),
                 *_s3(do2), *_s3(k), *_s3(v), *_s3(dk), CAUSAL=causal, OTHER_READS=other_reads,
-                **_common_meta(q))
+                OWN_READS=q.shape[1] > 0, **_common_meta(q))
     if group > 1:  # (B, T, Hkv, group, D) -> (B, T, Hkv, D): fixed-order sum, deterministic
         dk = dk.view(B, T, Hkv, group, D).sum(3).to(k.dtype)
         dv = dv.view(B, T, Hkv, group, D).sum(3).to(k.dtype)
@@ -572,8 +577,9 @@ def mmsa_attention_triton(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g
                           return_lse: bool = False, deterministic: bool = True):
     """MMSA with the Triton kernels; same contract as `ops.reference.mmsa_attention_ref`.
 
-    q_*: (B, T*, H, D); k_*, v_*: (B, T*, Hkv, D); a stream may be absent (its triple None).
-    Returns (o_g, o_d) (None for an absent stream), with return_lse also (lse_g, lse_d), each
+    q_*: (B, T*, H, D); k_*, v_*: (B, T*, Hkv, D); a stream may be absent (its triple None) or
+    key-only (q None; it runs as a stream with no query rows: its dK/dV come from the other stream's
+    queries alone). Returns (o_g, o_d) (None for a stream without queries), with return_lse also (lse_g, lse_d), each
     (B, H, T*) fp32 and differentiable; lse is +inf on padded query rows. `deterministic` is
     accepted for API parity: the backward never uses atomics, so it is always deterministic.
     """
@@ -581,17 +587,23 @@ def mmsa_attention_triton(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g
     ref = q_g if q_g is not None else q_d
     rk = k_g if q_g is not None else k_d
     B, _, H, D = ref.shape
-    has_g, has_d = q_g is not None, q_d is not None
+    has_g, has_d = q_g is not None, q_d is not None  # query rows
+    keys_g, keys_d = k_g is not None, k_d is not None  # keys (a key-only stream has these only)
     empty = lambda: (ref.new_empty((B, 0, H, D)), rk.new_empty((B, 0) + rk.shape[2:]),  # noqa: E731
                      rk.new_empty((B, 0) + rk.shape[2:]))  # an absent stream: T = 0, its switches off
-    if not has_g:
+    if not keys_g:
         q_g, k_g, v_g = empty()
-    if not has_d:
+    elif not has_g:
+        q_g = ref.new_empty((B, 0, H, D))  # key-only: (B, Tg, Hkv, D) keys, no query rows
+    if not keys_d:
         q_d, k_d, v_d = empty()
+    elif not has_d:
+        q_d = ref.new_empty((B, 0, H, D))
     sc = float(D ** -0.5 if scale is None else scale)
+    # a cross switch is on only when its query stream has rows and the other stream has keys
     o_g, o_d, lse_g, lse_d = mmsa_attention_fwd(
-        q_g, k_g, v_g, q_d, k_d, v_d, _lens(len_g, B, q_g.shape[1], ref.device),
-        _lens(len_d, B, q_d.shape[1], ref.device), bool(g2d and has_d), bool(d2g and has_g),
+        q_g, k_g, v_g, q_d, k_d, v_d, _lens(len_g, B, k_g.shape[1], ref.device),
+        _lens(len_d, B, k_d.shape[1], ref.device), bool(g2d and has_g and keys_d), bool(d2g and has_d and keys_g),
         bool(g_causal), bool(d_causal), sc)
     outs = (o_g if has_g else None, o_d if has_d else None)
     if return_lse:

@@ -61,6 +61,17 @@ def _check_stream(name: str, q: Tensor, k: Tensor, v: Tensor, lens: Tensor | Non
             raise ValueError(f"mmsa_attention: len_{name} values must be in [1, {q.shape[1]}]; got {lens.tolist()}")
 
 
+def _check_key_stream(name: str, k: Tensor | None, v: Tensor | None, lens: Tensor | None) -> None:
+    """A stream that contributes keys but no queries: q_name None, k and v (B, T, Hkv, D)."""
+    if k is None or v is None:
+        raise ValueError(f"mmsa_attention: stream {name} has no queries (q_{name} is None) but only one of "
+                         f"k_{name}, v_{name}: give both (a key-only stream) or neither (an absent stream)")
+    if k.dim() != 4 or k.shape != v.shape or k.dtype != v.dtype:
+        raise ValueError(f"mmsa_attention: key-only stream {name}: k_{name}, v_{name} must be (B, T, Hkv, D) of one "
+                         f"dtype; got {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
+    _check_stream(name, k, k, v, lens)  # the length rules, with k standing in for the (absent) queries
+
+
 def mmsa_attention(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: bool = True,
                    g_causal: bool = False, d_causal: bool = False, len_g: Tensor | None = None,
                    len_d: Tensor | None = None, scale: float | None = None, return_lse: bool = False,
@@ -70,7 +81,10 @@ def mmsa_attention(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: bool 
     q_*: (B, T*, H, D); k_*, v_*: (B, T*, Hkv, D). G queries read G keys (causal if g_causal) and D
     keys iff g2d; D queries read D keys (causal if d_causal) and G keys iff d2g. Keys at index >=
     len_* are never read; query rows at index >= len_* output 0. A stream may be absent (its triple
-    None); its output is then None. Returns (o_g, o_d) with q's dtype and layout; with return_lse
+    None); its output is then None. A stream may also contribute keys only (q_* None, k_*, v_*
+    given, len_* its key lengths): the other stream's queries read its keys as the switches say
+    (gradients reach its k, v), it has no query rows and its output (and lse) is None. Returns
+    (o_g, o_d) with q's dtype and layout; with return_lse
     also (lse_g, lse_d): each query row's natural-log log-sum-exp over the keys it reads, (B, H, T*)
     fp32 and differentiable (None for an absent stream; padded rows: +inf on Triton, finite on the
     reference, so mask them).
@@ -81,6 +95,14 @@ def mmsa_attention(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: bool 
         raise ValueError("mmsa_attention: both streams are absent (q_g and q_d are None)")
     for n, q, k, v, ln in present:
         _check_stream(n, q, k, v, ln)
+    key_only = [(n, k, v, ln) for n, q, k, v, ln in (("g", q_g, k_g, v_g, len_g), ("d", q_d, k_d, v_d, len_d))
+                if q is None and (k is not None or v is not None)]
+    for n, k, v, ln in key_only:
+        _check_key_stream(n, k, v, ln)
+        q = present[0][1]  # the other stream's queries (B, Tq, H, D)
+        if k.shape[0] != q.shape[0] or k.shape[2:] != present[0][2].shape[2:] or k.dtype != q.dtype:
+            raise ValueError(f"mmsa_attention: key-only stream {n} disagrees with the query stream on B, Hkv, D "
+                             f"or dtype: k_{n} {tuple(k.shape)} {k.dtype}, q {tuple(q.shape)} {q.dtype}")
     if len(present) == 2:
         qg, qd = q_g, q_d
         if qg.shape[0] != qd.shape[0] or qg.shape[2:] != qd.shape[2:] or k_g.shape[2] != k_d.shape[2]:

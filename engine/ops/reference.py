@@ -50,6 +50,7 @@ def mmsa_attention_ref(
 
     q_*: (B, T*, H, D); k_*, v_*: (B, T*, Hkv, D). Returns (o_g, o_d) with q's dtype and layout,
     None for an absent stream; with return_lse also (lse_g, lse_d), each (B, H, T*) in fp32.
+    A key-only stream (q None, k and v given) is read by the other stream's queries and outputs None.
     Computed per (query stream, key stream) block in fp32; no concatenated dense mask.
     """
     streams = {"g": (q_g, k_g, v_g, g_causal, len_g), "d": (q_d, k_d, v_d, d_causal, len_d)}
@@ -60,6 +61,7 @@ def mmsa_attention_ref(
         q, k, v, _, _ = streams[s]
         if k is None or v is None:
             raise ValueError(f"mmsa_attention: stream {s!r} has q but not k and v")
+    has_keys = {s for s, (_, k, v, _, _) in streams.items() if k is not None and v is not None}
     reads = {("g", "g"): True, ("d", "d"): True, ("g", "d"): g2d, ("d", "g"): d2g}
     outs: dict[str, Tensor | None] = {"g": None, "d": None}
     lses: dict[str, Tensor | None] = {"g": None, "d": None}
@@ -70,7 +72,7 @@ def mmsa_attention_ref(
         qf = _acc(q.transpose(1, 2))  # (B, H, Tq, D)
         scores, values = [], []
         for o in ("g", "d"):
-            if o not in present or not reads[(s, o)]:
+            if o not in has_keys or not reads[(s, o)]:
                 continue
             _, k, v, _, k_lens = streams[o]
             kf, vf = _expand_kv(_acc(k), H), _expand_kv(_acc(v), H)  # (B, H, Tk, D)
