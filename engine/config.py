@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -78,6 +79,10 @@ class ModelConfig:
     """MMSA: generator stream attends causally to itself."""
     d_causal: bool = False
     """MMSA: detector stream attends causally to itself."""
+    mmsa_layers: tuple[int, ...] | str = "all"
+    """Layers where the streams read each other (MMSA, as g2d / d2g allow): `all`, `none`, or a list of
+    1-based layer indices such as [1, 3] (command line: `--model.mmsa_layers=1,3`). In the other layers
+    each stream attends only to itself."""
     num_classes: int = 0
     """Class-conditional generation with this many classes (0 = unconditional)."""
     class_dropout: float = 0.1
@@ -292,10 +297,22 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if isinstance(typ, str):  # postponed annotations
         typ = eval(typ, {"tuple": tuple, "float": float, "int": int, "str": str, "bool": bool})
     origin = typing.get_origin(typ)
+    if origin is types.UnionType:  # e.g. `tuple[int, ...] | str`: the first member that takes the value
+        errors = []
+        for member in typing.get_args(typ):
+            try:
+                return _coerce(value, member, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
     if origin is tuple:
         args = typing.get_args(typ)
         if isinstance(value, str):
             value = [v for v in value.strip("[]() ").split(",") if v.strip()]
+        if len(args) == 2 and args[1] is Ellipsis:  # variable length: tuple[int, ...]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{where}: expected a list, got {value!r}")
+            return tuple(_coerce(v, args[0], where) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
@@ -478,8 +495,27 @@ def check_model(m: ModelConfig, source: str = "ModelConfig") -> None:
         raise ConfigError(f"{source}: model.num_classes must be >= 0, got {m.num_classes}")
     if m.projector_hidden < 0:
         raise ConfigError(f"{source}: model.projector_hidden must be >= 0 (0 = 4 * model.width), got {m.projector_hidden}")
+    layers = m.mmsa_layers
+    if isinstance(layers, str):
+        if layers not in ("all", "none"):
+            raise ConfigError(f"{source}: model.mmsa_layers = {layers!r} must be 'all', 'none' or a list of "
+                              "1-based layer indices")
+    elif not isinstance(layers, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise ConfigError(f"{source}: model.mmsa_layers = {layers!r} must be 'all', 'none' or a list of integers")
+    elif any(not 1 <= i <= m.depth for i in layers):
+        raise ConfigError(f"{source}: model.mmsa_layers = {list(layers)}: layer indices must be in "
+                          f"[1, model.depth={m.depth}]")
+    elif len(set(layers)) != len(layers):
+        raise ConfigError(f"{source}: model.mmsa_layers = {list(layers)} lists a layer twice")
     if m.projector_act not in ("silu", "gelu"):
         raise ConfigError(f"{source}: model.projector_act = {m.projector_act!r} is not one of ('silu', 'gelu')")
+
+
+def mmsa_layer_set(m: ModelConfig) -> frozenset[int]:
+    """The 1-based layers where MMSA joins the streams: model.mmsa_layers resolved ('all', 'none', list)."""
+    if m.mmsa_layers == "all":
+        return frozenset(range(1, m.depth + 1))
+    return frozenset() if m.mmsa_layers == "none" else frozenset(m.mmsa_layers)
 
 
 # ----------------------------------------------------------------------------- saving

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig, check_model
+from ..config import ModelConfig, check_model, mmsa_layer_set
 from ..ops import axial_rope_tables
 from .block import AttentionStats, MoTBlock, StreamState
 from .embeddings import DetStreamEmbed, GenStreamEmbed
@@ -63,6 +63,13 @@ class UniGenDet(nn.Module):
             self.register_buffer(f"rope_cos_{s}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{s}", sin, persistent=False)
         self.mask = dict(g2d=cfg.g2d, d2g=cfg.d2g, g_causal=cfg.g_causal, d_causal=cfg.d_causal)
+        # per layer: self.mask in the MMSA layers (model.mmsa_layers), else no cross-stream reads
+        self.mmsa_layers = mmsa_layer_set(cfg)
+        self.layer_masks = [self.mask if i in self.mmsa_layers else {**self.mask, "g2d": False, "d2g": False}
+                            for i in range(1, cfg.depth + 1)]
+        # a pass computes of the stream whose output it does not use only the keys its other stream
+        # reads (`_backbone`); False computes that stream in full (same outputs; for comparisons)
+        self.skip_unused = True
         self.apply(_init_linear)
         nn.init.zeros_(self.gen_head.proj.weight)
 
@@ -84,20 +91,42 @@ class UniGenDet(nn.Module):
 
     # ------------------------------------------------------------------ passes
 
+    def _last_read_layer(self, reader: str, end: int) -> int:
+        """The last layer <= end (1-based) where `reader`'s queries read the other stream's keys; 0: none."""
+        if not self.mask["g2d" if reader == "g" else "d2g"]:
+            return 0
+        return max((i for i in self.mmsa_layers if i <= end), default=0)
+
+    def _needs_stream(self, reader: str, end: int) -> bool:
+        """Whether a pass that uses only `reader`'s output (through layer `end`) needs the other stream."""
+        return not self.skip_unused or self._last_read_layer(reader, end) > 0
+
     def _backbone(self, states: dict[str, StreamState], capture_layer: int | None, stop_early: bool = False,
-                  constant_experts: frozenset[str] = frozenset(), attention: list | None = None):
+                  constant_experts: frozenset[str] = frozenset(), attention: list | None = None,
+                  used: str | None = None):
         """Run the MoT layers; also return the states after layer `capture_layer` (1-based).
 
         stop_early: stop at `capture_layer` (when only the captured features are wanted);
         constant_experts: experts ("g", "d") whose block weights are used without gradient;
-        attention: a list that collects each MMSA layer's `AttentionStats` (None: not collected)."""
+        attention: a list that collects each MMSA layer's `AttentionStats` (None: not collected);
+        used: the one stream whose output (final or captured) the caller reads, None = both. The other
+        stream then runs in full up to the last layer whose `used` queries read its keys, there as
+        keys and values only (`MoTBlock` key_only), and not at all after (nor at all if no layer
+        reads it); its entries in the returned states are missing. Not with `attention` (L_MMSA
+        needs both streams' queries)."""
         if self.stream_embed is not None:
             index = {"g": 0, "d": 1}
             states = {s: (x + self.stream_embed[index[s]].to(x.dtype), r) for s, (x, r) in states.items()}
         rope = {s: (getattr(self, f"rope_cos_{s}"), getattr(self, f"rope_sin_{s}")) for s in states}
+        last = {}  # stream whose output is unused -> the last layer that needs its keys (0: none)
+        if used is not None and attention is None and self.skip_unused:
+            end = capture_layer if stop_early else len(self.blocks)
+            last = {s: self._last_read_layer(used, end) for s in states if s != used}
+            states = {s: st for s, st in states.items() if last.get(s, 1) > 0}
         captured = None
         for i, block in enumerate(self.blocks, start=1):
-            states = block(states, rope, self.mask, constant_experts, attention)
+            key_only = frozenset(s for s, layer in last.items() if layer == i)
+            states = block(states, rope, self.layer_masks[i - 1], constant_experts, attention, key_only)
             if i == capture_layer:
                 captured = states
                 if stop_early:
@@ -112,10 +141,10 @@ class UniGenDet(nn.Module):
         and expert) are used as constants, so no gradient of the output reaches them; the values
         are the same as without."""
         states = {"g": (self.gen_embed(x_t, t, class_ids), None)}
-        if self.cfg.g2d:
+        if self.cfg.g2d and self._needs_stream("g", len(self.blocks)):
             states["d"] = (self.det_embed(x_t, constant=constant_detector), None)
         constant = frozenset({"d"}) if constant_detector else frozenset()
-        final, cap = self._backbone(states, capture_layer, constant_experts=constant)
+        final, cap = self._backbone(states, capture_layer, constant_experts=constant, used="g")
         hidden = None
         if cap is not None:
             x, res = cap["g"]
@@ -132,10 +161,12 @@ class UniGenDet(nn.Module):
         if features_only and capture_layer is None:
             raise ValueError("detection_pass: features_only needs capture_layer")
         states = {"d": (self.det_embed(x), None)}
-        if self.cfg.d2g:  # G = the clean image's tokens (t = 0) for D to read
+        end = capture_layer if features_only else len(self.blocks)
+        # G = the clean image's tokens (t = 0) for D to read
+        if self.cfg.d2g and (return_attention or self._needs_stream("d", end)):
             states["g"] = (self.gen_embed(x, x.new_zeros(x.shape[0])), None)
         attention = [] if return_attention else None
-        final, cap = self._backbone(states, capture_layer, stop_early=features_only, attention=attention)
+        final, cap = self._backbone(states, capture_layer, stop_early=features_only, attention=attention, used="d")
         hidden = None
         if cap is not None:
             x_d, res_d = cap["d"]

@@ -4,14 +4,16 @@ The FLOP count is the usual transformer estimate (PaLM appendix B): 6 FLOPs per 
 token for forward + backward of the matrix multiplies, plus 12 * T_q * T_k * C per layer for the
 attention scores and values. A sample holds both streams (G: N image tokens; D: N + registers),
 each token passing through its own stream's expert; MMSA adds the cross-stream key pairs the
-switches allow. Phases that run one stream count less in reality, so the MFU reported from this
-count is an upper estimate for alternating runs and exact-in-form for joint ones.
+switches allow, in the MMSA layers (model.mmsa_layers) only. Phases that run one stream count less
+in reality (and a pass skips the queries and MLP of the stream whose output it does not use in the
+last layer that needs its keys), so the MFU reported from this count is an upper estimate,
+tightest for joint runs.
 """
 from __future__ import annotations
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, mmsa_layer_set
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, from the vendors' data sheets.
 BF16_PEAK = {"H200": 989.4e12, "H100 SXM": 989.4e12, "H100 NVL": 835.5e12, "H100 PCIe": 756.0e12,
@@ -33,8 +35,9 @@ def train_flops_per_sample(cfg: ModelConfig) -> float:
     qkv = C * (cfg.heads + 2 * cfg.kv_heads) * head_dim
     per_layer_params = qkv + cfg.heads * head_dim * C + 2 * C * ffn + ffn * C  # qkv, out, gate_up, down
     dense = 6.0 * per_layer_params * cfg.depth * (t_g + t_d)
-    pairs = t_g * t_g + t_d * t_d + (t_g * t_d if cfg.g2d else 0) + (t_d * t_g if cfg.d2g else 0)
-    attention = 12.0 * pairs * cfg.heads * head_dim * cfg.depth
+    self_pairs = (t_g * t_g + t_d * t_d) * cfg.depth
+    cross_pairs = ((t_g * t_d if cfg.g2d else 0) + (t_d * t_g if cfg.d2g else 0)) * len(mmsa_layer_set(cfg))
+    attention = 12.0 * (self_pairs + cross_pairs) * cfg.heads * head_dim
     return dense + attention
 
 
