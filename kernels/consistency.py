@@ -12,13 +12,16 @@ reads key head h // (H / Hkv) by pointer arithmetic; lse (B, H, T) fp32 from the
   the attention's lse of those rows and writes lse_cross (2, B, H, N) and the masses
   m = exp(lse_cross - lse) (2, B, H, N), 0 on invalid rows. The scalar loss, sum((m_gd - m_dg)^2)
   / (H * valid rows), is one deterministic torch reduction of (B, H, N) values. Memory: O(B H N).
-- Backward: with c = 2 * dL / count, w_gd = c (m_gd - m_dg) m_gd and w_dg = -c (m_gd - m_dg) m_dg
-  are dL / d lse_cross per row (torch, (B, H, N)); dL / d lse_g = -w_gd on the G image rows (0
-  elsewhere), likewise lse_d, so the gradient reaches the attention through its dlse input. Per
-  direction, `_bwd_dq` (grid (cdiv(N, BLOCK_M), B * H)) recomputes the tiles and accumulates
-  dq = scale * sum_j w p_j k_j with p_j = exp(s_j - lse_cross) (rows outside the image range get 0),
-  and `_bwd_dk` (grid (cdiv(Tk, BLOCK_N), B * H)) owns one key tile and one query head, looping
-  over the image-token blocks: dk = scale * sum_i w_i p_ij q_i; keys past len get 0. With GQA
+- Backward: with c = dL / count (a device scalar: no host sync), c * w_gd and c * w_dg, where
+  w_gd = 2 (m_gd - m_dg) m_gd and w_dg = -2 (m_gd - m_dg) m_dg, are dL / d lse_cross per row (torch,
+  (B, H, N)); dL / d lse_g = -c w_gd on the G image rows (0 elsewhere), likewise lse_d, so the
+  gradient reaches the attention through its dlse input. Per direction, `_bwd_dq` (grid
+  (cdiv(N, BLOCK_M), B * H)) recomputes the tiles and accumulates dq = c * scale * sum_j w p_j k_j
+  with p_j = exp(s_j - lse_cross) (rows outside the image range get 0), and `_bwd_dk` (grid
+  (cdiv(Tk, BLOCK_N), B * H)) owns one key tile and one query head, looping over the image-token
+  blocks: dk = c * scale * sum_i w_i p_ij q_i; keys past len get 0. c multiplies the accumulated
+  tile at the end, not w: the 16-bit dot operand w p then stays O(p) (with c = 1 / count folded in
+  it would underflow fp16 at realistic B H N). With GQA
   each head writes an fp32 partial and the wrapper sums each group in a fixed order, as the
   attention's dK/dV does. No atomics: bitwise deterministic.
 - Precision: as the attention kernels: fp32 accumulation, 16-bit dot operands on the GPU, IEEE
@@ -143,7 +146,7 @@ def _dq_inner(dq, q, lse2, w, k_base, skt, lo, hi, len_k, offs_d, qk_scale, MASK
 
 
 @triton.jit
-def _bwd_dq(Q, K, LSEC, W, DQ, LEN_K, qk_scale, sm_scale, N, Q_OFF, H, GROUP,
+def _bwd_dq(Q, K, LSEC, W, COEF, DQ, LEN_K, qk_scale, sm_scale, N, Q_OFF, H, GROUP,
             sqb, sqt, sqh, skb, skt, skh, sdqb, sdqt, sdqh,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -170,12 +173,13 @@ def _bwd_dq(Q, K, LSEC, W, DQ, LEN_K, qk_scale, sm_scale, N, Q_OFF, H, GROUP,
                    HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PREC)
     dq = _dq_inner(dq, q, lse2, w, k_base, skt, full, len_k, len_k, offs_d, qk_scale, 1,
                    HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PREC)
-    tl.store(DQ + b * sdqb + h * sdqh + rows * sdqt + offs_d[None, :],
-             _cast_out(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=mask)
+    dq = dq * (sm_scale * tl.load(COEF))
+    tl.store(DQ + b * sdqb + h * sdqh + rows * sdqt + offs_d[None, :], _cast_out(dq, DQ.dtype.element_ty, UPCAST),
+             mask=mask)
 
 
 @triton.jit
-def _bwd_dk(Q, K, LSEC, W, DK, LEN_K, qk_scale, sm_scale, N, T_K, Q_OFF, H, GROUP,
+def _bwd_dk(Q, K, LSEC, W, COEF, DK, LEN_K, qk_scale, sm_scale, N, T_K, Q_OFF, H, GROUP,
             sqb, sqt, sqh, skb, skt, skh, sdkb, sdkt, sdkh,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             UPCAST: tl.constexpr, PREC: tl.constexpr):
@@ -212,7 +216,8 @@ def _bwd_dk(Q, K, LSEC, W, DK, LEN_K, qk_scale, sm_scale, N, T_K, Q_OFF, H, GROU
         ds_t = tl.where(key_ok[:, None], ds_t, 0.0)
         dk = tl.dot(ds_t.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
     tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
-             _cast_out(dk * sm_scale, DK.dtype.element_ty, UPCAST), mask=(offs_n < T_K)[:, None] & d_ok[None, :])
+             _cast_out(dk * (sm_scale * tl.load(COEF)), DK.dtype.element_ty, UPCAST),
+             mask=(offs_n < T_K)[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- launch configs
@@ -292,18 +297,18 @@ def _(q_g, k_g, q_d, k_d, lse_g, lse_d, len_g, len_d, n_tokens, g_offset, d_offs
     return q_g.new_empty((), **f32), q_g.new_empty((2, B, H, n_tokens), **f32), q_g.new_empty((2, B, H, n_tokens), **f32)
 
 
-def _dq(q, k, lse_c, w, len_k, q_off: int, scale: float) -> Tensor:
+def _dq(q, k, lse_c, w, coef, len_k, q_off: int, scale: float) -> Tensor:
     """(B, Tq, H, D) in q's dtype: rows [q_off, q_off + N) from the kernel, zeros elsewhere."""
     B, Tq, H, D = q.shape
     N = w.shape[-1]
     dq = torch.zeros((B, Tq, H, D), dtype=q.dtype, device=q.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
-    _launch(_dq_tuned, _bwd_dq, "dq", grid, q, k, lse_c, w, dq, len_k, scale * LOG2E, scale, N, q_off, H,
+    _launch(_dq_tuned, _bwd_dq, "dq", grid, q, k, lse_c, w, coef, dq, len_k, scale * LOG2E, scale, N, q_off, H,
             H // k.shape[2], *_s3(q), *_s3(k), *_s3(dq), **_meta(q))
     return dq
 
 
-def _dk(q, k, lse_c, w, len_k, q_off: int, scale: float) -> Tensor:
+def _dk(q, k, lse_c, w, coef, len_k, q_off: int, scale: float) -> Tensor:
     """(B, Tk, Hkv, D) in k's dtype; GQA: fp32 per-head partials summed over each group (fixed order)."""
     B, Tk, Hkv, D = k.shape
     H, N = q.shape[2], w.shape[-1]
@@ -311,7 +316,7 @@ def _dk(q, k, lse_c, w, len_k, q_off: int, scale: float) -> Tensor:
     shape, dtype = ((B, Tk, H, D), torch.float32) if group > 1 else ((B, Tk, Hkv, D), k.dtype)
     dk = torch.empty(shape, dtype=dtype, device=k.device)
     grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H)  # noqa: E731
-    _launch(_dk_tuned, _bwd_dk, "dk", grid, q, k, lse_c, w, dk, len_k, scale * LOG2E, scale, N, Tk, q_off, H,
+    _launch(_dk_tuned, _bwd_dk, "dk", grid, q, k, lse_c, w, coef, dk, len_k, scale * LOG2E, scale, N, Tk, q_off, H,
             group, *_s3(q), *_s3(k), *_s3(dk), **_meta(q))
     if group > 1:  # (B, Tk, Hkv, group, D) -> (B, Tk, Hkv, D)
         dk = dk.view(B, Tk, Hkv, group, D).sum(3).to(k.dtype)
@@ -327,19 +332,19 @@ def mmsa_consistency_bwd(grad: Tensor, q_g: Tensor, k_g: Tensor, q_d: Tensor, k_
     q_g, k_g, q_d, k_d = map(_unit_last, (q_g, k_g, q_d, k_d))
     B, Tg, H, _ = q_g.shape
     Td, N = q_d.shape[1], n_tokens
-    c = 2.0 * grad.float() / _count(B, H, N, g_offset, d_offset, len_g, len_d)  # 0-d, on the device
+    coef = (grad.float() / _count(B, H, N, g_offset, d_offset, len_g, len_d)).reshape(1)  # (1,), on the device
     diff = mass[0] - mass[1]  # (B, H, N); 0 on invalid rows
-    w_gd = (c * diff * mass[0]).contiguous()   # dL / d lse_cross_gd
-    w_dg = (-c * diff * mass[1]).contiguous()  # dL / d lse_cross_dg
+    w_gd = (2.0 * diff * mass[0]).contiguous()   # dL / d lse_cross_gd, over coef
+    w_dg = (-2.0 * diff * mass[1]).contiguous()  # dL / d lse_cross_dg, over coef
     dlse_g = torch.zeros((B, H, Tg), dtype=lse_g.dtype, device=lse_g.device)
     dlse_d = torch.zeros((B, H, Td), dtype=lse_d.dtype, device=lse_d.device)
-    dlse_g[..., g_offset:g_offset + N] = -w_gd  # d m / d lse_self = -m
-    dlse_d[..., d_offset:d_offset + N] = -w_dg
+    dlse_g[..., g_offset:g_offset + N] = -coef * w_gd  # d m / d lse_self = -m
+    dlse_d[..., d_offset:d_offset + N] = -coef * w_dg
     with _device_guard(q_g):
-        dq_g = _dq(q_g, k_d, lse_c[0], w_gd, len_d, g_offset, scale)
-        dk_d = _dk(q_g, k_d, lse_c[0], w_gd, len_d, g_offset, scale)
-        dq_d = _dq(q_d, k_g, lse_c[1], w_dg, len_g, d_offset, scale)
-        dk_g = _dk(q_d, k_g, lse_c[1], w_dg, len_g, d_offset, scale)
+        dq_g = _dq(q_g, k_d, lse_c[0], w_gd, coef, len_d, g_offset, scale)
+        dk_d = _dk(q_g, k_d, lse_c[0], w_gd, coef, len_d, g_offset, scale)
+        dq_d = _dq(q_d, k_g, lse_c[1], w_dg, coef, len_g, d_offset, scale)
+        dk_g = _dk(q_d, k_g, lse_c[1], w_dg, coef, len_g, d_offset, scale)
     return dq_g, dk_g, dq_d, dk_d, dlse_g, dlse_d
 
 
