@@ -110,7 +110,8 @@ class LossConfig:
     lambda_att: float = 0.0
     """Weight of L_MMSA in L_det (0 = off, nothing computed): mean over MMSA layers, heads and image
     tokens of (m_gd - m_dg)^2, the squared gap between the attention mass a G query puts on D keys
-    and the D query of the same token puts on G keys (`ops.mmsa_consistency_loss`). Needs g2d and d2g."""
+    and the D query of the same token puts on G keys (`ops.mmsa_consistency_loss`). Needs g2d, d2g and
+    at least one layer in mmsa_layers."""
 
 
 @dataclass
@@ -456,9 +457,10 @@ def validate(cfg: Config, source: str = "config") -> None:
             raise ConfigError(f"{source}: loss.{key} must be >= 0, got {getattr(cfg.loss, key)}")
     if not (math.isfinite(cfg.loss.lambda_att) and cfg.loss.lambda_att >= 0):
         raise ConfigError(f"{source}: loss.lambda_att must be a finite number >= 0, got {cfg.loss.lambda_att}")
-    if cfg.loss.lambda_att > 0 and not (m.g2d and m.d2g):
-        raise ConfigError(f"{source}: loss.lambda_att > 0 needs model.g2d and model.d2g (L_MMSA compares the two "
-                          f"cross directions); got g2d={m.g2d}, d2g={m.d2g}")
+    if cfg.loss.lambda_att > 0 and not (m.g2d and m.d2g and mmsa_layer_set(m)):
+        raise ConfigError(f"{source}: loss.lambda_att > 0 needs model.g2d, model.d2g and at least one layer in "
+                          f"model.mmsa_layers (L_MMSA compares the two cross directions of the MMSA layers); got "
+                          f"g2d={m.g2d}, d2g={m.d2g}, mmsa_layers={m.mmsa_layers!r}")
     if cfg.phases.mode == "diga" and m.experts == "shared":
         raise ConfigError(f"{source}: phases.mode = 'diga' trains the generator with the detector frozen, but "
                           "model.experts = 'shared' gives both streams one set of block weights, so the stage "

@@ -20,8 +20,8 @@ reads key head h // (H / Hkv) by pointer arithmetic; lse (B, H, T) fp32 from the
   with p_j = exp(s_j - lse_cross) (rows outside the image range get 0), and `_bwd_dk` (grid
   (cdiv(Tk, BLOCK_N), B * H)) owns one key tile and one query head, looping over the image-token
   blocks: dk = c * scale * sum_i w_i p_ij q_i; keys past len get 0. c multiplies the accumulated
-  tile at the end, not w: the 16-bit dot operand w p then stays O(p) (with c = 1 / count folded in
-  it would underflow fp16 at realistic B H N). With GQA
+  tile at the end, not w: the 16-bit dot operand w p then stays O(p) (with c = 1 / count folded in,
+  it could fall into fp16's subnormal range at realistic B H N). With GQA
   each head writes an fp32 partial and the wrapper sums each group in a fixed order, as the
   attention's dK/dV does. No atomics: bitwise deterministic.
 - Precision: as the attention kernels: fp32 accumulation, 16-bit dot operands on the GPU, IEEE

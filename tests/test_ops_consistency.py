@@ -399,6 +399,7 @@ def test_return_attention_only_on_mmsa_layers():
     """A detection pass without g2d has no MMSA layer (G queries never read D): nothing collected."""
     images = _det_batch()[0]
     assert _model(g2d=False)("det", images, return_attention=True).attention == ()
+    assert len(_model(mmsa_layers=(2,))("det", images, return_attention=True).attention) == 1  # layer 2 only
     stats = _model()("det", images, return_attention=True).attention
     B, N, R = 3, 16, 2
     assert stats[0].q_g.shape == (B, N, 2, 16) and stats[0].k_d.shape == (B, N + R, 1, 16)
@@ -415,7 +416,9 @@ def test_lambda_att_config_is_validated(override, match):
 
     with pytest.raises(ConfigError, match=match):
         load_config("tiny_cpu", [override])
-    with pytest.raises(ConfigError, match=r"loss.lambda_att > 0 needs model.g2d and model.d2g"):
-        load_config("tiny_cpu", ["--loss.lambda_att=0.1", "--model.d2g=false"])
+    for off in ("--model.d2g=false", "--model.g2d=false", "--model.mmsa_layers=none"):
+        with pytest.raises(ConfigError, match=r"loss.lambda_att > 0 needs model.g2d, model.d2g and at least one"):
+            load_config("tiny_cpu", ["--loss.lambda_att=0.1", off])
+    load_config("tiny_cpu", ["--loss.lambda_att=0.1", "--model.mmsa_layers=2"])
     assert load_config("tiny_cpu").loss.lambda_att == 0.0
     assert load_config("tiny_cpu", ["--loss.lambda_att=0.1"]).loss.lambda_att == 0.1
