@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shlex
@@ -29,6 +30,9 @@ from unigendet.data import (
     scan_folder,
     write_demo_dataset,
 )
+from unigendet import load_config
+from unigendet.data import demo
+from unigendet.data.demo import PHOTO_KINDS, PHOTO_SOURCES, VAL_PHOTOS
 from unigendet.data.images import image_size, is_image_file
 from unigendet.data.quarantine import write_quarantine
 
@@ -485,11 +489,20 @@ def test_load_eval_images(tmp_path):
 def test_demo_dataset_deterministic(tmp_path):
     counts = write_demo_dataset(tmp_path / "a", size=32, seed=3)
     assert counts["sources"] >= 10 and 800 <= counts["train"] <= 1200 and 100 <= counts["val"] <= 250
+    assert counts["val"] >= load_config("tiny_cpu").eval.num_images  # the demo evaluates this many real images
     assert len(os.listdir(tmp_path / "a" / "train" / "real")) == counts["train"]
     assert len(os.listdir(tmp_path / "a" / "val" / "real")) == counts["val"]
     assert write_demo_dataset(tmp_path / "b", size=32, seed=3) == counts
-    for rel in ("train/real/00000.jpg", "train/real/00417.jpg", "val/real/00009.jpg"):
+    for rel in ("train/real/00000.jpg", "train/real/00417.jpg", "val/real/00009.jpg", "val/real/00199.jpg"):
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    for split in ("train", "val"):  # every byte
+        folder_a, folder_b = tmp_path / "a" / split / "real", tmp_path / "b" / split / "real"
+        assert all((folder_a / n).read_bytes() == (folder_b / n).read_bytes() for n in os.listdir(folder_a))
+    manifest = json.loads((tmp_path / "a" / "demo.json").read_text())
+    assert manifest == json.loads((tmp_path / "b" / "demo.json").read_text())
+    assert set(manifest["train_sources"]).isdisjoint(manifest["val_sources"])
+    assert manifest["val_sources"] == list(VAL_PHOTOS) and "lfw_subset" in manifest["train_sources"]
+    assert len(manifest["train_sources"]) + len(manifest["val_sources"]) == counts["sources"]
     with Image.open(tmp_path / "a" / "val" / "real" / "00000.jpg") as img:
         assert img.size == (32, 32) and img.mode == "RGB"
 
@@ -504,3 +517,73 @@ def test_demo_dataset_deterministic(tmp_path):
     assert (tmp_path / "a" / first).read_bytes() != (tmp_path / "b" / first).read_bytes()
     index = scan_folder(tmp_path / "a" / "train")
     assert len(index) == counts["train"] and index.num_fake == 0
+
+
+def _flat_photos(monkeypatch, n_faces=6):
+    """Stand-in sources for the demo writer: photograph k of PHOTO_SOURCES is one flat colour
+    PALETTE[k], every face is flat gray 51: the colour of any crop names its source."""
+    photos = [(name, Image.new("RGB", (90 + 7 * k, 60 + 5 * k), PALETTE[k])) for k, name in enumerate(PHOTO_SOURCES)]
+    monkeypatch.setattr(demo, "_load_photos", lambda: photos)
+    monkeypatch.setattr(demo, "_load_faces", lambda: np.full((n_faces, 25, 25), 0.2))
+
+
+PALETTE = [(r, g, b) for r in (0, 128, 255) for g in (0, 128, 255) for b in (0, 128, 255)][:len(PHOTO_SOURCES)]
+FACE_GRAY = (51, 51, 51)
+
+
+def _sources_of(folder) -> list[str]:
+    """The source of each NNNNN.jpg in `folder` (sorted), from its mean colour."""
+    names = dict(zip(PALETTE, PHOTO_SOURCES)) | {FACE_GRAY: "lfw_subset"}
+    out = []
+    for path in sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9].jpg")):
+        mean = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64).mean(axis=(0, 1))
+        nearest = min(names, key=lambda c: float(((np.array(c) - mean) ** 2).sum()))
+        assert float(np.abs(np.array(nearest) - mean).max()) < 8, (path, mean)
+        out.append(names[nearest])
+    return out
+
+
+def test_demo_split_is_by_source_photograph(tmp_path, monkeypatch):
+    """No photograph (nor the face set) gives crops to both splits; demo.json names each split's
+    sources; val/ holds one photograph of each kind, and its first eval.num_images files cover them evenly."""
+    _flat_photos(monkeypatch)
+    counts = write_demo_dataset(tmp_path, size=16, seed=5)
+    train = _sources_of(tmp_path / "train" / "real")
+    val = _sources_of(tmp_path / "val" / "real")
+    assert (len(train), len(val)) == (counts["train"], counts["val"])
+    assert set(train).isdisjoint(val), set(train) & set(val)
+    manifest = json.loads((tmp_path / "demo.json").read_text())
+    assert manifest["format_version"] == 2
+    assert set(manifest["train_sources"]) == set(train) and set(manifest["val_sources"]) == set(val)
+    assert set(val) == set(VAL_PHOTOS) and {kind for kind, names in PHOTO_KINDS.items()
+                                             if set(names) & set(val)} == set(PHOTO_KINDS)
+    assert set(train) == set(PHOTO_SOURCES) - set(VAL_PHOTOS) | {"lfw_subset"} and train.count("lfw_subset") == 6
+    head = val[: load_config("tiny_cpu").eval.num_images]
+    assert max(head.count(n) for n in VAL_PHOTOS) - min(head.count(n) for n in VAL_PHOTOS) <= 1
+
+
+def test_demo_rewrites_an_older_demo_folder(tmp_path, monkeypatch):
+    """A folder written by the crop-level split (format_version 1, with "sources" and no
+    train_sources / val_sources) is detected and rewritten; files that are not numbered stay."""
+    _flat_photos(monkeypatch)
+    for split, n in (("train", 1003), ("val", 177)):
+        (tmp_path / split / "real").mkdir(parents=True)
+        for k in range(n):
+            (tmp_path / split / "real" / f"{k:05d}.jpg").write_bytes(b"old")
+    (tmp_path / "val" / "real" / "mine.png").write_bytes(b"keep")
+    old = {"format_version": 1, "size": 16, "seed": 5, "val_fraction": 0.15, "sources": ["astronaut"],
+           "train": 1003, "val": 177}
+    (tmp_path / "demo.json").write_text(json.dumps(old))
+    counts = write_demo_dataset(tmp_path, size=16, seed=5)
+    manifest = json.loads((tmp_path / "demo.json").read_text())
+    assert manifest["format_version"] == 2 and manifest["val_sources"] == list(VAL_PHOTOS)
+    assert counts["val"] > 177 and len(list((tmp_path / "val" / "real").glob("*.jpg"))) == counts["val"]
+    assert len(list((tmp_path / "train" / "real").glob("*.jpg"))) == counts["train"]
+    assert set(_sources_of(tmp_path / "train" / "real")).isdisjoint(_sources_of(tmp_path / "val" / "real"))
+    assert (tmp_path / "val" / "real" / "mine.png").read_bytes() == b"keep"
+    # a manifest of the current format that lacks the split lists is not taken as complete either
+    del manifest["val_sources"]
+    (tmp_path / "demo.json").write_text(json.dumps(manifest))
+    write_demo_dataset(tmp_path, size=16, seed=5)
+    assert json.loads((tmp_path / "demo.json").read_text())["val_sources"] == list(VAL_PHOTOS)
+

@@ -5,10 +5,16 @@ scikit-image wheel (loaders that need `pooch` downloads are not used). Output:
 
     out_dir/train/real/00000.jpg ...   JPEG (quality 92), size x size
     out_dir/val/real/00000.jpg ...
-    out_dir/demo.json                  parameters, sources and counts; written last = complete
+    out_dir/demo.json                  parameters, the sources of each split and counts; written last = complete
 
-The same (size, seed, val_fraction) gives the same bytes (with the same Pillow build): crops are drawn
-from `random.Random(seed)`, whose `random()` sequence Python keeps stable across versions.
+The split is by source photograph, never by crop: the held-out photographs (`VAL_PHOTOS`, one of
+each kind in `PHOTO_KINDS`, the same for every seed) give only val/ crops, every other photograph
+and the face set give only train/ crops, so evaluating on val/ does not reward memorising the
+training photographs. The face set has no identity labels (its non-faces come from the same LFW
+photographs), so it stays whole, in train/.
+
+The same (size, seed) gives the same bytes (with the same Pillow build): crops are drawn from
+`random.Random(seed)`, whose `random()` sequence Python keeps stable across versions.
 """
 from __future__ import annotations
 
@@ -24,16 +30,24 @@ from PIL import Image
 
 from .batch import DataError
 
-# skimage.data loaders that read real photographs from the wheel itself (checked offline, 0.26).
-# `cat` is `chelsea` again, `stereo_motorcycle` returns (left, right, disparity): the left view is used.
-PHOTO_SOURCES = (
-    "astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "brick", "grass", "gravel",
-    "hubble_deep_field", "retina", "immunohistochemistry", "stereo_motorcycle",
-)
-CROPS_PER_PHOTO = 70
+# skimage.data loaders that read real photographs from the wheel itself (checked offline, 0.26), by
+# kind. `cat` is `chelsea` again, `stereo_motorcycle` returns (left, right, disparity): the left view is used.
+PHOTO_KINDS = {
+    "colour scene": ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle"),
+    "grayscale scene": ("camera", "coins"),
+    "texture": ("brick", "grass", "gravel"),
+    "science": ("moon", "hubble_deep_field", "retina", "immunohistochemistry"),
+}
+PHOTO_SOURCES = tuple(name for names in PHOTO_KINDS.values() for name in names)
+# The held-out photographs: one of each kind, so val/ spans the kinds train/ has (every kind keeps
+# at least one training photograph). Fixed, not seeded: every seed is evaluated on the same photographs.
+VAL_PHOTOS = ("coffee", "camera", "gravel", "immunohistochemistry")
+CROPS_PER_PHOTO = 70  # per training photograph
+VAL_CROPS_PER_PHOTO = 50  # per held-out photograph: 4 x 50 = 200 val images (the demo evaluates 150)
 CROP_SIDE_RANGE = (0.15, 0.70)  # crop side as a fraction of the photo's shorter side (log-uniform)
 JPEG_QUALITY = 92
-_FORMAT_VERSION = 1
+FACES_SOURCE = "lfw_subset"
+_FORMAT_VERSION = 2  # 1: crops split at random, a photograph fed both splits
 _MANIFEST = "demo.json"
 _FILE_NAME = re.compile(r"^\d{5}\.jpg$")
 
@@ -79,22 +93,38 @@ def _encode(img: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _render(photos, faces, size: int, rng: random.Random) -> list[bytes]:
-    """JPEG bytes of every demo image, in a fixed order: photo crops, then faces."""
-    images = []
+def _crops(photo: Image.Image, count: int, size: int, rng: random.Random) -> list[bytes]:
+    """JPEG bytes of `count` random square crops of `photo` (log-uniform side), resized to size x size."""
     lo, hi = math.log(CROP_SIDE_RANGE[0]), math.log(CROP_SIDE_RANGE[1])
-    for _, photo in photos:
-        short = min(photo.size)
-        for _ in range(CROPS_PER_PHOTO):
-            side = max(8, int(round(short * math.exp(lo + (hi - lo) * rng.random()))))
-            left = int(rng.random() * (photo.width - side + 1))
-            top = int(rng.random() * (photo.height - side + 1))
-            box = (left, top, left + side, top + side)
-            images.append(_encode(photo.resize((size, size), Image.Resampling.BICUBIC, box=box)))
+    short = min(photo.size)
+    out = []
+    for _ in range(count):
+        side = max(8, int(round(short * math.exp(lo + (hi - lo) * rng.random()))))
+        left = int(rng.random() * (photo.width - side + 1))
+        top = int(rng.random() * (photo.height - side + 1))
+        box = (left, top, left + side, top + side)
+        out.append(_encode(photo.resize((size, size), Image.Resampling.BICUBIC, box=box)))
+    return out
+
+
+def _render(photos, faces, size: int, rng: random.Random) -> dict[str, list[tuple[str, bytes]]]:
+    """{"train": [...], "val": [...]}: (source name, JPEG bytes) of every demo image, split by source.
+
+    Drawn in a fixed order (photographs in PHOTO_SOURCES order, then the faces). train/ is shuffled
+    with `rng`; val/ interleaves its photographs (crop 0 of each, crop 1 of each, ...) so that any
+    prefix, e.g. the first eval.num_images files the evaluation reads, is balanced across them."""
+    train, val = [], []
+    for name, photo in photos:
+        if name in VAL_PHOTOS:
+            val.append([(name, jpeg) for jpeg in _crops(photo, VAL_CROPS_PER_PHOTO, size, rng)])
+        else:
+            train.extend((name, jpeg) for jpeg in _crops(photo, CROPS_PER_PHOTO, size, rng))
     for face in faces:  # (25, 25) grayscale in [0, 1], upscaled
         img = _as_rgb_image(face).resize((size, size), Image.Resampling.BICUBIC)
-        images.append(_encode(img))
-    return images
+        train.append((FACES_SOURCE, _encode(img)))
+    rng.shuffle(train)
+    interleaved = [crops[k] for k in range(VAL_CROPS_PER_PHOTO) for crops in val]
+    return {"train": train, "val": interleaved}
 
 
 def _read_manifest(path: str) -> dict | None:
@@ -106,50 +136,51 @@ def _read_manifest(path: str) -> dict | None:
 
 
 def _is_complete(out_dir: str, manifest: dict | None, params: dict) -> bool:
-    """True when `out_dir` holds every file of a demo written with `params`."""
+    """True when `out_dir` holds every file of a demo written with `params` (a demo of an older
+    format_version, e.g. 1 with its crop-level split, is not: it is rewritten)."""
     if not manifest or any(manifest.get(k) != v for k, v in params.items()):
+        return False
+    if not manifest.get("train_sources") or not manifest.get("val_sources"):
         return False
     for split in ("train", "val"):
         folder = os.path.join(out_dir, split, "real")
         for k in range(int(manifest.get(split, -1))):
             if not os.path.isfile(os.path.join(folder, f"{k:05d}.jpg")):
                 return False
-    return manifest.get("train", 0) > 0
+    return manifest.get("train", 0) > 0 and manifest.get("val", 0) > 0
 
 
-def write_demo_dataset(
-    out_dir: str | os.PathLike, *, size: int = 64, seed: int = 0, val_fraction: float = 0.15
-) -> dict:
+def _counts(manifest: dict) -> dict:
+    return {"train": manifest["train"], "val": manifest["val"],
+            "sources": len(manifest["train_sources"]) + len(manifest["val_sources"])}
+
+
+def write_demo_dataset(out_dir: str | os.PathLike, *, size: int = 64, seed: int = 0) -> dict:
     """Write (or find already written) the demo dataset; return `{"train": n, "val": m, "sources": k}`.
 
-    `sources` counts the photographs used plus one for the face set. Deterministic in
-    (size, seed, val_fraction). A folder already holding a complete demo with the same parameters
-    is left untouched. Rewriting replaces only the numbered NNNNN.jpg files and demo.json.
+    `sources` counts the photographs used plus one for the face set; demo.json lists them per split
+    (`train_sources`, `val_sources`: disjoint, see the module docstring). Deterministic in
+    (size, seed). A folder already holding a complete demo of this format with the same parameters
+    is left untouched; any other demo there (other parameters, or an older format_version) is
+    rewritten, which replaces only the numbered NNNNN.jpg files and demo.json.
     """
     if size < 8:
         raise DataError(f"demo size must be >= 8, got {size}")
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"demo val_fraction must be in (0, 1), got {val_fraction}")
     out_dir = os.fspath(out_dir)
     manifest_path = os.path.join(out_dir, _MANIFEST)
-    params = {
-        "format_version": _FORMAT_VERSION, "size": int(size), "seed": int(seed), "val_fraction": float(val_fraction)
-    }
+    params = {"format_version": _FORMAT_VERSION, "size": int(size), "seed": int(seed)}
     manifest = _read_manifest(manifest_path)
     if _is_complete(out_dir, manifest, params):
-        return {"train": manifest["train"], "val": manifest["val"], "sources": len(manifest["sources"])}
+        return _counts(manifest)
 
     photos, faces = _load_photos(), _load_faces()
-    if not photos and len(faces) == 0:
-        raise DataError("demo dataset: no scikit-image sample photographs are available offline")
+    if not any(name in VAL_PHOTOS for name, _ in photos):
+        raise DataError(f"demo dataset: none of the held-out photographs {VAL_PHOTOS} is available offline "
+                        f"in this scikit-image")
+    if not any(name not in VAL_PHOTOS for name, _ in photos) and len(faces) == 0:
+        raise DataError("demo dataset: no training photograph of scikit-image is available offline")
     rng = random.Random(seed)
-    images = _render(photos, faces, size, rng)  # list of JPEG bytes, fixed order
-
-    # Seeded split: a crop lands in exactly one split (a photograph may feed both).
-    order = list(range(len(images)))
-    rng.shuffle(order)
-    n_val = max(1, int(round(val_fraction * len(images))))
-    splits = {"val": order[:n_val], "train": order[n_val:]}
+    splits = _render(photos, faces, size, rng)  # {split: [(source, JPEG bytes)]}, disjoint sources
 
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # the folder is incomplete until the new manifest is written
@@ -157,19 +188,22 @@ def write_demo_dataset(
         folder = os.path.join(out_dir, split, "real")
         os.makedirs(folder, exist_ok=True)
         keep = set()
-        for k, item in enumerate(members):
+        for k, (_, jpeg) in enumerate(members):
             name = f"{k:05d}.jpg"
             keep.add(name)
             with open(os.path.join(folder, name), "wb") as f:
-                f.write(images[item])
+                f.write(jpeg)
         for name in os.listdir(folder):  # numbered files left by an earlier, larger demo
             if _FILE_NAME.match(name) and name not in keep:
                 os.remove(os.path.join(folder, name))
 
-    sources = [name for name, _ in photos] + (["lfw_subset"] if len(faces) else [])
-    manifest = dict(params, sources=sources, train=len(splits["train"]), val=len(splits["val"]))
+    order = [name for name, _ in photos] + ([FACES_SOURCE] if len(faces) else [])
+    used = {split: {source for source, _ in members} for split, members in splits.items()}
+    manifest = dict(params, train_sources=[n for n in order if n in used["train"]],
+                    val_sources=[n for n in order if n in used["val"]],
+                    train=len(splits["train"]), val=len(splits["val"]))
     tmp_path = manifest_path + ".tmp"
     with open(tmp_path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
     os.replace(tmp_path, manifest_path)
-    return {"train": manifest["train"], "val": manifest["val"], "sources": len(sources)}
+    return _counts(manifest)
