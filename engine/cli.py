@@ -154,9 +154,17 @@ def cmd_generate(args) -> int:
     from .eval import save_grid
     from .eval.evaluate import generate, load_model
 
+    import math
+
+    from .config import ConfigError
+
+    shift = args.timestep_shift
+    if shift is not None and not (math.isfinite(shift) and shift > 0):  # before loading anything
+        raise ConfigError(f"--timestep-shift must be a finite number > 0, got {shift}")
     model, cfg, step_dir = load_model(args.ckpt, device=args.device)
     images = generate(model, args.n, args.steps or cfg.eval.sampler_steps, cfg.eval.batch_size, args.device,
-                      args.cfg_scale, seed=args.seed)
+                      args.cfg_scale, seed=args.seed,
+                      shift=cfg.eval.timestep_shift if shift is None else shift)
     save_grid(images, args.out)
     print(f"wrote {args.n} images from {step_dir} to {args.out}")
     return 0
@@ -268,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="Euler steps (default: eval.sampler_steps)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cfg-scale", type=float, default=1.0)
+    g.add_argument("--timestep-shift", type=float, default=None,
+                   help="timestep shift of the Euler grid, t' = s*t / (1 + (s-1)*t); 1 = uniform steps "
+                        "(default: the checkpoint config's eval.timestep_shift)")
 
     d = sub.add_parser("detect", help="p_fake per image (label 1 = generated, 0 = real)")
     add_ckpt(d)

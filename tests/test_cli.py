@@ -115,6 +115,43 @@ def test_generate(trained_run, tmp_path):
     assert Image.open(out).size == (2 + 2 * 34, 2 + 2 * 34)  # 2x2 grid of 32-px images, 2-px padding
 
 
+def test_generate_and_eval_timestep_shift_reach_the_sampler(trained_run, demo_root, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import unigendet.eval.evaluate as evaluate_mod
+
+    real, shifts = evaluate_mod.euler_sample, []
+
+    def spy(*args, **kwargs):
+        shifts.append(kwargs["shift"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate_mod, "euler_sample", spy)
+    step = tmp_path / "step_0000004"
+    shutil.copytree(trained_run / "checkpoints" / "step_0000004", step)
+    args = lambda ckpt, *extra: ["generate", "--ckpt", str(ckpt), "--n", "2", "--steps", "2",  # noqa: E731
+                                 "--out", str(tmp_path / "g.png"), *extra]
+    assert main(args(trained_run)) == 0 and shifts == [1.0]  # the config's eval.timestep_shift (default 1)
+    assert main(args(trained_run, "--timestep-shift", "2.5")) == 0 and shifts[-1] == 2.5
+    # a checkpoint whose config sets eval.timestep_shift: that is generate's default, the option wins
+    text = (step / "config.toml").read_text()
+    assert text.count("timestep_shift = 1.0") == 1
+    (step / "config.toml").write_text(text.replace("timestep_shift = 1.0", "timestep_shift = 3.0"))
+    assert main(args(step)) == 0 and shifts[-1] == 3.0
+    assert main(args(step, "--timestep-shift", "1")) == 0 and shifts[-1] == 1.0
+    capsys.readouterr()
+    for bad in ("0", "-1", "nan", "inf"):
+        assert main(args(step, "--timestep-shift", bad)) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith("unigendet generate: error: --timestep-shift must be a finite number > 0"), err
+        assert err.count("\n") == 1, err
+    assert len(shifts) == 4  # a bad value samples nothing
+    # eval samples with the checkpoint config's eval.timestep_shift (the untrained baseline too)
+    assert main(["eval", "--ckpt", str(step), "--data", str(demo_root / "val"), "--out", str(tmp_path / "report"),
+                 "--num-images", "4", "--with-init"]) == 0
+    assert shifts[4:] == [3.0, 3.0]
+
+
 def test_detect_scores_good_files_and_names_bad_ones(trained_run, demo_root, tmp_path, capsys):
     good = sorted((demo_root / "val" / "real").iterdir())[:2]
     bad = tmp_path / "broken.jpg"

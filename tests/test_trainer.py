@@ -248,3 +248,39 @@ def test_steps_under_bf16_autocast_keep_one_dtype_per_stream(tiny_overrides, mon
         trainer.step()
     assert seen and all(r in (None, x) for x, r in seen), sorted(set(seen), key=str)
     assert {x for x, _ in seen} == {torch.bfloat16}
+
+
+def test_adamw_eps_reaches_the_optimizer(tiny_overrides, tmp_path):
+    default = Trainer(load_config("tiny_cpu", tiny_overrides), log=lambda *_: None)
+    assert {g["eps"] for g in default.optimizer.param_groups} == {1e-8}  # torch's default, as before
+    cfg = load_config("tiny_cpu", tiny_overrides + ["--optim.eps=1e-15", f"--train.out_dir={tmp_path / 'eps'}"])
+    t = Trainer(cfg, log=lambda *_: None)
+    assert len(t.optimizer.param_groups) > 1 and {g["eps"] for g in t.optimizer.param_groups} == {1e-15}
+
+
+def test_published_presets_train_tiny(tiny_overrides, tmp_path):
+    """Both presets, shrunk to a CPU-sized model (the published align-layer ratio and the 4C GELU
+    projector kept), train 2 steps; stage II starts from the stage I run."""
+    tiny = tiny_overrides + ["--train.device=cpu", "--data.image_size=16", "--model.projector_hidden=0",
+                             "--model.align_layer=1", "--train.steps=2", "--train.save_every=2"]
+    stage1 = load_config("published", tiny + [f"--train.out_dir={tmp_path / 's1'}"])
+    assert stage1.model.align_layer == max(1, round(8 * stage1.model.depth / 28))
+    first = Trainer(stage1, log=lambda *_: None)
+    assert isinstance(first.model.projector[1], torch.nn.GELU)
+    assert first.model.projector[0].out_features == 4 * stage1.model.width
+    assert {g["eps"] for g in first.optimizer.param_groups} == {1e-15}
+    assert {g["weight_decay"] for g in first.optimizer.param_groups} == {0.0}
+    first.train()
+    rows = metrics(tmp_path / "s1")
+    assert rows[-1]["step"] == 2 and all(k.startswith("joint/") for k in rows[-1] if "/" in k)
+    cfg = load_config("published_stage2", tiny + [f"--train.init_from={tmp_path / 's1'}",
+                                                  f"--train.out_dir={tmp_path / 's2'}"])
+    second = Trainer(cfg, log=lambda *_: None)
+    assert second.ema.decay == 0.95
+    for p, q in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(p, q)
+    second.train()
+    assert metrics(tmp_path / "s2")[-1]["step"] == 2
+    for name, p in second.model.named_parameters():  # stage II trains the generator expert only
+        if second.model.param_owner(name) == "det":
+            assert torch.equal(p, dict(first.model.named_parameters())[name]), name

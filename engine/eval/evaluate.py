@@ -46,15 +46,17 @@ def score_images(model: UniGenDet, images: torch.Tensor, batch_size: int, device
 
 
 def generate(model: UniGenDet, n: int, steps: int, batch_size: int, device, cfg_scale: float = 1.0,
-             seed: int = EVAL_SEED) -> torch.Tensor:
-    """n fresh images (n, 3, S, S) in [-1, 1]; class-conditional models get uniformly drawn classes."""
+             seed: int = EVAL_SEED, shift: float = 1.0) -> torch.Tensor:
+    """n fresh images (n, 3, S, S) in [-1, 1]; class-conditional models get uniformly drawn classes.
+
+    shift: timestep shift of the Euler grid (eval.timestep_shift; 1 = uniform steps)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     ids = None
     if model.cfg.num_classes > 0:
         ids = torch.randint(0, model.cfg.num_classes, (n,), generator=gen, device=device)
     return euler_sample(model, n, steps=steps, generator=gen, class_ids=ids, cfg_scale=cfg_scale,
-                        batch_size=batch_size, device=device).cpu()
+                        batch_size=batch_size, device=device, shift=shift).cpu()
 
 
 def generation_metrics(inception: InceptionFeatures, real_feats: np.ndarray, images: torch.Tensor) -> dict:
@@ -81,7 +83,7 @@ def evaluate(ckpt: str | Path, data_dir: str | Path | None = None, out_dir: str 
     externals = real[ext_is_fake > 0.5]
     real = real[ext_is_fake < 0.5]
     log(f"eval: {step_dir} on {data_dir}: {len(real)} real, {len(externals)} external fakes, generating {n}")
-    fakes = generate(model, n, ev.sampler_steps, ev.batch_size, device, ev.cfg_scale)
+    fakes = generate(model, n, ev.sampler_steps, ev.batch_size, device, ev.cfg_scale, shift=ev.timestep_shift)
     save_grid(fakes[:64], out_dir / "samples.png")
 
     # detection, per source and overall (label 1 = generated)
@@ -117,7 +119,8 @@ def evaluate(ckpt: str | Path, data_dir: str | Path | None = None, out_dir: str 
     if with_init:  # the untrained model of the same config and seed: the baseline of the FID target
         torch.manual_seed(cfg.train.seed)
         init = UniGenDet(cfg.model).to(device).eval()
-        init_gen = generation_metrics(inception, real_feats, generate(init, n, ev.sampler_steps, ev.batch_size, device))
+        init_fakes = generate(init, n, ev.sampler_steps, ev.batch_size, device, shift=ev.timestep_shift)
+        init_gen = generation_metrics(inception, real_feats, init_fakes)
         metrics.update({f"{k}_init": v for k, v in init_gen.items()})
         metrics["fid_reduction"] = 1.0 - metrics["fid"] / metrics["fid_init"]
     metrics["eval_seconds"] = time.perf_counter() - t0

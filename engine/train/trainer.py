@@ -159,6 +159,8 @@ class Trainer:
         ids = None
         if m.cfg.num_classes > 0:
             ids = torch.randint(0, m.cfg.num_classes, (n,), device=self.device, generator=self.noise)
+        # the uniform grid on purpose (no eval.timestep_shift): the pool's fakes, and so the detector's
+        # training and resumed runs, stay what they were for every existing config
         with self.autocast:
             images = euler_sample(m, n, steps=self.cfg.phases.sampler_steps, generator=self.noise, class_ids=ids)
         self.pool.add(images)
