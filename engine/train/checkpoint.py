@@ -6,13 +6,16 @@ Layout (DESIGN.md section 6): `run/checkpoints/step_NNNNNNN/` with
   Python values only, read back with `torch.load(weights_only=True)`;
 - `config.toml`: the resolved config, so a step folder is self-contained for generate / detect / eval.
 A checkpoint is written into a temporary folder, fsynced, then renamed into place: a folder named
-`step_*` is always complete.
+`step_*` is always complete. Only folders holding nothing but those files are ever deleted (old
+checkpoints, temporary folders and partial step folders of a killed run); a folder that also holds
+anything else is left as it is. Weights are checked on load: the model's names and shapes, a
+floating-point dtype, finite values (`CheckpointError` naming the file and tensor otherwise).
 """
 from __future__ import annotations
 
 import os
 import re
-import shutil
+import secrets
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -26,6 +29,8 @@ from .fsdp import shard_like
 
 FORMAT_VERSION = "1"
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
+# the temporary folder a save writes into: .tmp_step_STEP_PID_TOKEN (older versions: without _TOKEN)
+TMP_DIR = re.compile(r"^\.tmp_step_\d{7,}_\d+(_[0-9a-f]+)?$")
 FILES = ("model.safetensors", "ema.safetensors", "trainer_state.pt", "config.toml")
 
 
@@ -57,9 +62,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Weights, ema_model: W
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
-    for stale in root.glob(".tmp_step_*"):  # left by a run killed while saving: never a checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
+    remove_stale(run_dir)  # temporary folders of a run killed while saving: never a checkpoint
+    tmp = root / f".tmp_step_{step:07d}_{os.getpid()}_{secrets.token_hex(4)}"
     tmp.mkdir()
     meta = {"format_version": FORMAT_VERSION, "step": str(step)}
     save_file(_state_dict(model), tmp / "model.safetensors", metadata=meta)
@@ -69,13 +73,55 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Weights, ema_model: W
     for name in FILES:
         _fsync(tmp / name)
     _fsync(tmp)
-    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
+    if final.exists() and not remove_ours(final):  # re-saving a step (final save right after a periodic one)
+        remove_ours(tmp)
+        raise CheckpointError(f"{final}: exists and holds files unigendet did not write; not replacing it "
+                              "(move them away)")
     os.replace(tmp, final)
     _fsync(root)
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_ours(old)  # a step folder holding someone else's files too is left as it is
     return final
+
+
+def remove_ours(folder: Path) -> bool:
+    """Delete a checkpoint folder (step_* or its temporary folder) when it holds only files a save
+    writes (`FILES`); True when it is gone. Anything else inside (a user's file, a subfolder) keeps the
+    folder and everything in it."""
+    folder = Path(folder)
+    try:
+        entries = list(folder.iterdir())
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if any(e.name not in FILES or e.is_symlink() or not e.is_file() for e in entries):
+        return False
+    for e in entries:
+        e.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # a file appeared meanwhile: keep it
+        return False
+    return True
+
+
+def remove_stale(run_dir: str | Path) -> list[Path]:
+    """Remove what a killed run left under run_dir/checkpoints: its temporary folders and step
+    folders missing a file (a kill while an old checkpoint was being deleted), each only when it
+    holds nothing but checkpoint files (`remove_ours`). Returns the folders left because they hold
+    other files."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    kept = []
+    for p in sorted(root.iterdir()):
+        if p.is_symlink() or not p.is_dir():
+            continue
+        partial = STEP_DIR.match(p.name) and not all((p / f).is_file() for f in FILES)
+        if (TMP_DIR.match(p.name) or partial) and not remove_ours(p):
+            kept.append(p)
+    return kept
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -120,11 +166,34 @@ def load_weights(ckpt: Path, model: nn.Module, which: str = "ema") -> int:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')!r}, this unigendet "
                               f"reads version {FORMAT_VERSION!r}")
+    check_tensors(path, tensors, model.state_dict())
     result = model.load_state_dict(shard_like(tensors, model), strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path}: weights do not fit this model (missing {result.missing_keys[:5]}, "
                               f"unexpected {result.unexpected_keys[:5]}); was it trained with another model config?")
     return int(meta.get("step", 0))
+
+
+def check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Refuse weights that do not fit the model exactly: every name present and no other, the
+    model's shapes, a floating-point dtype wherever the model has one (a float dtype of another
+    width is cast on load; integers never are), finite values. One line naming the file and tensor."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not fit this model (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}); was it trained with another model config?")
+    for name, want in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(want.shape):
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the model config needs "
+                                  f"{tuple(want.shape)}; was it trained with another model config?")
+        if want.is_floating_point() != t.is_floating_point() or (not t.is_floating_point() and t.dtype != want.dtype):
+            raise CheckpointError(f"{path}: tensor {name} has dtype {str(t.dtype).replace('torch.', '')}, expected "
+                                  f"{str(want.dtype).replace('torch.', '')}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: tensor {name} holds {bad} non-finite value(s) (NaN or inf)")
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -19,11 +20,11 @@ from pathlib import Path
 import torch
 
 from .. import ops
-from ..config import Config, TrainConfig, save_config, to_dict
+from ..config import Config, ConfigError, TrainConfig, load_config, save_config, to_dict
 from ..data import build_loader
 from ..model import UniGenDet, euler_sample
 from .checkpoint import (CheckpointError, checkpoint_config, list_checkpoints, load_trainer_state, load_weights,
-                         resolve_checkpoint, save_checkpoint)
+                         remove_stale, resolve_checkpoint, save_checkpoint)
 from .fake_pool import FakePool
 from .graphs import DeviceSums, StaticBatch, StepGraphs
 from .optim import EMA, build_optimizer, device_lrs, lr_multiplier
@@ -36,6 +37,69 @@ from .throughput import device_peak_flops, tokens_per_sample, train_flops_per_sa
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite losses); the message says why and what was kept."""
+
+
+# A run folder (train.out_dir) is marked by this file: `train` writes into a folder only when it is
+# new, empty, marked, or a run written before the marker existed (config.toml + a complete checkpoint).
+RUN_MARKER = ".unigendet_run"
+RUN_FORMAT = "1"
+RUN_MARKER_TEXT = f"unigendet run folder\nformat_version = {RUN_FORMAT}\n"
+
+
+def check_run_dir(out_dir: Path) -> str:
+    """'new' (missing or empty), 'run' (marked) or 'legacy' (an unmarked run of an older unigendet:
+    a loadable config.toml and a complete checkpoint); anything else raises `TrainingError`."""
+    if not out_dir.exists():
+        return "new"
+    if not out_dir.is_dir():
+        raise TrainingError(f"{out_dir}: train.out_dir exists and is not a folder; choose another train.out_dir")
+    try:
+        if not any(out_dir.iterdir()):
+            return "new"
+    except OSError as e:
+        raise TrainingError(f"{out_dir}: cannot read train.out_dir ({e.strerror or e})") from None
+    marker = out_dir / RUN_MARKER
+    if marker.is_file():
+        try:
+            text = marker.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise TrainingError(f"{marker}: cannot read the run marker ({e.strerror or e})") from None
+        version = next((line.split("=", 1)[1].strip() for line in text.splitlines()
+                        if line.startswith("format_version")), None)
+        if version != RUN_FORMAT:
+            raise TrainingError(f"{marker}: run folder format {version!r}, this unigendet writes {RUN_FORMAT!r}; "
+                                "choose another train.out_dir")
+        return "run"
+    if (out_dir / "config.toml").is_file() and list_checkpoints(out_dir):
+        try:
+            load_config(out_dir / "config.toml")
+            checkpoint_config(list_checkpoints(out_dir)[-1])
+            return "legacy"
+        except (ConfigError, CheckpointError):
+            pass
+    raise TrainingError(f"{out_dir}: train.out_dir is not empty and is not a unigendet run folder (no {RUN_MARKER}); "
+                        "choose a new or empty folder")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the lines of metrics.jsonl logged after `step` (a resumed run logs those steps again) and
+    lines a kill cut short; the file is rewritten only when something is dropped."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            if isinstance(record, dict) and int(record.get("step", -1)) <= step and line.endswith("\n"):
+                keep.append(line)
+        except (ValueError, TypeError):
+            pass
+    if len(keep) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,6 +141,7 @@ class Trainer:
         self.log = log if self.dist.is_main else (lambda *_: None)
         ops.set_default_backend(cfg.ops.backend)
         self.out_dir = Path(cfg.train.out_dir)
+        check_run_dir(self.out_dir)  # before anything is loaded: never write into someone else's folder
         self.loader = build_loader(cfg.data.root, cfg.data.image_size, cfg.train.batch_size, seed=cfg.train.seed,
                                    crop_scale_min=cfg.data.crop_scale_min, flip=cfg.data.flip,
                                    num_workers=cfg.data.num_workers, loader=cfg.data.loader,
@@ -138,6 +203,12 @@ class Trainer:
                                 f"or set another train.out_dir")
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            marker = self.out_dir / RUN_MARKER
+            if not marker.is_file():
+                marker.write_text(RUN_MARKER_TEXT)
+            for kept in remove_stale(self.out_dir):
+                self.log(f"left {kept} in place: it holds files unigendet did not write (it is not a checkpoint)")
+            trim_metrics(self.out_dir / "metrics.jsonl", self.step_idx)
             save_config(cfg, self.out_dir / "config.toml")
         self.dist.barrier()
         self._data_iter = iter(self.loader)
