@@ -138,3 +138,95 @@ def test_the_pinned_file_passes_and_a_one_byte_change_does_not(tmp_path):
         read_verified_inception(copy)
     assert "\n" not in str(e.value)
     assert len(read_verified_inception(copy, verify=False)) == INCEPTION_SIZE
+
+
+# ================================================================ 2. shards: nothing outside the folder
+
+
+@pytest.fixture
+def shards(tmp_path) -> tuple[Path, dict]:
+    """A shards folder of 6 real + 2 fake PNGs in 2 shards, and its manifest."""
+    import numpy as np
+    from PIL import Image
+
+    from unigendet.data import pack_folder
+
+    src = tmp_path / "src"
+    for label, count in (("real", 6), ("fake", 2)):
+        (src / label).mkdir(parents=True)
+        for i in range(count):
+            pixels = np.random.default_rng(i + 10 * (label == "fake")).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(src / label / f"{i}.png")
+    manifest = pack_folder(src, tmp_path / "shards", samples_per_shard=4, verify=False)
+    return tmp_path / "shards", manifest
+
+
+def rewrite_manifest(root: Path, manifest: dict, k: int, **shard) -> Path:
+    from unigendet.data.shards import MANIFEST_NAME
+
+    bad = json.loads(json.dumps(manifest))
+    bad["shards"][k].update(shard)
+    path = root / MANIFEST_NAME
+    path.write_text(json.dumps(bad))
+    return path
+
+
+def assert_refused(root: Path, capsys, *names: str) -> str:
+    """scan_data raises a one-line DataError naming `names`; `data check` exits 2 with one line."""
+    from unigendet.data import DataError, scan_data
+
+    with pytest.raises(DataError) as e:
+        scan_data(root)
+    msg = str(e.value)
+    assert "\n" not in msg and all(n in msg for n in names), msg
+    assert main(["data", "check", str(root)]) == 2
+    one_line_error(capsys, "data")
+    return msg
+
+
+@pytest.mark.parametrize("key", ["tar", "index"])
+def test_manifest_paths_climbing_out_are_refused(shards, tmp_path, capsys, key):
+    root, manifest = shards
+    outside = tmp_path / "outside"
+    shutil.copytree(root, outside)  # a complete, valid copy: following the path would train on it
+    name = manifest["shards"][0][key]
+    for target in (f"../outside/{name}", str(outside / name)):
+        path = rewrite_manifest(root, manifest, 0, **{key: target})
+        assert_refused(root, capsys, str(path), f"shards[0].{key}", repr(target))
+
+
+def test_a_symlink_out_of_the_folder_is_refused_one_inside_is_followed(shards, tmp_path, capsys):
+    from unigendet.data import scan_data
+
+    root, manifest = shards
+    outside = tmp_path / "outside"
+    shutil.copytree(root, outside)
+    tar = root / manifest["shards"][1]["tar"]
+    tar.unlink()
+    tar.symlink_to(outside / tar.name)
+    assert_refused(root, capsys, tar.name, "symlinks resolved")
+    tar.unlink()
+    (root / "sub").mkdir()
+    shutil.copyfile(outside / tar.name, root / "sub" / tar.name)
+    tar.symlink_to(Path("sub") / tar.name)  # resolves inside the folder: fine
+    assert len(scan_data(root)) == 8
+
+
+def test_tar_dot_and_non_utf8_index_name_the_file(shards, capsys):
+    root, manifest = shards
+    path = rewrite_manifest(root, manifest, 0, tar=".")
+    assert_refused(root, capsys, str(path), "shards[0].tar", "'.'")
+    rewrite_manifest(root, manifest, 0)  # the original manifest
+    idx = root / manifest["shards"][1]["index"]
+    idx.write_bytes(idx.read_bytes().replace(b"png", b"p\xffg", 1))
+    assert_refused(root, capsys, str(idx), "UTF-8")
+
+
+def test_index_member_names_cannot_climb_out(shards, capsys):
+    root, manifest = shards
+    idx = root / manifest["shards"][0]["index"]
+    lines = idx.read_text().split("\n")
+    first = lines[1].split()
+    first[3] = "../../" + first[3]
+    idx.write_text("\n".join([lines[0], " ".join(first), *lines[2:]]))
+    assert_refused(root, capsys, str(idx), "'../../")

@@ -194,7 +194,20 @@ def read_manifest(root: str) -> dict:
         if not (isinstance(shard, dict) and isinstance(shard.get("tar"), str) and isinstance(shard.get("index"), str)
                 and isinstance(shard.get("samples"), int)):
             raise DataError(f"{path}: shards[{k}] needs 'tar' and 'index' (file names) and 'samples' (int)")
+        for key in ("tar", "index"):
+            _check_inside(root, shard[key], f"{path}: shards[{k}].{key}")
     return manifest
+
+
+def _check_inside(root: str, name: str, where: str) -> None:
+    """A file name a manifest or index gives must be relative and resolve (symlinks too) to a path
+    strictly inside the shards folder `root`: nothing outside it is ever read or trained on."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, name))
+    if (not name or "\0" in name or os.path.isabs(name) or real == real_root
+            or os.path.commonpath([real_root, real]) != real_root):
+        raise DataError(f"{where} = {name!r} is not a file inside the shards folder {root} (paths there must be "
+                        f"relative and stay inside it, symlinks resolved)")
 
 
 def scan_shards(root: str | os.PathLike, quarantine: str | os.PathLike | None = "") -> FolderIndex:
@@ -234,6 +247,9 @@ def read_dali_index(idx_path: str, tar_path: str) -> list[list[tuple[str, int, i
         tar_size = os.path.getsize(tar_path)
     except OSError as exc:
         raise DataError(f"{exc.filename}: cannot read ({exc.strerror}); re-run `unigendet data pack`") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{idx_path}: not a DALI webdataset index (byte {exc.start} is not UTF-8 text); re-run "
+                        "`unigendet data pack`") from None
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
         raise DataError(f"{idx_path}: line 1 should be '{INDEX_VERSION} <samples>' (DALI webdataset index)")
@@ -245,6 +261,9 @@ def read_dali_index(idx_path: str, tar_path: str) -> list[list[tuple[str, int, i
         components = []
         for j in range(0, len(fields), 4):
             ext, offset, size, name = fields[j : j + 4]
+            if name.startswith("/") or ".." in name.split("/"):  # a member name, never a path to follow
+                raise DataError(f"{idx_path}: line {number}: member name {name!r} is absolute or climbs out "
+                                "with '..'")
             if not (offset.isdigit() and size.isdigit()) or int(offset) + int(size) > tar_size:
                 raise DataError(f"{idx_path}: line {number}: member {name} at {offset}+{size} lies outside "
                                 f"{tar_path} ({tar_size} bytes): a truncated or replaced shard")
