@@ -2,6 +2,10 @@
 
 Each command prints what it did and exits non-zero with a one-line message naming the bad file,
 key or value on user errors (no traceback for those; real bugs still show theirs).
+
+Exit status: 0 done; 1 `detect` / `bench` found a failure; 2 a user error (the one-line message);
+75 (EX_TEMPFAIL) `train` stopped by SIGTERM / SIGINT after saving a checkpoint: requeue it with
+--resume; 141 (128 + SIGPIPE) output piped into a reader that stopped.
 """
 from __future__ import annotations
 
@@ -146,6 +150,10 @@ def cmd_train(args, overrides: list[str]) -> int:
     last = trainer.train()
     print(json.dumps(last))
     print(f"run folder: {cfg.train.out_dir}")
+    if trainer.stopped_by:  # saved and resumable, but unfinished: a distinct status a scheduler can requeue on
+        from .train.trainer import EXIT_STOPPED
+
+        return EXIT_STOPPED
     return 0
 
 

@@ -33,7 +33,7 @@ def test_sigterm_saves_and_exits_then_sigkill_and_resume(tiny_overrides, tmp_pat
     wait_for_checkpoint(run, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 75, out  # EXIT_STOPPED (EX_TEMPFAIL): saved, unfinished, requeue with --resume
     assert "SIGTERM: stopped cleanly after step" in out
     stopped = int(out.split("stopped cleanly after step ")[1].split(";")[0])
     assert int(list_checkpoints(run)[-1].name.split("_")[1]) == stopped  # saved at the step it stopped

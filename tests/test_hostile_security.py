@@ -230,3 +230,62 @@ def test_index_member_names_cannot_climb_out(shards, capsys):
     first[3] = "../../" + first[3]
     idx.write_text("\n".join([lines[0], " ".join(first), *lines[2:]]))
     assert_refused(root, capsys, str(idx), "'../../")
+
+
+# ================================================================ 9. trainer_state.pt pickles; stop signals
+
+
+class _Exploit:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_trainer_state_is_refused_in_one_line(step_dir, demo_root, tmp_path, capsys):
+    from unigendet.train import CheckpointError, load_trainer_state
+
+    run = tmp_path / "run"
+    shutil.copytree(step_dir.parent.parent, run)
+    state = run / "checkpoints" / step_dir.name / "trainer_state.pt"
+    marker = tmp_path / PWNED
+    for write in (lambda f: torch.save({"format_version": "1", "x": _Exploit(str(marker))}, f),  # torch's zip format
+                  lambda f: pickle.dump({"format_version": "1", "x": _Exploit(str(marker))}, f)):  # a bare pickle
+        with open(state, "wb") as f:
+            write(f)
+        with pytest.raises(CheckpointError) as e:
+            load_trainer_state(state.parent)
+        msg = str(e.value)
+        assert msg.startswith(f"{state}: refused") and "\n" not in msg and "weights_only" not in msg, msg
+        capsys.readouterr()
+        assert main(["train", "--config", "tiny_cpu", *tiny_args(demo_root / "train", run), "--train.steps=4",
+                     "--resume"]) == 2
+        err = one_line_error(capsys, "train")
+        assert str(state) in err and "weights_only" not in err
+        assert not marker.exists()
+
+
+def test_sigterm_stops_training_with_the_requeue_exit_code(demo_root, tmp_path):
+    from unigendet.train import list_checkpoints
+    from unigendet.train.trainer import EXIT_STOPPED
+
+    assert EXIT_STOPPED == 75  # EX_TEMPFAIL: distinct from 0 (finished) and 128 + 15 (killed unsaved)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "unigendet.cli", "train", "--config", "tiny_cpu",
+           *tiny_args(demo_root / "train", run), "--train.steps=100000", "--train.save_every=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        t0 = time.time()
+        while not list_checkpoints(run):
+            assert proc.poll() is None and time.time() - t0 < 180, proc.stdout.read() if proc.poll() else "slow"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_STOPPED, out
+    stopped = int(out.split("SIGTERM: stopped cleanly after step ")[1].split(";")[0])
+    assert list_checkpoints(run)[-1].name == f"step_{stopped:07d}"  # saved where it stopped: resumable

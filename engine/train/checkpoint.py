@@ -14,8 +14,10 @@ floating-point dtype, finite values (`CheckpointError` naming the file and tenso
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import secrets
+import warnings
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -200,9 +202,16 @@ def load_trainer_state(ckpt: Path) -> dict:
     """trainer_state.pt of a step folder, read with weights_only=True (no code runs from the file)."""
     path = Path(ckpt) / "trainer_state.pt"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling / zip error: the file is not ours or is damaged
-        raise CheckpointError(f"{path}: cannot read trainer state ({type(e).__name__}: {e})") from None
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4" of a foreign file: the error below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's multi-line message would suggest the unsafe weights_only=False
+        raise CheckpointError(f"{path}: refused: it holds pickled objects other than tensors and plain values "
+                              "(loading them could run code); not a trainer state unigendet wrote") from None
+    except Exception as e:  # any other unpickling / zip error: the file is not ours or is damaged
+        first = (str(e).strip().splitlines() or [""])[0]
+        detail = f"{type(e).__name__}: {first}" if "weights_only" not in first else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read trainer state ({detail})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: trainer state format {found!r}, this unigendet reads {FORMAT_VERSION!r}")

@@ -329,13 +329,16 @@ class Trainer:
     def train(self) -> dict:
         """Run until train.steps; log metrics, save checkpoints; returns the last logged metrics.
 
-        SIGTERM / SIGINT finish the current step, save a checkpoint and return (resume continues)."""
+        SIGTERM / SIGINT finish the current step, save a checkpoint and return (resume continues);
+        `self.stopped_by` then names the signal ('' after a finished run), and `unigendet train` exits
+        with EXIT_STOPPED."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg.train
         metrics_path = self.out_dir / "metrics.jsonl"
         bar = tqdm(total=cfg.steps, initial=self.step_idx, disable=not cfg.progress or not self.dist.is_main,
                    dynamic_ncols=True)
+        self.stopped_by = ""
         with stop_requests() as stop:
             last = self._loop(bar, metrics_path, stop)
         bar.close()
@@ -373,6 +376,7 @@ class Trainer:
                 self.save()
             if stopping:
                 self.log(f"{stop.signal_name}: stopped cleanly after step {self.step_idx}; continue with --resume")
+                self.stopped_by = stop.signal_name or "a stop request of another rank"
                 break
         return last
 
@@ -459,6 +463,13 @@ def progress_fields(metrics: dict) -> dict[str, str]:
             shown[key.split("/")[1]] = f"{value:.3f}"
     shown["img/s"] = f"{metrics['samples_per_s']:.0f}"
     return shown
+
+
+# Exit status of `unigendet train` stopped by SIGTERM / SIGINT after saving a resumable checkpoint:
+# EX_TEMPFAIL of sysexits.h ("temporary failure, retry"), so a scheduler can requeue the job with
+# --resume. Not 0 (the run is unfinished) and not 128 + signal, which shells report for a process
+# the signal killed before it could save anything.
+EXIT_STOPPED = 75
 
 
 class StopRequest:
