@@ -88,11 +88,13 @@ def cmd_data_check(args) -> int:
 
     from .data import DataError, default_quarantine_path, scan_data
     from .data.check import check_index
-    from .data.images import is_image_file
+    from .data.images import is_image_file, max_bytes
     from .data.quarantine import is_quarantine_list, write_quarantine
 
     if args.workers is not None and args.workers < 1:
         raise DataError(f"--workers must be >= 1, got {args.workers}")
+    if args.max_file_mb is not None and args.max_file_mb < 1:
+        raise DataError(f"--max-file-mb must be >= 1, got {args.max_file_mb}")
     index = scan_data(args.dir, quarantine=None)  # a missing DIR or real/ fails here (exit 2)
     out = args.out or default_quarantine_path(args.dir)
     # The list is the only file the check writes: never over a user's file, never as an "image".
@@ -104,6 +106,17 @@ def cmd_data_check(args) -> int:
         raise DataError(f"{out}: exists and is not a quarantine list; refusing to overwrite it")
     if not os.path.isdir(os.path.dirname(out) or "."):
         raise DataError(f"{out}: folder {os.path.dirname(out)} does not exist")
+    import tempfile
+
+    try:  # a read-only data root: say so now, not after decoding everything
+        fd, probe = tempfile.mkstemp(dir=os.path.dirname(out) or ".", prefix=".unigendet-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write the quarantine list in {os.path.dirname(out) or '.'} "
+                        f"({e.strerror or e}); give --out FILE in a writable folder and train with "
+                        "--data.quarantine=FILE") from None
+    index.max_bytes = max_bytes(args.max_file_mb)
 
     result = check_index(index, args.workers, _progress if sys.stderr.isatty() else None)
     write_quarantine(out, result.bad)
@@ -178,14 +191,82 @@ def cmd_generate(args) -> int:
     from .eval.evaluate import generate, load_model
 
     _check_sampler_args(args)
+    grid = _check_generate_out(args.out, args.n)  # before anything is loaded or generated
     shift = args.timestep_shift
     model, cfg, step_dir = load_model(args.ckpt, device=args.device)
-    images = generate(model, args.n, cfg.eval.sampler_steps if args.steps is None else args.steps, cfg.eval.batch_size, args.device,
-                      args.cfg_scale, seed=args.seed,
-                      shift=cfg.eval.timestep_shift if shift is None else shift)
-    save_grid(images, args.out)
+    steps = cfg.eval.sampler_steps if args.steps is None else args.steps
+    shift = cfg.eval.timestep_shift if shift is None else shift
+    if grid:
+        images = generate(model, args.n, steps, cfg.eval.batch_size, args.device, args.cfg_scale, seed=args.seed,
+                          shift=shift)
+        save_grid(images, args.out)
+    else:
+        _generate_to_folder(model, args, steps, shift, cfg.eval.batch_size)
     print(f"wrote {args.n} images from {step_dir} to {args.out}")
     return 0
+
+
+GRID_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_GRID_IMAGES = 1024  # one grid image holds at most this many samples (a 32 x 32 mosaic)
+
+
+def _check_generate_out(out: str, n: int) -> bool:
+    """Check --n and --out before generating; True for a grid image, False for a folder of PNGs.
+    A folder (no extension) is created and must be empty; the folder of a grid must be writable."""
+    import tempfile
+
+    from .config import ConfigError
+
+    if n < 1:
+        raise ConfigError(f"--n must be >= 1, got {n}")
+    suffix = os.path.splitext(out)[1].lower()
+    grid = not (out.endswith(os.sep) or os.path.isdir(out) or suffix == "")
+    if grid and suffix not in GRID_EXTENSIONS:
+        raise ConfigError(f"--out {out}: unknown extension {suffix!r}; give a grid image ({', '.join(GRID_EXTENSIONS)}) "
+                          "or a folder (no extension) for one PNG per image")
+    if grid and n > MAX_GRID_IMAGES:
+        raise ConfigError(f"--n {n}: a grid image holds at most {MAX_GRID_IMAGES}; give --out a folder (no "
+                          "extension) to write one PNG per image, in batches")
+    folder = os.path.dirname(os.path.abspath(out)) if grid else os.path.abspath(out)
+    above = folder
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ConfigError(f"--out {out}: {above} is a file, not a folder")
+    if grid and os.path.isdir(out):
+        raise ConfigError(f"--out {out}: is a folder; give a file name such as {os.path.join(out, 'grid.png')}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not grid and os.listdir(folder):
+            raise ConfigError(f"--out {out}: folder is not empty; give a new or empty folder")
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".unigendet-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write in {folder} ({e.strerror or e})") from None
+    return grid
+
+
+def _generate_to_folder(model, args, steps: int, shift: float, batch_size: int) -> None:
+    """--n images as OUT/00000000.png, ... written batch by batch (memory: one batch)."""
+    import torch
+
+    from .eval.grid import to_uint8
+    from .model import euler_sample
+    from PIL import Image
+
+    gen = torch.Generator(device=args.device)
+    gen.manual_seed(args.seed)
+    for start in range(0, args.n, batch_size):
+        m = min(batch_size, args.n - start)
+        ids = None
+        if model.cfg.num_classes > 0:
+            ids = torch.randint(0, model.cfg.num_classes, (m,), generator=gen, device=args.device)
+        with torch.no_grad():
+            images = euler_sample(model, m, steps=steps, generator=gen, class_ids=ids, cfg_scale=args.cfg_scale,
+                                  batch_size=m, device=args.device, shift=shift)
+        for j, pixels in enumerate(to_uint8(images)):
+            Image.fromarray(pixels).save(os.path.join(args.out, f"{start + j:08d}.png"))
 
 
 def cmd_detect(args) -> int:
@@ -198,7 +279,7 @@ def cmd_detect(args) -> int:
     failures = 0
     for path in args.files:
         try:
-            img = load_rgb(path)
+            img = load_rgb(path, cfg.data.max_file_mb)  # regular files only, at most data.max_file_mb
             x = crop_resize(img, S, None)[None]  # the evaluation transform: shorter side to S, center crop
         except (DataError, OSError) as e:
             failures += 1
@@ -273,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--out", default=None,
                        help="quarantine list to write (default: DIR/.unigendet_quarantine.tsv)")
     check.add_argument("--workers", type=int, default=None, help="decoding threads (default: min(4, CPU count))")
+    check.add_argument("--max-file-mb", type=int, default=None,
+                       help="larger files are listed as too_large (default: data.max_file_mb's default, 256)")
 
     pack = data.add_parser("pack", help="write an image folder as webdataset tar shards with DALI index files "
                                         "(a data root for training; every image is decoded first)")

@@ -153,3 +153,188 @@ def test_damaged_checkpoint_is_one_line_exit_2(trained_step, demo_root, tmp_path
     if kind != "config":
         assert name["key"] in err
     assert {"shape": "shape", "int64": "int64", "nan": "non-finite", "config": "shape"}[kind] in err
+
+
+# ------------------------------------------------------------------------------- special files
+
+
+def _good_root(root, real=8, fake=4):
+    import numpy as np
+    from PIL import Image
+
+    for label, count in (("real", real), ("fake", fake)):
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            pixels = np.random.default_rng(i + 10 * (label == "fake")).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"good{i}.png")
+    return root
+
+
+def _special_root(tmp_path):
+    root = _good_root(tmp_path / "special")
+    os.symlink("/dev/zero", root / "real" / "zero.png")
+    os.mkfifo(root / "fake" / "pipe.png")
+    os.symlink(root / "real" / "good0.png", root / "real" / "link.png")  # a link to a regular file: fine
+    (root / "real" / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(2 * 2**20))
+    return root
+
+
+def test_special_and_oversized_files_are_listed_not_read(tmp_path, capsys):
+    from unigendet.data import read_quarantine
+    from unigendet.data.folder import build_loader
+
+    root = _special_root(tmp_path)
+    assert main(["data", "check", str(root), "--max-file-mb", "1"]) == 0, capsys.readouterr().err
+    listed = {b.path: b.reason for b in read_quarantine(root / ".unigendet_quarantine.tsv")}
+    assert listed == {"real/zero.png": "not_a_regular_file", "fake/pipe.png": "not_a_regular_file",
+                      "real/huge.png": "too_large"}
+    loader = build_loader(root, 16, 4, num_workers=0, loader="pil", max_file_mb=1)
+    assert len(loader.index) == 13 and len(loader.index.skipped) == 3  # link.png is read
+    batch = next(iter(loader))
+    assert batch.images.shape == (4, 3, 16, 16)
+
+
+def test_loaders_stop_on_an_unlisted_special_file(tmp_path):
+    from unigendet.data import DataError
+    from unigendet.data.folder import load_eval_images
+
+    root = _good_root(tmp_path / "r")
+    os.mkfifo(root / "real" / "pipe.png")
+    with pytest.raises(DataError, match="pipe.png.*not a regular file"):
+        load_eval_images(root, 16)
+
+
+def test_detect_refuses_special_files(trained_step, tmp_path, capsys):
+    os.mkfifo(tmp_path / "pipe.png")
+    os.symlink("/dev/zero", tmp_path / "zero.png")
+    code = main(["detect", "--ckpt", str(trained_step), str(tmp_path / "pipe.png"), str(tmp_path / "zero.png")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert out.count("not a regular file") == 2
+
+
+def test_shard_member_over_the_size_limit_is_listed(tmp_path):
+    from unigendet.data import read_quarantine
+    from unigendet.data.shards import pack_folder
+
+    src = _good_root(tmp_path / "src")
+    (src / "real" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(2 * 2**20))
+    pack_folder(src, tmp_path / "shards", verify=False)
+    assert main(["data", "check", str(tmp_path / "shards"), "--max-file-mb", "1"]) == 0
+    reasons = {b.reason for b in read_quarantine(tmp_path / "shards" / ".unigendet_quarantine.tsv")}
+    assert reasons == {"too_large"}
+
+
+# ------------------------------------------------------------------------------- file names
+
+
+def test_names_that_are_not_utf8_or_hold_line_breaks_round_trip(tmp_path, capsys):
+    from unigendet.data import read_quarantine
+    from unigendet.data.folder import scan_folder
+
+    root = _good_root(tmp_path / "names")
+    weird = [b"real/caf\xe9.png", "real/form\x0cfeed.png".encode(), "fake/line\u2028sep.png".encode(),
+             "fake/tab\tnl\nx.png".encode(), "real/back\\slash\x85.png".encode()]
+    for name in weird:
+        with open(os.path.join(os.fsencode(root), name), "wb") as f:
+            f.write(b"not an image")
+    assert main(["data", "check", str(root)]) == 0, capsys.readouterr().err
+    listed = {os.fsencode(b.path) for b in read_quarantine(root / ".unigendet_quarantine.tsv")}
+    assert listed == set(weird)
+    index = scan_folder(root)
+    assert len(index.skipped) == len(weird) and len(index) == 12
+
+
+def test_old_tsv_lists_still_read(tmp_path):
+    from unigendet.data import read_quarantine
+
+    path = tmp_path / "old.tsv"
+    path.write_bytes("path\treason\tdetail\nreal/a\\tb.png\tcorrupt\tx\nreal/f\x0cg.png\tempty\t0 bytes\n".encode())
+    assert [b.path for b in read_quarantine(path)] == ["real/a\tb.png", "real/f\x0cg.png"]
+
+
+def test_shard_member_with_a_dot_segment_is_skipped_once_listed(tmp_path, capsys):
+    import io
+    import tarfile
+
+    from unigendet.data.folder import build_loader
+    from unigendet.data.shards import pack_folder
+
+    pack_folder(_good_root(tmp_path / "src"), tmp_path / "shards")
+    shards = tmp_path / "shards"
+    tar_path = shards / "shard-000000.tar"
+    with tarfile.open(tar_path, "a") as tar:  # one more sample, its image named sub/./x.png, not an image
+        for name, data in (("sub/./x.png", b"garbage"), ("sub/./x.cls", b"-1"), ("sub/./x.fake", b"0")):
+            tar.addfile(_info(name, len(data)), io.BytesIO(data))
+    with tarfile.open(tar_path) as tar:
+        members = [m for m in tar if m.name.startswith("sub/")]
+    idx = shards / "shard-000000.idx"
+    lines = idx.read_text().splitlines()
+    ext = {"sub/./x.png": "png", "sub/./x.cls": "cls", "sub/./x.fake": "fake"}
+    lines.append(" ".join(f"{ext[m.name]} {m.offset_data} {m.size} {m.name}" for m in members))
+    lines[0] = f"v1.2 {len(lines) - 1}"
+    idx.write_text("\n".join(lines) + "\n")
+    manifest = json.loads((shards / "unigendet_shards.json").read_text())
+    manifest["num_samples"] += 1
+    manifest["shards"][0]["samples"] += 1
+    (shards / "unigendet_shards.json").write_text(json.dumps(manifest))
+
+    assert main(["data", "check", str(shards)]) == 0, capsys.readouterr().err
+    loader = build_loader(shards, 16, 4, num_workers=0, loader="pil")
+    assert len(loader.index) == 12 and len(loader.index.skipped) == 1
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+
+
+def _info(name, size):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = size
+    return info
+
+
+# ------------------------------------------------------------------------------- command-line values
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--n", "0"], "--n must be >= 1"), (["--n", "-1"], "--n must be >= 1"),
+    (["--steps", "-3"], "--steps must be >= 1"), (["--n", "100000000"], "a grid image holds at most"),
+    (["--out", "{tmp}/grid.xyz"], "unknown extension"), (["--out", "{tmp}/afile/grid.png"], "is a file"),
+    (["--out", "/sys/grid.png"], "cannot write"),
+])
+def test_generate_bad_values_are_one_line(trained_step, tmp_path, capsys, extra, says):
+    (tmp_path / "afile").write_text("x")
+    extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
+    args = ["generate", "--ckpt", str(trained_step), "--out", str(tmp_path / "g.png"), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_generate_into_a_folder_streams_pngs(trained_step, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "samples"
+    assert main(["generate", "--ckpt", str(trained_step), "--n", "6", "--out", str(out), "--steps", "1"]) == 0
+    files = sorted(os.listdir(out))
+    assert files == [f"{i:08d}.png" for i in range(6)]
+    assert Image.open(out / files[0]).size == (32, 32)
+    assert main(["generate", "--ckpt", str(trained_step), "--n", "1", "--out", str(out)]) == 2  # not empty
+
+
+def test_data_check_in_a_read_only_folder_offers_out(tmp_path, capsys):
+    root = _good_root(tmp_path / "ro")
+    if os.geteuid() == 0:  # root writes anywhere: a folder no one may write in stands in
+        args = ["data", "check", str(root), "--out", "/sys/quarantine.tsv"]
+    else:
+        os.chmod(root, 0o555)
+        args = ["data", "check", str(root)]
+    try:
+        assert main(args) == 2
+    finally:
+        os.chmod(root, 0o755)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write the quarantine list" in err and "--out" in err

@@ -7,6 +7,8 @@ read it. Files are only opened for reading: the check never deletes, moves or mo
 
 A failure gets the first reason that applies (engine/data/quarantine.py REASONS):
 
+0. `not_a_regular_file` / `too_large`: refused before reading (a FIFO, a device or a symlink to one;
+   more than data.max_file_mb, `--max-file-mb`): only regular files are read, and only so much.
 1. `empty`: the file has 0 bytes.
 2. `decompression_bomb`: Pillow's `DecompressionBombError`, raised when the header declares more than
    2 x `PIL.Image.MAX_IMAGE_PIXELS` pixels. The loaders get it from the same `decode_rgb` and the same
@@ -39,7 +41,7 @@ from PIL import Image, UnidentifiedImageError, features
 
 from .batch import DataError
 from .folder import FolderIndex, scan_data
-from .images import decode_rgb
+from .images import UnreadableFile, decode_rgb
 from .quarantine import REASONS, BadFile
 
 _SNIFF_BYTES = 512  # enough for the signatures below, an SVG's XML prolog included
@@ -105,6 +107,8 @@ def check_sample(index: FolderIndex, i: int) -> tuple[str, str] | None:
     """(reason, detail) when the loaders cannot decode image i of `index`, None when they can."""
     try:
         data = index.read_bytes(i)
+    except UnreadableFile as exc:
+        return exc.reason, exc.detail if exc.reason != "corrupt" else f"cannot read the file ({exc.detail})"
     except DataError as exc:
         cause = exc.__cause__
         return "corrupt", f"cannot read the file ({getattr(cause, 'strerror', None) or cause or exc})"

@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .batch import Batch, DataError, collate_samples
-from .images import IMAGE_EXTENSIONS, crop_resize, decode_rgb, list_images
+from .images import (DEFAULT_MAX_FILE_MB, IMAGE_EXTENSIONS, UnreadableFile, crop_resize, decode_rgb, list_images,
+                     max_bytes, open_regular, read_file)
 from .quarantine import quarantined_paths, resolve_quarantine
 
 
@@ -53,6 +54,7 @@ class FolderIndex:
     quarantine: str = ""  # the quarantine list applied by the scan ("" = none)
     skipped: list[str] = field(default_factory=list)  # listed files present under root, not loaded
     members: list[tuple[str, int, int]] = field(default_factory=list)  # shards only: (tar, offset, size)
+    max_bytes: int = DEFAULT_MAX_FILE_MB * 2**20  # data.max_file_mb: larger files / members are not read
 
     def __len__(self) -> int:
         return len(self.files)
@@ -66,19 +68,25 @@ class FolderIndex:
         return len(self.files) - self.num_fake
 
     def read_bytes(self, i: int) -> bytes:
-        """The encoded bytes of image i (one read); `DataError` naming it when it cannot be read."""
+        """The encoded bytes of image i (one read); `UnreadableFile` (a `DataError`) naming it when it
+        cannot be read: an I/O error, not a regular file, more than `max_bytes`."""
+        if not self.members:
+            return read_file(self.files[i], self.max_bytes)
+        tar, offset, size = self.members[i]
+        if size > self.max_bytes:
+            raise UnreadableFile(self.files[i], "too_large", f"{size} bytes, more than data.max_file_mb = "
+                                 f"{self.max_bytes // 2**20} MiB")
+        fd = open_regular(tar, self.files[i])
         try:
-            if not self.members:
-                with open(self.files[i], "rb") as f:
-                    return f.read()
-            tar, offset, size = self.members[i]
-            with open(tar, "rb") as f:
-                data = os.pread(f.fileno(), size, offset)
-            if len(data) != size:
-                raise OSError(f"{tar} ends at byte {offset + len(data)}, the index says {offset + size}")
-            return data
+            data = os.pread(fd, size, offset)
         except OSError as exc:
-            raise DataError(f"{self.files[i]}: cannot read file ({exc.strerror or exc})") from exc
+            raise UnreadableFile(self.files[i], "corrupt", exc.strerror or str(exc)) from exc
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise UnreadableFile(self.files[i], "corrupt", f"{tar} ends at byte {offset + len(data)}, the index "
+                                 f"says {offset + size}")
+        return data
 
     def subset(self, positions: list[int]) -> "FolderIndex":
         """A new index holding the entries at `positions`, in that order."""
@@ -91,6 +99,7 @@ class FolderIndex:
             quarantine=self.quarantine,
             skipped=list(self.skipped),
             members=[self.members[p] for p in positions] if self.members else [],
+            max_bytes=self.max_bytes,
         )
 
 
@@ -415,19 +424,22 @@ def build_loader(
     pin_memory: bool = False,
     quarantine: str | os.PathLike | None = "",
     device: str = "cpu",
+    max_file_mb: int | None = None,
 ) -> FolderLoader:
     """The training loader for `data.root`. `loader` (`data.loader`): "pil" (PIL + DataLoader workers),
     "dali" (engine/data/dali.py: decoding on `device`, nvJPEG on a GPU) or "auto" (DALI on a GPU when
     it is installed, else PIL: on a CPU the PIL workers are the measured default).
 
     `quarantine` (`data.quarantine`): the list of bad files to skip; "" = ROOT/.unigendet_quarantine.tsv
-    when it exists (see `scan_folder`).
+    when it exists (see `scan_folder`). `max_file_mb` (`data.max_file_mb`, None = the default): larger
+    files are unreadable.
     """
     if loader not in ("auto", "pil", "dali"):
         raise DataError(f"data.loader = {loader!r}: expected 'auto', 'pil' or 'dali'")
     kwargs = dict(seed=seed, crop_scale_min=crop_scale_min, flip=flip, num_workers=num_workers, rank=rank,
                   world_size=world_size, pin_memory=pin_memory)
     index = scan_data(root, quarantine)
+    index.max_bytes = max_bytes(max_file_mb)
     if loader == "auto":
         from .dali import dali_reason
 
@@ -446,6 +458,7 @@ def load_eval_images(
     *,
     num_workers: int = 0,
     quarantine: str | os.PathLike | None = "",
+    max_file_mb: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic evaluation set: (images (N, 3, S, S) in [-1, 1], is_fake (N,) float32).
 
@@ -456,6 +469,7 @@ def load_eval_images(
     if max_images is not None and max_images < 1:
         raise DataError(f"max_images must be >= 1 or None, got {max_images}")
     index = scan_data(root, quarantine)
+    index.max_bytes = max_bytes(max_file_mb)
     real = [p for p, fake in enumerate(index.is_fake) if not fake][:max_images]
     fake = [p for p, fake in enumerate(index.is_fake) if fake][:max_images]
     dataset = FolderDataset(index.subset(real + fake), image_size, seed=0, train=False)

@@ -19,6 +19,7 @@ import io
 import math
 import os
 import random
+import stat
 import struct
 
 import numpy as np
@@ -34,6 +35,61 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
 _WHITE = (255, 255, 255)
+
+DEFAULT_MAX_FILE_MB = 256  # data.max_file_mb: the largest file any reader reads
+
+
+class UnreadableFile(DataError):
+    """A file the readers refuse before decoding: `reason` is a quarantine reason (not_a_regular_file,
+    too_large, corrupt for an I/O error), `detail` the one-line why."""
+
+    def __init__(self, name: str, reason: str, detail: str):
+        super().__init__(f"{name}: cannot read file ({detail})")
+        self.reason, self.detail = reason, detail
+
+
+def max_bytes(max_file_mb: int | float | None) -> int:
+    """data.max_file_mb (None = the default) in bytes."""
+    return int((DEFAULT_MAX_FILE_MB if max_file_mb is None else max_file_mb) * 2**20)
+
+
+def open_regular(path: str, name: str | None = None) -> int:
+    """A read-only descriptor of `path` when it is a regular file (a symlink to one is fine); else
+    `UnreadableFile`. Opened non-blocking, so a FIFO never hangs the open; the type is checked on
+    the open descriptor, so nothing can swap the file in between."""
+    name = path if name is None else name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise UnreadableFile(name, "corrupt", exc.strerror or str(exc)) from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a folder" if stat.S_ISDIR(mode) else "special")
+        raise UnreadableFile(name, "not_a_regular_file", f"not a regular file: {kind}")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_file(path: str | os.PathLike, limit: int, name: str | None = None) -> bytes:
+    """The bytes of the regular file `path`, at most `limit` of them (`UnreadableFile` otherwise)."""
+    path = os.fspath(path)
+    name = path if name is None else name
+    fd = open_regular(path, name)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise UnreadableFile(name, "too_large", f"{size} bytes, more than data.max_file_mb = {limit // 2**20} MiB")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)  # a file still growing stops at the limit too
+    except OSError as exc:
+        raise UnreadableFile(name, "corrupt", exc.strerror or str(exc)) from exc
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise UnreadableFile(name, "too_large", f"more than data.max_file_mb = {limit // 2**20} MiB")
+    return data
 
 
 def is_image_file(path: str) -> bool:
@@ -58,15 +114,11 @@ def list_images(folder: str) -> list[str]:
     return sorted(found)
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode the file `path` fully into a new `PIL.Image.Image` in mode RGB (see `decode_rgb`)."""
+def load_rgb(path: str | os.PathLike, max_file_mb: int | None = None) -> Image.Image:
+    """Decode the file `path` fully into a new `PIL.Image.Image` in mode RGB (see `decode_rgb`); only a
+    regular file of at most `max_file_mb` MiB (None = `DEFAULT_MAX_FILE_MB`) is read."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
-    return decode_rgb(data, path)
+    return decode_rgb(read_file(path, max_bytes(max_file_mb)), path)
 
 
 def decode_rgb(data: bytes, name: str) -> Image.Image:

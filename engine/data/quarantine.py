@@ -10,9 +10,12 @@ Format: UTF-8 text, tab-separated, one header line, then one line per file sorte
     path<TAB>reason<TAB>detail
     fake/sd/0007.png<TAB>truncated<TAB>image file is truncated (150 bytes not processed)
 
-`path` is relative to the data root with `/` separators; `reason` is one of `REASONS`; `detail` is
-the decoder's message. Backslash, tab, CR and newline inside a field are written as `\\\\`, `\\t`,
-`\\r`, `\\n` (the usual escaped-TSV convention), so any file name survives the round trip.
+`path` is relative to the data root with `/` separators (shard members: `SHARD.tar:MEMBER`, the
+member name exactly as in the tar); `reason` is one of `REASONS`; `detail` is the decoder's message.
+Backslash, tab, CR and newline inside a field are written as `\\\\`, `\\t`, `\\r`, `\\n` (the usual
+escaped-TSV convention); every other control or line-breaking character (form feed, U+0085, U+2028,
+...) as `\\uXXXX`, and a byte of a file name that is not UTF-8 as `\\xHH`, so the file is plain
+UTF-8 text and any name a filesystem or tar can hold survives the round trip. Only "\\n" ends a line.
 
 Default location: `ROOT/.unigendet_quarantine.tsv` (hidden, not an image extension, beside real/ and
 fake/, so no scan ever picks it up as an image); `data.quarantine` / `--out` put it elsewhere.
@@ -23,15 +26,18 @@ import os
 from dataclasses import dataclass
 
 from .batch import DataError
+from .images import open_regular
 
 QUARANTINE_NAME = ".unigendet_quarantine.tsv"
 HEADER = ("path", "reason", "detail")
 
 # Why a file is unreadable (the order is the order of `data check`'s summary).
-REASONS = ("empty", "truncated", "not_an_image", "unsupported_format", "decompression_bomb", "corrupt")
+REASONS = ("empty", "truncated", "not_an_image", "unsupported_format", "decompression_bomb", "corrupt",
+           "not_a_regular_file", "too_large")
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+_HEX = frozenset("0123456789abcdefABCDEF")
 
 
 @dataclass(frozen=True)
@@ -66,18 +72,51 @@ def resolve_quarantine(root: str | os.PathLike, quarantine: str | os.PathLike | 
     return quarantine
 
 
+def quarantine_key(rel: str) -> str:
+    """The key of a listed path that the loaders look up: the relative name exactly as the scan made
+    it (`data check` writes those), with this system's separator. Nothing else is normalised: a
+    shard member `sub/../x.png` is its own name, not `x.png`."""
+    return rel.replace("/", os.sep) if os.sep != "/" else rel
+
+
+def _escape_char(ch: str) -> str:
+    if ch in _ESCAPES:
+        return _ESCAPES[ch]
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode keeps it (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if ch.isprintable() or ch == " ":
+        return ch
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 def _escape(field: str) -> str:
-    return "".join(_ESCAPES.get(ch, ch) for ch in field)
+    return "".join(_escape_char(ch) for ch in field)
 
 
 def _unescape(field: str, where: str) -> str:
-    out, chars = [], iter(field)
-    for ch in chars:
+    out, i, n = [], 0, len(field)
+    while i < n:
+        ch = field[i]
+        i += 1
         if ch == "\\":
-            code = next(chars, "")
-            if code not in _UNESCAPES:
-                raise DataError(f"{where}: bad escape '\\{code}' (expected \\\\, \\t, \\n or \\r)")
-            ch = _UNESCAPES[code]
+            code = field[i : i + 1]
+            i += 1
+            if code in _UNESCAPES:
+                ch = _UNESCAPES[code]
+            elif code in ("x", "u", "U"):
+                width = {"x": 2, "u": 4, "U": 8}[code]
+                digits = field[i : i + width]
+                if len(digits) != width or not set(digits) <= _HEX:
+                    raise DataError(f"{where}: bad escape '\\{code}{digits}' ({width} hex digits expected)")
+                i += width
+                value = int(digits, 16)
+                if value > 0x10FFFF:
+                    raise DataError(f"{where}: bad escape '\\{code}{digits}' (beyond U+10FFFF)")
+                ch = chr(0xDC00 + value) if code == "x" and value >= 0x80 else chr(value)
+            else:
+                raise DataError(f"{where}: bad escape '\\{code}' (expected \\\\, \\t, \\n, \\r, \\xHH, \\uXXXX "
+                                "or \\UXXXXXXXX)")
         out.append(ch)
     return "".join(out)
 
@@ -85,9 +124,9 @@ def _unescape(field: str, where: str) -> str:
 def is_quarantine_list(path: str | os.PathLike) -> bool:
     """True when `path` is a file whose first line is the quarantine header (so we may overwrite it)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with os.fdopen(open_regular(os.fspath(path)), encoding="utf-8") as f:
             return f.readline().rstrip("\r\n") == "\t".join(HEADER)
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, DataError):
         return False
 
 
@@ -111,8 +150,9 @@ def read_quarantine(path: str | os.PathLike) -> list[BadFile]:
     """Parse a list written by `write_quarantine`; `DataError` names the file and line when it is bad."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with os.fdopen(open_regular(path), encoding="utf-8") as f:
+            # only "\n" ends a line ("\r\n" too): splitlines() would also cut at \f, \x1c, U+2028, ...
+            lines = [line[:-1] if line.endswith("\r") else line for line in f.read().split("\n")]
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot read quarantine list ({exc})") from None
     if not lines or lines[0] != "\t".join(HEADER):
@@ -135,5 +175,5 @@ def read_quarantine(path: str | os.PathLike) -> list[BadFile]:
 
 
 def quarantined_paths(path: str | os.PathLike) -> set[str]:
-    """The listed paths, relative to the data root, normalised with this system's separator."""
-    return {os.path.normpath(entry.path.replace("/", os.sep)) for entry in read_quarantine(path)}
+    """The keys (`quarantine_key`) of the listed paths, relative to the data root."""
+    return {quarantine_key(entry.path) for entry in read_quarantine(path)}

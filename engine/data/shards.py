@@ -35,7 +35,7 @@ import torch
 
 from .batch import DataError
 from .folder import FolderIndex, command_for, drop_quarantined, scan_folder
-from .images import is_image_file
+from .images import is_image_file, open_regular
 from .quarantine import resolve_quarantine
 
 MANIFEST_NAME = "unigendet_shards.json"
@@ -222,7 +222,7 @@ def scan_shards(root: str | os.PathLike, quarantine: str | os.PathLike | None = 
         if len(entries) != shard["samples"]:
             raise DataError(f"{os.path.join(root, shard['index'])}: {len(entries)} samples, the manifest "
                             f"says {shard['samples']}")
-        with open(tar_path, "rb") as f:
+        with os.fdopen(open_regular(tar_path), "rb") as f:  # a FIFO or device named *.tar is refused
             for components in entries:
                 image, labels = _split_components(components, tar_path)
                 is_fake, class_id = _read_labels(f.fileno(), labels, tar_path, len(classes))
@@ -242,8 +242,10 @@ def scan_shards(root: str | os.PathLike, quarantine: str | os.PathLike | None = 
 def read_dali_index(idx_path: str, tar_path: str) -> list[list[tuple[str, int, int, str]]]:
     """Samples of a DALI webdataset index: per sample [(ext, offset, size, member name), ...]."""
     try:
-        with open(idx_path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        with os.fdopen(open_regular(idx_path), encoding="utf-8") as f:
+            lines = f.read().split("\n")  # only "\n" ends a line: member names may hold \f, U+2028, ...
+        while lines and not lines[-1]:
+            lines.pop()
         tar_size = os.path.getsize(tar_path)
     except OSError as exc:
         raise DataError(f"{exc.filename}: cannot read ({exc.strerror}); re-run `unigendet data pack`") from None

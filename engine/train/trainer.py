@@ -145,7 +145,8 @@ class Trainer:
         self.loader = build_loader(cfg.data.root, cfg.data.image_size, cfg.train.batch_size, seed=cfg.train.seed,
                                    crop_scale_min=cfg.data.crop_scale_min, flip=cfg.data.flip,
                                    num_workers=cfg.data.num_workers, loader=cfg.data.loader,
-                                   quarantine=cfg.data.quarantine, rank=self.dist.rank,
+                                   quarantine=cfg.data.quarantine, max_file_mb=cfg.data.max_file_mb,
+                                   rank=self.dist.rank,
                                    world_size=self.dist.world_size, device=str(self.device),
                                    # pinned host batches: the copy into the step's buffers is then
                                    # asynchronous instead of a host sync per step
