@@ -7,6 +7,11 @@ is built in three steps, each of which names the offending file / key / value wh
     cfg = load_config("tiny_cpu")                       # a name in engine/configs/ or a path
     cfg = load_config("tiny_cpu", ["--train.steps=10"])  # with command-line overrides
     save_config(cfg, "run/config.toml")                  # the resolved config, saved with every run
+
+Every numeric field declares its allowed range right beside it (`num(default, ge=..., gt=..., le=...,
+lt=...)`, kept in the field's metadata); `validate()` checks them all, and more: a float must be
+finite, an int must fit in int64. Errors are one line and blame where the value came from: the
+config file, or "command line" for a `--section.key=value` override.
 """
 from __future__ import annotations
 
@@ -23,7 +28,18 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class ConfigError(ValueError):
-    """A config file, key or value is wrong; the message names which."""
+    """A config file, key or value is wrong; the message (one line) names which."""
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def num(default, *, ge=None, gt=None, le=None, lt=None):
+    """A numeric field: its default and its allowed range (for a tuple field: of each element),
+    declared beside the field and checked by `validate()`, which also requires floats to be finite
+    and ints to fit in int64."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"range": bounds})
 
 
 @dataclass
@@ -36,19 +52,19 @@ class DataConfig:
     """Which loader feeds the trainer: `pil` (PIL + DataLoader workers), `dali` (NVIDIA DALI: nvJPEG
     on a GPU, its CPU pipeline elsewhere; data.num_workers = its threads) or `auto` (DALI on a GPU when
     installed, else PIL)."""
-    image_size: int = 32
+    image_size: int = num(32, ge=1)
     """Side of the square training images after random resized crop (pixels)."""
-    crop_scale_min: float = 0.6
+    crop_scale_min: float = num(0.6, gt=0, le=1)
     """Random resized crop: smallest fraction of the image area kept."""
     flip: bool = True
     """Random horizontal flip."""
-    num_workers: int = 2
+    num_workers: int = num(2, ge=0)
     """DataLoader worker processes (0 = load in the main process)."""
     quarantine: str = ""
     """Quarantine list of unreadable files the loaders skip, as written by `unigendet data check ROOT`
     (TSV: path relative to data.root, reason, detail). '' = ROOT/.unigendet_quarantine.tsv when it
     exists; a path must exist. An unlisted bad file stops training with a message naming it."""
-    max_file_mb: int = 256
+    max_file_mb: int = num(256, ge=1, le=2**40)
     """Largest image file (or shard member) any reader reads, in MiB; a larger one is unreadable
     (quarantine reason `too_large`), as is anything that is not a regular file (`not_a_regular_file`:
     a FIFO, a device, a symlink to one; a symlink to a regular file is fine)."""
@@ -56,23 +72,23 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    image_size: int = 32
+    image_size: int = num(32, ge=1)
     """Image side S (pixels); in a training config it is taken from `data.image_size`."""
-    patch_size: int = 4
+    patch_size: int = num(4, ge=1)
     """Patch side p: each stream has N = (S/p)^2 image tokens."""
-    width: int = 128
+    width: int = num(128, ge=1)
     """Model width C."""
-    depth: int = 4
+    depth: int = num(4, ge=1)
     """Number of MoT layers."""
-    heads: int = 4
+    heads: int = num(4, ge=1)
     """Query heads H (head dim D = C / H)."""
-    kv_heads: int = 2
+    kv_heads: int = num(2, ge=1)
     """Key/value heads Hkv (grouped-query attention; H % Hkv == 0)."""
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = num(4.0, gt=0)
     """SwiGLU hidden size F = mlp_ratio * C (rounded to a multiple of 8)."""
     experts: str = "mot"
     """`mot`: one weight set per stream (generator / detector experts); `shared`: one set for both."""
-    registers: int = 4
+    registers: int = num(4, ge=1)
     """Register tokens R >= 1 appended to the detector stream after its N image tokens; the first is
     the CLS token (index N), which the detector head reads (under d_causal it still sees every image token)."""
     g2d: bool = True
@@ -87,31 +103,31 @@ class ModelConfig:
     """Layers where the streams read each other (MMSA, as g2d / d2g allow): `all`, `none`, or a list of
     1-based layer indices such as [1, 3] (command line: `--model.mmsa_layers=1,3`). In the other layers
     each stream attends only to itself."""
-    num_classes: int = 0
+    num_classes: int = num(0, ge=0)
     """Class-conditional generation with this many classes (0 = unconditional)."""
-    class_dropout: float = 0.1
+    class_dropout: float = num(0.1, ge=0, lt=1)
     """Probability of dropping the class label in training (classifier-free guidance)."""
-    align_layer: int = 2
+    align_layer: int = num(2, ge=1)
     """DIGA alignment layer l (1-based): hidden states after this many layers are aligned."""
-    projector_hidden: int = 256
+    projector_hidden: int = num(256, ge=0)
     """Hidden width of the 2-layer DIGA projector MLP P (0 = 4 * model.width)."""
     projector_act: str = "silu"
     """Activation between the DIGA projector's two layers: `silu` or `gelu`."""
-    rope_base: float = 100.0
+    rope_base: float = num(100.0, gt=0)
     """Base of the 2-D axial RoPE frequencies."""
-    norm_eps: float = 1e-6
+    norm_eps: float = num(1e-6, gt=0)
     """RMSNorm epsilon."""
 
 
 @dataclass
 class LossConfig:
-    lambda_dig: float = 1.0
+    lambda_dig: float = num(1.0, ge=0)
     """Weight of L_DIGA inside L_gen = L_flow + lambda_dig * L_DIGA."""
-    w_align: float = 0.5
+    w_align: float = num(0.5, ge=0)
     """Weight of the REPA-style alignment term inside L_DIGA."""
-    w_auth: float = 0.1
+    w_auth: float = num(0.1, ge=0)
     """Weight of the authenticity term (BCE of the frozen detector on x0_hat against 'real')."""
-    lambda_att: float = 0.0
+    lambda_att: float = num(0.0, ge=0)
     """Weight of L_MMSA in L_det (0 = off, nothing computed): mean over MMSA layers, heads and image
     tokens of (m_gd - m_dg)^2, the squared gap between the attention mass a G query puts on D keys
     and the D query of the same token puts on G keys (`ops.mmsa_consistency_loss`). Needs g2d, d2g and
@@ -122,65 +138,66 @@ class LossConfig:
 class PhasesConfig:
     mode: str = "alternate"
     """`alternate` (gen / det every k steps), `joint` (published stage I) or `diga` (stage II)."""
-    k: int = 1
+    k: int = num(1, ge=1)
     """Steps per phase in `alternate` mode: schedule = [(gen, k), (det, k)]."""
-    pool_size: int = 256
+    pool_size: int = num(256, ge=1)
     """Fake pool capacity (generated images kept for the det phase)."""
-    refill_every: int = 25
+    refill_every: int = num(25, ge=1)
     """Refill part of the fake pool every this many steps."""
-    refill_count: int = 32
+    refill_count: int = num(32, ge=1)
     """Images generated per refill by the EMA generator."""
-    max_fake_age: int = 120
+    max_fake_age: int = num(120, ge=0)
     """The det phase samples only fakes written at most this many steps ago (0 = no limit: the whole
     pool, whose oldest images are pool_size / refill_count * refill_every steps old). Must be 0 or
     >= refill_every, so the last refill always qualifies; the pool serves about refill_count *
     max_fake_age / refill_every images at a time."""
-    sampler_steps: int = 8
+    sampler_steps: int = num(8, ge=1)
     """Euler steps of the sampler that fills the pool."""
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
+    lr: float = num(3e-4, gt=0)
     """Peak learning rate."""
-    shared_lr_scale: float = 0.1
+    shared_lr_scale: float = num(0.1, ge=0)
     """Learning-rate multiplier for the parameters both streams use: with model.experts = `shared`
     the block weights and the stream embedding. With `mot` every parameter belongs to one expert (or
     to an embedding, head or the projector of one stream), so this has no effect."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = num((0.9, 0.95), ge=0, lt=1)
     """AdamW betas."""
-    eps: float = 1e-8
+    eps: float = num(1e-8, gt=0)
     """AdamW epsilon (added to the root of the second moment)."""
-    weight_decay: float = 0.01
+    weight_decay: float = num(0.01, ge=0)
     """AdamW weight decay of the linear layers' weight matrices (not of norm scales, biases, class
     embeddings, registers or the stream embedding)."""
-    grad_clip: float = 1.0
+    grad_clip: float = num(1.0, ge=0)
     """Global gradient-norm clip (0 = off)."""
-    warmup_steps: int = 50
+    warmup_steps: int = num(50, ge=0)
     """Linear warm-up steps."""
     schedule: str = "cosine"
     """`cosine` (to min_lr_ratio * lr at train.steps) or `constant` after warm-up."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = num(0.1, ge=0, le=1)
     """Final learning rate of the cosine schedule, as a fraction of lr."""
-    ema_decay: float = 0.999
+    ema_decay: float = num(0.999, ge=0, lt=1)
     """EMA decay of the weights (with the usual (1+n)/(10+n) warm-up)."""
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    steps: int = num(600, ge=1)
     """Optimizer steps in total."""
-    batch_size: int = 32
+    batch_size: int = num(32, ge=1)
     """Images per step (per process)."""
-    seed: int = 0
-    """Seed of model init, data order and noise."""
+    seed: int = num(0, ge=0, le=2**62)
+    """Seed of model init, data order and noise, in [0, 2**62] (seed + epoch must still fit
+    torch.manual_seed and int64)."""
     out_dir: str = "runs/demo"
     """Run folder: config.toml, metrics.jsonl, checkpoints/."""
-    save_every: int = 200
+    save_every: int = num(200, ge=1)
     """Write a checkpoint every this many steps (and always at the end)."""
-    keep_last: int = 3
+    keep_last: int = num(3, ge=1)
     """Checkpoints kept in out_dir/checkpoints (older ones are deleted)."""
-    log_every: int = 10
+    log_every: int = num(10, ge=1)
     """Append a metrics line every this many steps."""
     device: str = "auto"
     """`auto` (cuda if present), `cpu` or `cuda`."""
@@ -195,7 +212,7 @@ class TrainConfig:
     """Shard model, AdamW moments and EMA with FSDP2 (`fully_shard` per block, projector and root)
     instead of replicating them, under torchrun with 2+ processes. Checkpoints keep the
     single-process format. Not with train.cuda_graphs."""
-    ddp_bucket_mb: float = 25.0
+    ddp_bucket_mb: float = num(25.0, gt=0)
     """Data parallel: gradients are all-reduced in buckets of about this many MiB, each as soon as its
     gradients are in, overlapping the backward pass (one all-reduce after it under train.cuda_graphs)."""
     fsdp_param_dtype: str = "float32"
@@ -205,7 +222,7 @@ class TrainConfig:
     init_from: str = ""
     """Start from the weights of this checkpoint (step or run folder), e.g. stage II (diga) from a
     stage I (joint) run; optimizer and schedule start fresh. '' = random init."""
-    max_bad_steps: int = 10
+    max_bad_steps: int = num(10, ge=1)
     """Stop after this many consecutive steps with a non-finite loss or gradient (checked every
     log_every steps and before each checkpoint)."""
     progress: bool = True
@@ -216,19 +233,19 @@ class TrainConfig:
 class EvalConfig:
     data: str = "data/demo/val"
     """Held-out folder with `real/` (and optional `fake/`)."""
-    num_images: int = 200
+    num_images: int = num(200, ge=1)
     """Generated images for detection metrics and FID/KID."""
-    sampler_steps: int = 16
+    sampler_steps: int = num(16, ge=1)
     """Euler steps used to generate evaluation images."""
-    timestep_shift: float = 1.0
+    timestep_shift: float = num(1.0, gt=0)
     """Timestep shift of the evaluation sampler's grid, as in SD3 / FLUX: t' = shift * t / (1 + (shift - 1) * t)
     on the uniform grid from t = 1 (noise) to 0; > 1 spends more steps at high noise, 1 = uniform.
     Also the default of `unigendet generate --timestep-shift`. The fake-pool refill stays uniform."""
-    batch_size: int = 50
+    batch_size: int = num(50, ge=1)
     """Images per forward pass in evaluation."""
     use_ema: bool = True
     """Evaluate the EMA weights (else the raw weights)."""
-    cfg_scale: float = 1.0
+    cfg_scale: float = num(1.0, ge=0)
     """Classifier-free guidance scale (class-conditional models only)."""
     inception: str = ""
     """Retired; must be ''. A config (and so a checkpoint's config.toml) no longer chooses the Inception
@@ -300,6 +317,20 @@ def describe() -> str:
 # ----------------------------------------------------------------------------- parsing
 
 
+def _show(value: Any) -> str:
+    """repr of a value for a one-line message: newlines escaped, cut when long, safe for huge ints."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's int-to-str limit (alone or inside a list)
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _name(text: str) -> str:
+    """A section / key name as given, quoted when it is not a plain identifier (one-line messages)."""
+    return text if isinstance(text, str) and text.isidentifier() else _show(text)
+
+
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     """Convert a TOML / command-line value to the field's type, or raise ConfigError naming `where`."""
     if isinstance(typ, str):  # postponed annotations
@@ -319,53 +350,55 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             value = [v for v in value.strip("[]() ").split(",") if v.strip()]
         if len(args) == 2 and args[1] is Ellipsis:  # variable length: tuple[int, ...]
             if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{where}: expected a list, got {value!r}")
+                raise ConfigError(f"{where}: expected a list, got {_show(value)}")
             return tuple(_coerce(v, args[0], where) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {_show(value)}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if typ is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
     if typ is int:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}")
         try:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where}: expected an integer, got {_show(value)}") from None
     if typ is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
         try:
             return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond the float range
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}") from None
     if typ is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_show(value)}")
         return value
     raise ConfigError(f"{where}: unsupported field type {typ!r}")
 
 
-def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str, origins: dict | None = None) -> None:
     sections = {f.name: f for f in fields(Config)}
     if section not in sections:
-        raise ConfigError(f"{source}: unknown section [{section}] (sections: {', '.join(sections)})")
+        raise ConfigError(f"{source}: unknown section [{_name(section)}] (sections: {', '.join(sections)})")
     sub = getattr(cfg, section)
     types = {f.name: f.type for f in fields(sub)}
     if key not in types:
         import difflib
 
-        hint = difflib.get_close_matches(key, types, n=1)
+        hint = difflib.get_close_matches(key, types, n=1) if isinstance(key, str) else []
         extra = f"; did you mean {section}.{hint[0]}?" if hint else ""
-        raise ConfigError(f"{source}: unknown key {section}.{key}{extra}")
+        raise ConfigError(f"{source}: unknown key {section}.{_name(key)}{extra}")
     setattr(sub, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+    if origins is not None:
+        origins[f"{section}.{key}"] = source
 
 
 def _resolve_path(name_or_path: str | Path) -> Path:
@@ -387,14 +420,14 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg.split("=")[0]:
-            raise ConfigError(f"override {arg!r}: expected --section.key=value")
+            raise ConfigError(f"override {_show(arg)}: expected --section.key=value")
         if "=" in arg:
             name, value = arg[2:].split("=", 1)
         elif i + 1 < len(args):
             name, value = arg[2:], args[i + 1]
             i += 1
         else:
-            raise ConfigError(f"override {arg!r}: missing value")
+            raise ConfigError(f"override {_show(arg)}: missing value")
         section, key = name.split(".", 1)
         out.append((section, key, value))
         i += 1
@@ -405,125 +438,169 @@ def load_config(name_or_path: str | Path = "tiny_cpu", overrides: list[str] | No
     """Read a TOML config (a name in engine/configs/ or a path), apply overrides, validate."""
     path = _resolve_path(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); a TOML file must be UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        raw = tomllib.loads(text)
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError, or an integer too long to convert
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{path}: not valid TOML: {detail}") from None
     return config_from_dict(raw, str(path), overrides)
 
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Config:
     cfg = Config()
+    origins: dict[str, str] = {}  # "section.key" -> where its value came from (file or command line)
     for section, table in raw.items():
         if not isinstance(table, dict):
-            raise ConfigError(f"{source}: top-level key {section!r} must be a [section] table")
+            raise ConfigError(f"{source}: top-level key {_name(section)} must be a [section] table")
         for key, value in table.items():
-            _apply(cfg, section, key, value, source)
+            _apply(cfg, section, key, value, source, origins)
     for section, key, value in parse_overrides(overrides or []):
-        _apply(cfg, section, key, value, "command line")
-    validate(cfg, source)
+        _apply(cfg, section, key, value, "command line", origins)
+    validate(cfg, source, origins)
     return cfg
 
 
-def validate(cfg: Config, source: str = "config") -> None:
-    """Check values and cross-field rules; raise ConfigError naming the key."""
+class _Blame:
+    """Where the values of some keys came from: the config file, "command line", or both."""
+
+    ALIASES = {"model.image_size": "data.image_size"}  # validate() copies data.image_size into the model
+
+    def __init__(self, source: str, origins: dict[str, str] | None = None):
+        self.source, self.origins = source, origins or {}
+
+    def __call__(self, *keys: str) -> str:
+        found = []
+        for key in keys:
+            where = self.origins.get(self.ALIASES.get(key, key), self.source)
+            if where not in found:
+                found.append(where)
+        return " + ".join(found) or self.source
+
+
+def _range_text(bounds: dict) -> str:
+    lo = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    hi = (bounds["le"], "]") if "le" in bounds else (bounds["lt"], ")") if "lt" in bounds else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]}"
+    if hi:
+        return f"{'<=' if hi[1] == ']' else '<'} {hi[0]}"
+    return ""
+
+
+def _out_of_range(value: Any, bounds: dict) -> str:
+    """'' when `value` is allowed by `bounds` (a float must be finite, an int fit int64), else why not."""
+    text = _range_text(bounds)
+    inside = (value >= bounds.get("ge", value) and value <= bounds.get("le", value)
+              and ("gt" not in bounds or value > bounds["gt"]) and ("lt" not in bounds or value < bounds["lt"]))
+    if isinstance(value, float):
+        return "" if math.isfinite(value) and inside else f"must be a finite number {text}".rstrip()
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not inside:
+            return f"must be {text}"
+        return "" if INT64_MIN <= value <= INT64_MAX else f"must fit in a 64-bit integer [{INT64_MIN}, {INT64_MAX}]"
+    return f"must be a number {text}".rstrip()
+
+
+def check_ranges(obj: Any, section: str, blame: Any = None) -> None:
+    """Check every field of the section dataclass `obj` against the range declared beside it (`num`)."""
+    blame = blame or _Blame("config")
+    for f in fields(obj):
+        bounds = f.metadata.get("range")
+        if bounds is None:
+            continue
+        value = getattr(obj, f.name)
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, v in items:
+            problem = _out_of_range(v, bounds)
+            if problem:
+                name = f"{section}.{f.name}" + (f"[{i}]" if i is not None else "")
+                raise ConfigError(f"{blame(f'{section}.{f.name}')}: {name} {problem}, got {_show(v)}")
+
+
+def validate(cfg: Config, source: str = "config", origins: dict[str, str] | None = None) -> None:
+    """Check values and cross-field rules; raise ConfigError naming the key and where its value came
+    from (`source`, or "command line" for keys `origins` says were overridden there)."""
+    blame = _Blame(source, origins)
+    m, d = cfg.model, cfg.data
+    for sec in fields(Config):  # every declared range (num(...) beside each numeric field), first
+        check_ranges(getattr(cfg, sec.name), sec.name, blame)
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
-            raise ConfigError(f"{source}: {section}.{key} = {value!r} is not one of {allowed}")
+            raise ConfigError(f"{blame(f'{section}.{key}')}: {section}.{key} = {_show(value)} is not one of {allowed}")
     if cfg.eval.inception != "":
-        raise ConfigError(f"{source}: eval.inception = {cfg.eval.inception!r}: a config no longer chooses the "
-                          "Inception network (its code would run); remove the key and pass "
+        raise ConfigError(f"{blame('eval.inception')}: eval.inception = {_show(cfg.eval.inception)}: a config no "
+                          "longer chooses the Inception network (its code would run); remove the key and pass "
                           "`unigendet eval --inception PATH` instead")
-    m, d = cfg.model, cfg.data
     m.image_size = d.image_size  # the model is built for the images the loader makes
-    positive = [
-        ("data", "image_size"), ("model", "patch_size"), ("model", "width"), ("model", "depth"),
-        ("model", "heads"), ("model", "kv_heads"), ("model", "registers"), ("phases", "k"),
-        ("phases", "pool_size"), ("phases", "refill_every"), ("phases", "refill_count"),
-        ("phases", "sampler_steps"), ("train", "steps"), ("train", "batch_size"),
-        ("train", "save_every"), ("train", "log_every"), ("train", "keep_last"),
-        ("train", "max_bad_steps"), ("eval", "num_images"), ("eval", "sampler_steps"),
-        ("eval", "batch_size"),
-    ]
-    for section, key in positive:
-        if getattr(getattr(cfg, section), key) < 1:
-            raise ConfigError(f"{source}: {section}.{key} must be >= 1, got {getattr(getattr(cfg, section), key)}")
-    check_model(m, source)
-    if cfg.train.ddp_bucket_mb <= 0:
-        raise ConfigError(f"{source}: train.ddp_bucket_mb must be > 0, got {cfg.train.ddp_bucket_mb}")
-    if not 0.0 < d.crop_scale_min <= 1.0:
-        raise ConfigError(f"{source}: data.crop_scale_min must be in (0, 1], got {d.crop_scale_min}")
-    if d.num_workers < 0:
-        raise ConfigError(f"{source}: data.num_workers must be >= 0, got {d.num_workers}")
-    if d.max_file_mb < 1:
-        raise ConfigError(f"{source}: data.max_file_mb must be >= 1, got {d.max_file_mb}")
-    if cfg.optim.lr <= 0 or cfg.optim.shared_lr_scale < 0:
-        raise ConfigError(f"{source}: optim.lr must be > 0 and optim.shared_lr_scale >= 0")
-    if not 0.0 <= cfg.optim.ema_decay < 1.0:
-        raise ConfigError(f"{source}: optim.ema_decay must be in [0, 1), got {cfg.optim.ema_decay}")
-    if not (math.isfinite(cfg.optim.eps) and cfg.optim.eps > 0):
-        raise ConfigError(f"{source}: optim.eps must be a finite number > 0, got {cfg.optim.eps}")
-    if not (math.isfinite(cfg.eval.timestep_shift) and cfg.eval.timestep_shift > 0):
-        raise ConfigError(f"{source}: eval.timestep_shift must be a finite number > 0, got {cfg.eval.timestep_shift}")
-    for key in ("lambda_dig", "w_align", "w_auth"):
-        if getattr(cfg.loss, key) < 0:
-            raise ConfigError(f"{source}: loss.{key} must be >= 0, got {getattr(cfg.loss, key)}")
-    if not (math.isfinite(cfg.loss.lambda_att) and cfg.loss.lambda_att >= 0):
-        raise ConfigError(f"{source}: loss.lambda_att must be a finite number >= 0, got {cfg.loss.lambda_att}")
+    check_model(m, source, blame)
     if cfg.loss.lambda_att > 0 and not (m.g2d and m.d2g and mmsa_layer_set(m)):
-        raise ConfigError(f"{source}: loss.lambda_att > 0 needs model.g2d, model.d2g and at least one layer in "
+        raise ConfigError(f"{blame('loss.lambda_att', 'model.g2d', 'model.d2g', 'model.mmsa_layers')}: "
+                          "loss.lambda_att > 0 needs model.g2d, model.d2g and at least one layer in "
                           f"model.mmsa_layers (L_MMSA compares the two cross directions of the MMSA layers); got "
-                          f"g2d={m.g2d}, d2g={m.d2g}, mmsa_layers={m.mmsa_layers!r}")
+                          f"g2d={m.g2d}, d2g={m.d2g}, mmsa_layers={_show(m.mmsa_layers)}")
     if cfg.phases.mode == "diga" and m.experts == "shared":
-        raise ConfigError(f"{source}: phases.mode = 'diga' trains the generator with the detector frozen, but "
-                          "model.experts = 'shared' gives both streams one set of block weights, so the stage "
-                          "would train no block weight (only embeddings, heads and projector); use "
-                          "model.experts = 'mot', or phases.mode = 'joint' / 'alternate'")
+        raise ConfigError(f"{blame('phases.mode', 'model.experts')}: phases.mode = 'diga' trains the generator "
+                          "with the detector frozen, but model.experts = 'shared' gives both streams one set of "
+                          "block weights, so the stage would train no block weight (only embeddings, heads and "
+                          "projector); use model.experts = 'mot', or phases.mode = 'joint' / 'alternate'")
     if cfg.phases.refill_count > cfg.phases.pool_size:
-        raise ConfigError(f"{source}: phases.refill_count ({cfg.phases.refill_count}) exceeds phases.pool_size "
-                          f"({cfg.phases.pool_size})")
+        raise ConfigError(f"{blame('phases.refill_count', 'phases.pool_size')}: phases.refill_count "
+                          f"({cfg.phases.refill_count}) exceeds phases.pool_size ({cfg.phases.pool_size})")
     age, every = cfg.phases.max_fake_age, cfg.phases.refill_every
     if age != 0 and age < every:
-        raise ConfigError(f"{source}: phases.max_fake_age = {age} must be 0 (no limit) or >= phases.refill_every "
-                          f"({every}), so the fakes of the last refill are always young enough to sample")
+        raise ConfigError(f"{blame('phases.max_fake_age', 'phases.refill_every')}: phases.max_fake_age = {age} "
+                          f"must be 0 (no limit) or >= phases.refill_every ({every}), so the fakes of the last "
+                          "refill are always young enough to sample")
 
 
-def check_model(m: ModelConfig, source: str = "ModelConfig") -> None:
-    """Shape rules of the model (also called by UniGenDet for a ModelConfig built in code)."""
+def check_model(m: ModelConfig, source: str = "ModelConfig", blame: Any = None) -> None:
+    """Ranges and shape rules of the model (also called by UniGenDet for a ModelConfig built in code)."""
+    b = blame or _Blame(source)
+    check_ranges(m, "model", b)
     if m.experts not in ("mot", "shared"):
-        raise ConfigError(f"{source}: model.experts = {m.experts!r} is not one of ('mot', 'shared')")
+        raise ConfigError(f"{b('model.experts')}: model.experts = {_show(m.experts)} is not one of ('mot', 'shared')")
     if m.image_size % m.patch_size:
-        raise ConfigError(f"{source}: image size {m.image_size} is not a multiple of model.patch_size {m.patch_size}")
+        raise ConfigError(f"{b('model.image_size', 'model.patch_size')}: image size {m.image_size} is not a "
+                          f"multiple of model.patch_size {m.patch_size}")
     if m.width % m.heads:
-        raise ConfigError(f"{source}: model.width {m.width} is not a multiple of model.heads {m.heads}")
+        raise ConfigError(f"{b('model.width', 'model.heads')}: model.width {m.width} is not a multiple of "
+                          f"model.heads {m.heads}")
     if m.heads % m.kv_heads:
-        raise ConfigError(f"{source}: model.heads {m.heads} is not a multiple of model.kv_heads {m.kv_heads}")
+        raise ConfigError(f"{b('model.heads', 'model.kv_heads')}: model.heads {m.heads} is not a multiple of "
+                          f"model.kv_heads {m.kv_heads}")
     if (m.width // m.heads) % 4:
-        raise ConfigError(f"{source}: head dim {m.width // m.heads} must be a multiple of 4 (2-D axial RoPE)")
-    if m.registers < 1:
-        raise ConfigError(f"{source}: model.registers must be >= 1 (the first is the CLS token)")
-    if not 1 <= m.align_layer <= m.depth:
-        raise ConfigError(f"{source}: model.align_layer {m.align_layer} must be in [1, model.depth={m.depth}]")
-    if not 0.0 <= m.class_dropout < 1.0:
-        raise ConfigError(f"{source}: model.class_dropout must be in [0, 1), got {m.class_dropout}")
-    if m.num_classes < 0:
-        raise ConfigError(f"{source}: model.num_classes must be >= 0, got {m.num_classes}")
-    if m.projector_hidden < 0:
-        raise ConfigError(f"{source}: model.projector_hidden must be >= 0 (0 = 4 * model.width), got {m.projector_hidden}")
+        raise ConfigError(f"{b('model.width', 'model.heads')}: head dim {m.width // m.heads} must be a multiple "
+                          "of 4 (2-D axial RoPE)")
+    if m.mlp_ratio * m.width < 1:
+        raise ConfigError(f"{b('model.mlp_ratio', 'model.width')}: model.mlp_ratio * model.width = "
+                          f"{m.mlp_ratio * m.width:g} must be >= 1 (the SwiGLU hidden size, rounded to a multiple of 8)")
+    if m.align_layer > m.depth:
+        raise ConfigError(f"{b('model.align_layer', 'model.depth')}: model.align_layer {m.align_layer} must be in "
+                          f"[1, model.depth={m.depth}]")
     layers = m.mmsa_layers
+    where = b("model.mmsa_layers")
     if isinstance(layers, str):
         if layers not in ("all", "none"):
-            raise ConfigError(f"{source}: model.mmsa_layers = {layers!r} must be 'all', 'none' or a list of "
+            raise ConfigError(f"{where}: model.mmsa_layers = {_show(layers)} must be 'all', 'none' or a list of "
                               "1-based layer indices")
     elif not isinstance(layers, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
-        raise ConfigError(f"{source}: model.mmsa_layers = {layers!r} must be 'all', 'none' or a list of integers")
+        raise ConfigError(f"{where}: model.mmsa_layers = {_show(layers)} must be 'all', 'none' or a list of integers")
     elif any(not 1 <= i <= m.depth for i in layers):
-        raise ConfigError(f"{source}: model.mmsa_layers = {list(layers)}: layer indices must be in "
+        raise ConfigError(f"{where}: model.mmsa_layers = {_show(list(layers))}: layer indices must be in "
                           f"[1, model.depth={m.depth}]")
     elif len(set(layers)) != len(layers):
-        raise ConfigError(f"{source}: model.mmsa_layers = {list(layers)} lists a layer twice")
+        raise ConfigError(f"{where}: model.mmsa_layers = {_show(list(layers))} lists a layer twice")
     if m.projector_act not in ("silu", "gelu"):
-        raise ConfigError(f"{source}: model.projector_act = {m.projector_act!r} is not one of ('silu', 'gelu')")
+        raise ConfigError(f"{b('model.projector_act')}: model.projector_act = {_show(m.projector_act)} is not one "
+                          "of ('silu', 'gelu')")
 
 
 def mmsa_layer_set(m: ModelConfig) -> frozenset[int]:

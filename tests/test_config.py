@@ -29,7 +29,7 @@ def test_overrides_types_and_forms():
     ("--data.image_size=30", r"image size 30 is not a multiple of model.patch_size 4"),
     ("--model.align_layer=9", r"model.align_layer 9"),
     ("train.steps=3", r"expected --section.key=value"),
-    ("--train.ddp_bucket_mb=0", r"train.ddp_bucket_mb must be > 0"),
+    ("--train.ddp_bucket_mb=0", r"command line: train.ddp_bucket_mb must be a finite number > 0"),
     ("--train.fsdp_param_dtype=float16", r"train.fsdp_param_dtype = 'float16' is not one of"),
 ])
 def test_bad_overrides_name_the_key(override, match):
@@ -75,7 +75,7 @@ def test_data_quarantine_key(tmp_path):
 
 
 @pytest.mark.parametrize("override,match", [
-    ("--eval.timestep_shift=0", r"tiny_cpu.toml: eval.timestep_shift must be a finite number > 0, got 0.0"),
+    ("--eval.timestep_shift=0", r"^command line: eval.timestep_shift must be a finite number > 0, got 0.0"),
     ("--eval.timestep_shift=-2", r"eval.timestep_shift must be a finite number > 0"),
     ("--eval.timestep_shift=nan", r"eval.timestep_shift must be a finite number > 0, got nan"),
     ("--eval.timestep_shift=inf", r"eval.timestep_shift must be a finite number > 0, got inf"),

@@ -289,3 +289,152 @@ def test_sigterm_stops_training_with_the_requeue_exit_code(demo_root, tmp_path):
     assert proc.returncode == EXIT_STOPPED, out
     stopped = int(out.split("SIGTERM: stopped cleanly after step ")[1].split(";")[0])
     assert list_checkpoints(run)[-1].name == f"step_{stopped:07d}"  # saved where it stopped: resumable
+
+
+# ================================================================ 6. config values
+
+
+def numeric_fields():
+    """(section, key, field) of every int / float / tuple field of the config tree."""
+    import dataclasses
+
+    from unigendet.config import Config
+
+    for sec in dataclasses.fields(Config):
+        for f in dataclasses.fields(sec.default_factory):
+            if str(f.type) in ("int", "float") or str(f.type).startswith("tuple[float"):
+                yield sec.name, f.name, f
+
+
+def all_fields() -> list[tuple[str, str]]:
+    import dataclasses
+
+    from unigendet.config import Config
+
+    return [(sec.name, f.name) for sec in dataclasses.fields(Config) for f in dataclasses.fields(sec.default_factory)]
+
+
+def test_every_numeric_field_declares_its_range():
+    found = list(numeric_fields())
+    assert len(found) > 40
+    missing = [f"{s}.{k}" for s, k, f in found if "range" not in f.metadata]
+    assert not missing, f"numeric fields without a declared range (use num(...)): {missing}"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
+    ("--optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
+    ("--optim.min_lr_ratio=nan", "optim.min_lr_ratio must be a finite number in [0, 1], got nan"),
+    ("--loss.w_auth=nan", "loss.w_auth must be a finite number >= 0, got nan"),
+    ("--optim.betas=2,0.9", "optim.betas[0] must be a finite number in [0, 1), got 2.0"),
+    ("--model.mlp_ratio=-1", "model.mlp_ratio must be a finite number > 0, got -1.0"),
+    ("--train.seed=99999999999999999999999", "train.seed must be in [0, 4611686018427387904]"),
+    ("--train.seed=1e23", "train.seed: expected an integer, got '1e23'"),
+    ("--train.steps=9223372036854775808", "train.steps must fit in a 64-bit integer"),
+    ("--data.max_file_mb=0", "data.max_file_mb must be in [1, "),
+])
+def test_out_of_range_values_are_one_line_errors_blamed_on_the_command_line(override, message, tmp_path, capsys):
+    from unigendet.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_cpu", [override])
+    assert str(e.value) == f"command line: {message}" or str(e.value).startswith(f"command line: {message}")
+    assert "\n" not in str(e.value)
+    assert main(["train", "--config", "tiny_cpu", override, f"--train.out_dir={tmp_path / 'run'}"]) == 2
+    assert message in one_line_error(capsys, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_file_values_are_blamed_on_the_file_and_bad_files_are_one_line(tmp_path, capsys):
+    from unigendet.config import ConfigError, load_config
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\nseed = 1e23\n[optim]\nlr = inf\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}: optim.lr must be a finite number > 0, got inf$"):
+        load_config(cfg)
+    cfg.write_text("[train]\nseed = 1e23\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}: train.seed must be in \[0, 4611686018427387904\], got 99999"):
+        load_config(cfg)
+    cfg.write_text("[model]\nkv_heads = 3\n")  # a cross-field rule with one key from each place
+    with pytest.raises(ConfigError, match=rf"^command line \+ {cfg}: model.heads 2 is not a multiple"):
+        load_config(cfg, ["--model.heads=2"])
+    cases = {"latin1.toml": "[train]\n# caf\xe9\nsteps = 3\n".encode("latin-1"),
+             "long_int.toml": b"[train]\nsteps = " + b"9" * 5000 + b"\n",
+             "nested.toml": b"[train]\nsteps = " + b"[" * 2000 + b"]" * 2000 + b"\n",
+             "key.toml": b'[train]\n"a\\nb" = 1\n'}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        assert main(["train", "--config", str(tmp_path / name), f"--train.out_dir={tmp_path / 'run'}"]) == 2, name
+        assert str(tmp_path / name) in one_line_error(capsys, "train")
+    assert not (tmp_path / "run").exists()
+
+
+# -- property tests: any value for any field loads or is a one-line ConfigError
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = st.one_of(
+    st.text(max_size=20), st.floats(allow_nan=True, allow_infinity=True), st.integers(),
+    st.integers(min_value=-(2**80), max_value=2**80), st.booleans(), st.just(10**5000),
+    st.sampled_from([0, 1, -1, 2**62, 2**63, -(2**63) - 1, 0.5, 1e23, 1e308, "nan", "inf", "-1", "1,2", "all", ""]),
+)
+_values = st.one_of(_scalars, st.lists(_scalars, max_size=4), st.lists(st.lists(_scalars, max_size=2), max_size=2),
+                    st.dictionaries(st.text(max_size=3), _scalars, max_size=2))
+_texts = st.one_of(st.text(max_size=20), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                   st.integers(min_value=-(2**100), max_value=2**100).map(str),
+                   st.sampled_from(["nan", "inf", "-inf", "1e23", "2,0.9", "[1, 3]", "()", "true", "-0", "1_000"]))
+
+
+def _loads_or_one_line_error(load) -> None:
+    from unigendet.config import Config, ConfigError
+
+    try:
+        assert isinstance(load(), Config)
+    except ConfigError as e:
+        assert str(e) and "\n" not in str(e), repr(str(e))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(field=st.sampled_from(all_fields()), value=_values)
+def test_any_value_in_a_config_file_loads_or_is_a_one_line_error(field, value):
+    from unigendet.config import config_from_dict
+
+    section, key = field
+    _loads_or_one_line_error(lambda: config_from_dict({section: {key: value}}, "hypothesis.toml"))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(field=st.sampled_from(all_fields()), text=_texts)
+def test_any_override_loads_or_is_a_one_line_error(field, text):
+    from unigendet.config import load_config
+
+    section, key = field
+    _loads_or_one_line_error(lambda: load_config("tiny_cpu", [f"--{section}.{key}={text}"]))
+
+
+class _NoTraining:
+    """Stands in for Trainer: the CLI test needs the config, not a run."""
+
+    def __init__(self, cfg, resume=False):
+        self.stopped_by = ""
+
+    def train(self):
+        return {}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(field=st.sampled_from(all_fields()), text=_texts)
+def test_any_override_through_the_cli_exits_0_or_2_with_one_line(field, text):
+    import contextlib
+    import io
+    from unittest import mock
+
+    section, key = field
+    err, out = io.StringIO(), io.StringIO()
+    with mock.patch("unigendet.train.Trainer", _NoTraining), contextlib.redirect_stderr(err), \
+            contextlib.redirect_stdout(out):
+        code = main(["train", "--config", "tiny_cpu", f"--{section}.{key}={text}"])
+    assert code in (0, 2)
+    if code == 2:
+        assert err.getvalue().startswith("unigendet train: error: ") and err.getvalue().count("\n") == 1, err.getvalue()
