@@ -150,6 +150,17 @@ def test_generate_and_eval_timestep_shift_reach_the_sampler(trained_run, demo_ro
     assert main(["eval", "--ckpt", str(step), "--data", str(demo_root / "val"), "--out", str(tmp_path / "report"),
                  "--num-images", "4", "--with-init"]) == 0
     assert shifts[4:] == [3.0, 3.0]
+    # eval's options override the config, and bad values stop before anything is sampled
+    assert main(["eval", "--ckpt", str(step), "--data", str(demo_root / "val"), "--out", str(tmp_path / "report"),
+                 "--num-images", "4", "--timestep-shift", "1.5", "--steps", "3"]) == 0
+    assert shifts[6:] == [1.5]
+    capsys.readouterr()
+    for bad in (["--timestep-shift", "0"], ["--steps", "0"]):
+        assert main(["eval", "--ckpt", str(step), "--num-images", "4", *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith(f"unigendet eval: error: {bad[0]} must be"), err
+        assert err.count("\n") == 1, err
+    assert len(shifts) == 7
 
 
 def test_detect_scores_good_files_and_names_bad_ones(trained_run, demo_root, tmp_path, capsys):
