@@ -403,21 +403,38 @@ AUTOTUNE = os.environ.get("UNIGENDET_TRITON_AUTOTUNE", "1") != "0"
 _FIXED = {"fwd": _FWD_CONFIGS[-1], "dkdv": _DKDV_CONFIGS[-1], "dq": _DQ_CONFIGS[-1]}
 
 
-def _launch(tuned, plain, which, grid, *args, **meta):
-    if INTERPRET:
-        bm, bn = INTERPRET_BLOCKS[which]
-        plain[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
-    elif not AUTOTUNE or meta["PREC"] == "ieee":  # fp32: IEEE dots compile 5-30 s a config, too slow to tune
-        c = _FIXED[which]
-        plain[grid](*args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, **meta)
-    else:
-        tuned[grid](*args, **meta)
+class KernelLauncher:
+    """Launches a module's kernels by name: the interpreter's tile sizes under TRITON_INTERPRET, the
+    fixed (smallest) candidate for fp32 or with autotuning off, else the autotuned kernel.
+
+    interpret_blocks: {name: (BLOCK_M, BLOCK_N)}; fixed: {name: triton.Config}."""
+
+    def __init__(self, interpret: bool, interpret_blocks: dict, fixed: dict):
+        self.interpret, self.interpret_blocks, self.fixed = interpret, interpret_blocks, fixed
+
+    def __call__(self, tuned, plain, which: str, grid, *args, **meta) -> None:
+        if self.interpret:
+            bm, bn = self.interpret_blocks[which]
+            plain[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
+        elif not AUTOTUNE or meta["PREC"] == "ieee":  # fp32: IEEE dots compile 5-30 s a config, too slow to tune
+            c = self.fixed[which]
+            plain[grid](*args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, **meta)
+        else:
+            tuned[grid](*args, **meta)
+
+
+def head_meta(q: Tensor, interpret: bool) -> dict:
+    """The compile-time meta-parameters every attention-like kernel takes from its (..., D) queries."""
+    D = q.shape[-1]
+    return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), UPCAST=interpret,
+                PREC="ieee" if q.dtype == torch.float32 else "tf32")  # 16-bit dots ignore PREC
+
+
+_launch = KernelLauncher(INTERPRET, INTERPRET_BLOCKS, _FIXED)
 
 
 def _common_meta(q: Tensor) -> dict:
-    D = q.shape[-1]
-    return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), UPCAST=INTERPRET,
-                PREC="ieee" if q.dtype == torch.float32 else "tf32")  # 16-bit dots ignore PREC
+    return head_meta(q, INTERPRET)
 
 
 def _s3(x: Tensor):

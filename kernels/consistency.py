@@ -27,7 +27,6 @@ reads key head h // (H / Hkv) by pointer arithmetic; lse (B, H, T) fp32 from the
 - Precision: as the attention kernels: fp32 accumulation, 16-bit dot operands on the GPU, IEEE
   fp32 dots for fp32 inputs; under the CPU interpreter the loaded tiles are converted to fp32.
 """
-import os
 from typing import Optional
 
 import torch
@@ -35,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .attention import _cast_out, _device_guard, _dmask, _lens, _s3, _unit_last
+from .attention import KernelLauncher, _cast_out, _device_guard, _dmask, _lens, _s3, _unit_last, head_meta
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -239,25 +238,14 @@ _DK_CONFIGS = _configs([(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)])
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["N", "T_G", "T_D", "HEAD_DIM"])(_fwd)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=["N", "HEAD_DIM"])(_bwd_dq)
 _dk_tuned = triton.autotune(_DK_CONFIGS, key=["N", "T_K", "HEAD_DIM"])(_bwd_dk)
-AUTOTUNE = os.environ.get("UNIGENDET_TRITON_AUTOTUNE", "1") != "0"  # as kernels/attention.py
 _FIXED = {"fwd": _FWD_CONFIGS[-1], "dq": _DQ_CONFIGS[-1], "dk": _DK_CONFIGS[-1]}
 
 
-def _launch(tuned, plain, which, grid, *args, **meta):
-    if INTERPRET:
-        bm, bn = INTERPRET_BLOCKS[which]
-        plain[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
-    elif not AUTOTUNE or meta["PREC"] == "ieee":  # fp32 IEEE dots compile slowly: no tuning
-        c = _FIXED[which]
-        plain[grid](*args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, **meta)
-    else:
-        tuned[grid](*args, **meta)
+_launch = KernelLauncher(INTERPRET, INTERPRET_BLOCKS, _FIXED)
 
 
 def _meta(q: Tensor) -> dict:
-    D = q.shape[-1]
-    return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), UPCAST=INTERPRET,
-                PREC="ieee" if q.dtype == torch.float32 else "tf32")  # 16-bit dots ignore PREC
+    return head_meta(q, INTERPRET)
 
 
 def _count(B: int, H: int, n: int, g_off: int, d_off: int, len_g: Tensor, len_d: Tensor) -> Tensor:

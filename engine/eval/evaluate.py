@@ -91,7 +91,7 @@ def evaluate(ckpt: str | Path, data_dir: str | Path | None = None, out_dir: str 
     # checked (and loaded) before anything is generated, so a wrong file stops eval at once
     inception = InceptionFeatures(inception_path, device=device, batch_size=ev.batch_size,
                                   verify=not inception_unverified)
-    real, ext_is_fake = load_eval_images(data_dir, S, max_images=n)
+    real, ext_is_fake = load_eval_images(data_dir, S, max_images=n, max_file_mb=cfg.data.max_file_mb)
     externals = real[ext_is_fake > 0.5]
     real = real[ext_is_fake < 0.5]
     log(f"eval: {step_dir} on {data_dir}: {len(real)} real, {len(externals)} external fakes, generating {n}")
