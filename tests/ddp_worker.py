@@ -1,4 +1,5 @@
-"""Started by tests/test_distributed.py under torchrun: writes its pid to <out_dir>/rank<r>.pid,
+"""Started by tests/test_distributed.py under torchrun: writes its pid to <out_dir>.pids/rank<r>.pid
+(beside the run folder: train refuses a non-empty folder that is not a run),
 trains `tiny_cpu` with the given overrides (`--resume` continues the run in train.out_dir), then,
 for data parallel, writes this rank's parameters to <out_dir>/rank<r>.safetensors; FSDP ranks hold
 shards (the checkpoint has the weights) and write what they hold to <out_dir>/rank<r>.json:
@@ -16,8 +17,9 @@ from unigendet.train import Trainer
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if a != "--resume"]
     cfg = load_config("tiny_cpu", args)
-    Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
-    Path(cfg.train.out_dir, f"rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+    pids = Path(cfg.train.out_dir + ".pids")
+    pids.mkdir(parents=True, exist_ok=True)
+    (pids / f"rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
     trainer = Trainer(cfg, resume="--resume" in sys.argv, log=lambda *_: None)
     trainer.train()
     if cfg.train.fsdp:

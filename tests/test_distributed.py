@@ -197,7 +197,7 @@ def test_sigterm_to_one_fsdp_rank_stops_every_rank_after_the_same_step(tiny_over
     while not list_checkpoints(run):
         assert proc.poll() is None and time.time() - t0 < 300, proc.stdout.read()[-3000:]
         time.sleep(0.2)
-    os.kill(int((run / "rank1.pid").read_text()), signal.SIGTERM)
+    os.kill(int((run.parent / f"{run.name}.pids" / "rank1.pid").read_text()), signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     # both workers returned 0 long before train.steps, and the newest checkpoint is the stop's
