@@ -165,6 +165,7 @@ def test_fsdp_matches_one_process_resumes_exactly_and_writes_single_process_chec
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(fsdp / "checkpoints" / "step_0000002", resumed / "checkpoints" / "step_0000002")
+    shutil.copy(fsdp / ".unigendet_run", resumed)  # a run folder of its own (train refuses any other)
     _assert_close_to(_single(single_args, resumed, resume=True), _weights(tmp_path / "single", 4))
 
 
