@@ -4,7 +4,7 @@
     python bench/bench_activation.py --device cpu # fp32, N=8192, F in {1024, 4096}
 
 Bytes that must move: forward reads gate_up and writes out (3 N F elements); backward reads grad_out
-and gate_up and writes grad_gate_up (5 N F). Targets (issue 5): CPU >= 2x eager and >= torch.compile;
+and gate_up and writes grad_gate_up (5 N F). Targets (the project's goals): CPU >= 2x eager and >= torch.compile;
 H100/H200 >= 85% of the copy bandwidth. Harness: bench/membound.py.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ and PV), backward 2.5x forward (FlashAttention's convention: 5 matmuls vs 2; our
 QK^T and dO V^T, i.e. 7 matmuls, which is not counted), forward+backward 3.5x. Backward alone is
 timed as `torch.autograd.grad` of the outputs of one forward (retain_graph). Peak memory: what the
 timed call allocates above its inputs (CUDA only).
-Targets (issue 3; H100/H200, bf16, published shape): forward >= 450 TFLOP/s, forward+backward >= 300,
+Targets (the project's goals; H100/H200, bf16, published shape): forward >= 450 TFLOP/s, forward+backward >= 300,
 >= 1.3x compiled FlexAttention and >= 5x dense-mask SDPA; memory linear in T.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (add_ratio_to, bench_device, device_name, markdown_table, measure_ms,  # noqa: E402
                           peak_memory_mb, write_results)
 
-# (name, B, Tg, Td, H, Hkv, D); the published shape (the issue's targets) first, so that a run cut short by a
+# (name, B, Tg, Td, H, Hkv, D); the published shape (the one the goals name) first, so that a run cut short by a
 # time limit has it (the table is rewritten after every measurement)
 CUDA_SHAPES = [("published", 1, 4096, 4096, 28, 4, 128), ("B4-T1024-H16-D64", 4, 1024, 1024, 16, 16, 64)]
 CPU_SHAPES = [("tiny", 1, 48, 64, 4, 2, 32)]
@@ -216,7 +216,7 @@ def main(argv=None) -> list[dict]:
 
 
 def targets_report(rows: list[dict]) -> str:
-    """The issue's targets at the published shape, bf16, per layout."""
+    """The project's goals at the published shape, bf16, per layout."""
     lines = ["targets (published shape):"]
     get = lambda lay, prov, mode: next((r for r in rows if r["shape"] == "published" and r["layout"] == lay  # noqa
                                         and r["provider"] == prov and r["mode"] == mode), None)

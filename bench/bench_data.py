@@ -3,16 +3,16 @@
     python bench/bench_data.py --device cpu      # DALI CPU pipeline, 2 threads, vs PIL with 2 workers
     python bench/bench_data.py --device cuda     # DALI mixed (nvJPEG) decode vs PIL with 16 workers
     python bench/bench_data.py --device cuda --synthetic 10000 --source-size 512 --sizes 256
-                                                 # the issue's GPU set: 10k fresh 512x512 JPEGs
+                                                 # the GPU goal's set: 10k fresh 512x512 JPEGs
 
 Each provider builds its loader (the same files, crops and flips: see engine/data/dali.py), then
 times `--batches` batches after `--warmup`, each landing in one preallocated input buffer as in the
 trainer (DALI decodes into it, `write_into`; a PIL batch is copied into it), or with --fresh as
 new tensors per batch; the two providers alternate for `--rounds` rounds and the
 median rate is reported, so that the drift of a shared machine hits both alike. Sizes: 64 and 256
-pixels (the issue's), on the embedded demo dataset or, with --synthetic N, on N generated JPEGs of
+pixels (the GPU goal's), on the embedded demo dataset or, with --synthetic N, on N generated JPEGs of
 --source-size pixels (smooth random images, quality 90; written in parallel to a temporary folder).
-Targets (issue 6): >= 1.5x PIL on this CPU; >= 5x on an H100/H200 machine at 256 pixels.
+Targets (the project's goals): >= 1.5x PIL on this CPU; >= 5x on an H100/H200 machine at 256 pixels.
 """
 from __future__ import annotations
 

@@ -7,10 +7,10 @@ Each provider computes (total, bce, align) and the gradients w.r.t. logits and s
 `torch.autograd.grad` (so no `.grad` accumulation pass is timed). GB/s counts only the bytes that
 must move: logits/targets/weights and student/teacher read once, the logits and student gradients
 written once. Peak memory is what the step allocates above its inputs; `mem_x` is
-(inputs + peak) / (inputs + gradients), the issue's target being <= 1.1. The device's copy bandwidth
+(inputs + peak) / (inputs + gradients), the goal being <= 1.1. The device's copy bandwidth
 (a large `copy_`, read + write) is measured first so that GB/s can be judged (`%copy`).
 
-Shapes: CUDA: M in {16k, 256k, 1M} x C in {1024, 3584}, bf16 (the issue's). CPU: M in {256, 1024} x
+Shapes: CUDA: M in {16k, 256k, 1M} x C in {1024, 3584}, bf16 (the goal's shapes). CPU: M in {256, 1024} x
 C in {128, 1024}: the kernel runs under the Triton interpreter there, so the CPU numbers prove the
 script works, nothing about the kernel's speed.
 """

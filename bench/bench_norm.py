@@ -4,7 +4,7 @@
     python bench/bench_norm.py --device cpu       # fp32, N=8192, C in {1024, 4096}
 
 Bytes that must move: forward reads x, residual and writes y, res (4 N C elements); backward reads
-grad_y, grad_res, res and writes grad_x (4 N C). Targets (issue 5): CPU >= 2x eager and >= torch.compile;
+grad_y, grad_res, res and writes grad_x (4 N C). Targets (the project's goals): CPU >= 2x eager and >= torch.compile;
 H100/H200 >= 85% of the copy bandwidth. Harness: bench/membound.py.
 """
 from __future__ import annotations
