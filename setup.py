@@ -1,6 +1,6 @@
 """Packaging for unigendet.
 
-The top-level folders of the repository are the architecture (see DESIGN.md section 2):
+The top-level folders of the repository are the architecture (docs/design.md §2):
 `engine/` is installed as the import package `unigendet`, `kernels/` as `unigendet.kernels`, and
 `csrc/` is compiled into the extension `unigendet._C` (the "ext" backend of the backbone ops).
 

@@ -129,10 +129,10 @@ stage "ext op tests, the rest of those files" 30 "${PYTEST[@]}" -m "not gpu" "${
 stage "bench_norm" 45 "$PYBIN" bench/bench_norm.py --device cuda
 stage "bench_activation" 45 "$PYBIN" bench/bench_activation.py --device cuda
 stage "bench_rope" 60 "$PYBIN" bench/bench_rope.py --device cuda
-# the issue's large shapes only (16k rows is launch-bound); torch.compile last within each shape
+# the large shapes only (16k rows is launch-bound); torch.compile last within each shape
 stage "bench_loss (256k x 1024, 1M x 3584)" 70 "$PYBIN" bench/bench_loss.py --device cuda \
     --shapes 262144:1024,1048576:3584 --providers ours,eager,compile
-# the published shape first (the issue's targets), the published layout first; no eager provider (the
+# the published shape first (the goals of docs/benchmarks.md), the published layout first; no eager provider (the
 # per-pair fp32 reference) and no separate bwd mode
 stage "bench_attention (published shape first)" 150 "$PYBIN" bench/bench_attention.py --device cuda \
     --providers ours,sdpa_dense,flex,fa2 --layouts published,bidirectional --modes fwd,fwd+bwd

@@ -1,4 +1,4 @@
-"""Losses of the method (DESIGN.md section 1): flow, detector BCE, DIGA (alignment + authenticity).
+"""Losses of the method (docs/design.md §1): flow, detector BCE, DIGA (alignment + authenticity).
 
 All BCE rows of a step (detector rows and authenticity rows) and the alignment pair go through ONE
 `ops.bce_diga_loss` call. Each group of BCE rows carries its own weight in the total; the op

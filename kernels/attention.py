@@ -1,6 +1,6 @@
 """MMSA joint two-stream attention as Triton kernels: forward, backward, torch.library op.
 
-Semantics: `unigendet.ops.reference.mmsa_attention_ref` (DESIGN.md 1, 3). Layout: q (B, T, H, D),
+Semantics: `unigendet.ops.reference.mmsa_attention_ref` (docs/design.md §1, §3). Layout: q (B, T, H, D),
 k and v (B, T, Hkv, D), any strides with a unit last stride (others are made contiguous);
 query head h reads key/value head h // (H // Hkv) by pointer arithmetic (K/V are never repeated).
 
@@ -32,7 +32,7 @@ How it works (FlashAttention-2 style, no concatenation of the streams, no dense 
 - Precision: GPU: matmul operands stay in the input dtype (tensor cores), accumulation in fp32,
   P rounded to V's dtype before P @ V (as FlashAttention); fp32 inputs use IEEE fp32 dots (no
   TF32). Triton interpreter (CPU): tiles are converted to fp32 right after tl.load (it computes
-  bf16 on raw bits otherwise, DESIGN.md 4.5).
+  bf16 on raw bits otherwise, docs/design.md §4.4).
 - torch.compile: `torch.library.custom_op` ops unigendet::mmsa_attention_fwd / _bwd with fake
   (meta) implementations and registered autograd, so compiled graphs keep them as opaque nodes.
 Head dims: multiples of 16 in [16, 256] (tiles are padded to a power of two, e.g. 96 -> 128).

@@ -1,4 +1,4 @@
-"""Fused `bce_diga_loss` (DESIGN.md 1, 3): BCE-with-logits over weighted rows + cosine alignment.
+"""Fused `bce_diga_loss` (docs/design.md §1, §3): BCE-with-logits over weighted rows + cosine alignment.
 
 One pass over the inputs computes the loss parts AND the gradients for `logits` and `student`
 (stored for backward, the way Liger-Kernel's fused losses do), so memory is inputs + gradients:

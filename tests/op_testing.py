@@ -1,6 +1,6 @@
 """Helpers shared by the backbone-op tests (test_ops_norm.py, test_ops_activation.py, test_ops_rope.py).
 
-The accuracy rule of DESIGN.md 4: in fp32 a backend matches the fp64 reference tightly; in fp16/bf16
+The accuracy rule of docs/design.md §4: in fp32 a backend matches the fp64 reference tightly; in fp16/bf16
 its error against the fp64 reference is at most 2x the error of eager PyTorch (the reference backend)
 run in the same dtype, plus a floor of a few units in the last place of the output dtype.
 """
@@ -51,7 +51,7 @@ def assert_within_2x_eager(got: list, eager: list, exact: list, dtype: torch.dty
 
 
 def assert_accurate(run, *args, candidate=None) -> list:
-    """The DESIGN.md 4 rule for one backend call `run(backend, *args, dtype=None)`: fp32 close to the
+    """The docs/design.md §4 rule for one backend call `run(backend, *args, dtype=None)`: fp32 close to the
     fp64 reference, fp16/bf16 within 2x eager's error; the results are also run-to-run identical.
     `candidate(*args)` is what is checked (default: the "ext" backend). Returns its results."""
     candidate = candidate or (lambda *a: run("ext", *a))

@@ -34,7 +34,7 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc") or next((str(p) for p in [Path("/usr/local/cuda/bin/nvcc")] if p.exists()), None)
 
 
-# CI has nvcc (DESIGN.md 5) and sets UNIGENDET_REQUIRE_NVCC=1 so that this can never be skipped there.
+# CI has nvcc (docs/design.md §9) and sets UNIGENDET_REQUIRE_NVCC=1 so that this can never be skipped there.
 @pytest.mark.skipif(_nvcc() is None and os.environ.get("UNIGENDET_REQUIRE_NVCC") != "1", reason="no nvcc here")
 @pytest.mark.parametrize("source", sorted(p.name for p in CUDA_DIR.glob("*.cu")) or ["<none>"])
 def test_cuda_sources_compile_for_sm90(source, tmp_path):

@@ -1,4 +1,4 @@
-"""mmsa_attention (reference backend): the semantics of DESIGN.md section 3 against the dense-mask
+"""mmsa_attention (reference backend): the semantics of docs/design.md §3 against the dense-mask
 formulation (concatenated streams + SDPA, as the published code computes it) and direct checks."""
 import itertools
 

@@ -110,7 +110,7 @@ triton = pytest.importorskip("triton")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton tests put their inputs
 
-# (dtype, atol, rtol) for fp32; fp16/bf16 use the 2x-eager rule below (DESIGN.md 4.4)
+# (dtype, atol, rtol) for fp32; fp16/bf16 use the 2x-eager rule below (docs/design.md §4.3)
 TOL = [(torch.float32, 1e-5, 1e-5), (torch.float16, None, None), (torch.bfloat16, None, None)]
 
 

@@ -145,7 +145,7 @@ def test_external_fake_rows_contribute_nothing_to_the_generator_loss():
 
 
 def test_real_only_batch_gives_plain_means():
-    """Without fakes the weighted forms equal the plain means of DESIGN.md section 1."""
+    """Without fakes the weighted forms equal the plain means of docs/design.md §1."""
     from unigendet.losses import flow_loss
 
     v, x0, eps = torch.randn(3, 5, 3, 4, 4).unbind(0)

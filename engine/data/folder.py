@@ -1,6 +1,6 @@
 """Image-folder datasets: scanning `root/real` + `root/fake`, the PIL dataset, and the sharded loader.
 
-Layout of a data root (DESIGN.md section 6, `data.root`):
+Layout of a data root (docs/design.md §8, `data.root`):
 
     root/real/...            real photographs (label 0), required
     root/fake/...            external generated images (label 1), optional

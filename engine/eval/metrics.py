@@ -1,6 +1,6 @@
 """Detection metrics for the generated-image detector.
 
-Convention (DESIGN.md section 1): the detector outputs ``p_fake = sigmoid(logit)``; label ``1`` means
+Convention (docs/design.md §1): the detector outputs ``p_fake = sigmoid(logit)``; label ``1`` means
 *generated* (fake) and ``0`` means *real*. Every function here takes ``scores`` = ``p_fake`` in ``[0, 1]``
 and ``labels`` in ``{0, 1}``, as 1-D torch tensors, numpy arrays or sequences of equal length.
 

@@ -1,4 +1,4 @@
-"""One MoT layer: per-stream expert weights meeting in one MMSA joint attention (DESIGN.md 1).
+"""One MoT layer: per-stream expert weights meeting in one MMSA joint attention (docs/design.md §1).
 
 Hidden states travel as (x, res) pairs, the fused-residual form: the layer input is x + res, and
 `fused_add_rmsnorm` both forms that sum (the new residual) and normalises it, saving a pass.

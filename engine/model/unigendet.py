@@ -1,4 +1,4 @@
-"""UniGenDet: one transformer with a generator expert and a detector expert (DESIGN.md section 1).
+"""UniGenDet: one transformer with a generator expert and a detector expert (docs/design.md §1).
 
 Two kinds of pass, both through the same MoT layers and MMSA joint attention:
 - generation sample: G = tokens of x_t; D = the detector's view of x_t when g2d is on, else absent.

@@ -1,4 +1,4 @@
-"""THE functional API that model code calls for every hot op (DESIGN.md section 3).
+"""THE functional API that model code calls for every hot op (docs/design.md §3).
 
 Each op validates its inputs, then `unigendet.backends` picks the implementation: a fused backend
 when one can run the inputs, else the eager reference in `unigendet.ops.reference`.

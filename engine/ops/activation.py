@@ -1,4 +1,4 @@
-"""`swiglu`: the gated activation of the MLP (DESIGN.md 3)."""
+"""`swiglu`: the gated activation of the MLP (docs/design.md §3)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""`mmsa_attention`: the symbiotic multimodal self-attention of the two streams (DESIGN.md 1, 3)."""
+"""`mmsa_attention`: the symbiotic multimodal self-attention of the two streams (docs/design.md §1, §3)."""
 from __future__ import annotations
 
 import torch

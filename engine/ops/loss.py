@@ -1,4 +1,4 @@
-"""`bce_diga_loss`: detector BCE + authenticity BCE + DIGA cosine alignment in one op (DESIGN.md 1, 3)."""
+"""`bce_diga_loss`: detector BCE + authenticity BCE + DIGA cosine alignment in one op (docs/design.md §1, §3)."""
 from __future__ import annotations
 
 from torch import Tensor

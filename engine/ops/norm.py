@@ -1,4 +1,4 @@
-"""`fused_add_rmsnorm`: residual add + RMSNorm in one op (DESIGN.md 3)."""
+"""`fused_add_rmsnorm`: residual add + RMSNorm in one op (docs/design.md §3)."""
 from __future__ import annotations
 
 import torch

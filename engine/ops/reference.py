@@ -1,6 +1,6 @@
 """Eager PyTorch version of every fused op: CPU fallback, test oracle, benchmark baseline.
 
-These functions define the semantics (DESIGN.md section 3); every other backend must match them.
+These functions define the semantics (docs/design.md §3); every other backend must match them.
 They favour clarity over speed but never materialise more than the op inherently needs.
 """
 from __future__ import annotations

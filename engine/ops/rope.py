@@ -1,4 +1,4 @@
-"""`qk_rmsnorm_rope`: per-head RMSNorm of q and k, then rotate-half RoPE (DESIGN.md 3).
+"""`qk_rmsnorm_rope`: per-head RMSNorm of q and k, then rotate-half RoPE (docs/design.md §3).
 
 Also builds the 2-D axial RoPE tables the model uses for image tokens: half the frequency pairs
 rotate with the token's row, the other half with its column.

@@ -1,6 +1,6 @@
 """Checkpoints that lose nothing and load nothing executable.
 
-Layout (DESIGN.md section 6): `run/checkpoints/step_NNNNNNN/` with
+Layout (docs/design.md §8): `run/checkpoints/step_NNNNNNN/` with
 - `model.safetensors`, `ema.safetensors`: weights (metadata: format version, step);
 - `trainer_state.pt`: optimizer, scheduler, RNG, data position, fake pool — tensors and plain
   Python values only, read back with `torch.load(weights_only=True)`;

@@ -1,4 +1,4 @@
-"""Training phases: which losses a step computes and which experts it trains (DESIGN.md section 1).
+"""Training phases: which losses a step computes and which experts it trains (docs/design.md §1).
 
 One function, `phase_loss`, assembles the terms of every phase from two switches (does the phase
 generate, does it detect), so `gen`, `det`, `joint` and `diga` share one code path:
