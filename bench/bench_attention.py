@@ -1,7 +1,7 @@
 """Benchmark `mmsa_attention`: forward, backward, forward+backward; ms, TFLOP/s, peak memory.
 
-    python bench/bench_attention.py --device cuda     # the GPU table (bench/results/<gpu>/bench_attention.*)
-    python bench/bench_attention.py --device cpu      # one tiny shape: proves the script runs
+    python -m bench.bench_attention --device cuda     # the GPU table (bench/results/<gpu>/bench_attention.*)
+    python -m bench.bench_attention --device cpu      # one tiny shape: proves the script runs
 
 Providers:
   ours        the Triton kernels (`backend="triton"`); on CPU through the Triton interpreter
@@ -23,14 +23,11 @@ Targets (the project's goals; H100/H200, bf16, published shape): forward >= 450 
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (add_ratio_to, bench_device, device_name, markdown_table, measure_ms,  # noqa: E402
+from bench.common import (add_ratio_to, bench_device, device_name, markdown_table, measure_ms,
                           peak_memory_mb, write_results)
 
 # (name, B, Tg, Td, H, Hkv, D); the published shape (the one the goals name) first, so that a run cut short by a

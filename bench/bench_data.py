@@ -1,8 +1,8 @@
 """Benchmark the training loaders: images/s of DALI against the PIL DataLoader on the demo data.
 
-    python bench/bench_data.py --device cpu      # DALI CPU pipeline, 2 threads, vs PIL with 2 workers
-    python bench/bench_data.py --device cuda     # DALI mixed (nvJPEG) decode vs PIL with 16 workers
-    python bench/bench_data.py --device cuda --synthetic 10000 --source-size 512 --sizes 256
+    python -m bench.bench_data --device cpu      # DALI CPU pipeline, 2 threads, vs PIL with 2 workers
+    python -m bench.bench_data --device cuda     # DALI mixed (nvJPEG) decode vs PIL with 16 workers
+    python -m bench.bench_data --device cuda --synthetic 10000 --source-size 512 --sizes 256
                                                  # the GPU goal's set: 10k fresh 512x512 JPEGs
 
 Each provider builds its loader (the same files, crops and flips: see engine/data/dali.py), then
@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import bench_device, device_name, markdown_table, write_results  # noqa: E402
 from unigendet.data import build_loader, write_demo_dataset  # noqa: E402
 

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (add_ratio_to, bench_device, copy_bandwidth_gbs, device_name, markdown_table,  # noqa: E402
+from bench.common import (add_ratio_to, bench_device, copy_bandwidth_gbs, device_name, markdown_table,
                           measure_ms, peak_memory_mb, write_results)
 
 CUDA_SHAPES = [(m, c) for m in (16 * 1024, 256 * 1024, 1024 * 1024) for c in (1024, 3584)]

@@ -1,7 +1,7 @@
 """Benchmark `qk_rmsnorm_rope`: per-head RMSNorm of q and k, then rotate-half RoPE.
 
-    python bench/bench_rope.py                    # CUDA if present (bf16, published shape), else CPU
-    python bench/bench_rope.py --device cpu       # fp32, B=2, T=1024, H=16, Hkv=4, D=64
+    python -m bench.bench_rope                    # CUDA if present (bf16, published shape), else CPU
+    python -m bench.bench_rope --device cpu       # fp32, B=2, T=1024, H=16, Hkv=4, D=64
 
 q and k are strided views of one fused qkv projection, as in the model. Bytes that must move:
 forward reads q, k and writes both outputs (2 (H + Hkv) B T D elements); backward reads the two
@@ -9,15 +9,11 @@ output gradients and q, k, writes grad_q, grad_k (3 (H + Hkv) B T D). Harness: b
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from bench.membound import Case, run  # first: it configures torch's CPU allocator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.membound import Case, run  # noqa: E402  (first: it configures torch's CPU allocator)
-
-import torch  # noqa: E402
-from unigendet.ops.reference import qk_rmsnorm_rope_ref  # noqa: E402
-from unigendet.ops.rope import qk_rmsnorm_rope_ext  # noqa: E402
+import torch
+from unigendet.ops.reference import qk_rmsnorm_rope_ref
+from unigendet.ops.rope import qk_rmsnorm_rope_ext
 
 
 def cases(device: torch.device, dtype: torch.dtype) -> list[Case]:

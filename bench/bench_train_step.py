@@ -1,7 +1,7 @@
 """Benchmark one training step of the engine: ms per step and samples/s per backend choice.
 
-    python bench/bench_train_step.py                  # tiny_cpu here; small_gpu on a GPU
-    python bench/bench_train_step.py --config tiny_cpu --steps 30 --model.depth=2   # config overrides too
+    python -m bench.bench_train_step                  # tiny_cpu here; small_gpu on a GPU
+    python -m bench.bench_train_step --config tiny_cpu --steps 30 --model.depth=2   # config overrides too
 
 Each provider builds a Trainer on the embedded demo data (written once to a temporary folder); the
 trainers step round-robin and each `Trainer.step()` is timed (phase alternation, fake-pool refills, forward, backward, fused AdamW, EMA,
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,12 +28,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_device, device_name, markdown_table, write_results  # noqa: E402
-from unigendet import load_config, ops  # noqa: E402
-from unigendet.data import write_demo_dataset  # noqa: E402
-from unigendet.train import Trainer  # noqa: E402
-from unigendet.train.throughput import device_peak_flops, train_flops_per_sample  # noqa: E402
+from bench.common import bench_device, device_name, markdown_table, write_results
+from unigendet import load_config, ops
+from unigendet.data import write_demo_dataset
+from unigendet.train import Trainer
+from unigendet.train.throughput import device_peak_flops, train_flops_per_sample
 
 # name -> (ops.backend, train.compile, train.cuda_graphs)
 PROVIDERS = {"reference": ("reference", False, False), "reference+compile": ("reference", True, False),

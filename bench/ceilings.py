@@ -1,22 +1,20 @@
 """The device's ceilings that the benchmark tables are judged against.
 
-    python bench/ceilings.py --device cuda      # copy bandwidth (GB/s) and bf16 matmul rate (TFLOP/s)
-    python bench/ceilings.py --device cpu       # the same on the CPU (fp32 matmul)
+    python -m bench.ceilings --device cuda      # copy bandwidth (GB/s) and bf16 matmul rate (TFLOP/s)
+    python -m bench.ceilings --device cpu       # the same on the CPU (fp32 matmul)
 
-Copy bandwidth: a large `copy_` (bytes read + written), the ceiling of memory-bound ops (norm,
-activation, rope, loss). Matmul rate: square matmuls of 8192 (CUDA, bf16) or 2048 (CPU, fp32),
+Copy bandwidth: a large `copy_` (bytes read + written), the ceiling of memory-bound ops (rmsnorm,
+swiglu, rope, loss). Matmul rate: square matmuls of 8192 (CUDA, bf16) or 2048 (CPU, fp32),
 2 n^3 FLOPs each, the ceiling of the attention kernels and of MFU.
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import bench_device, copy_bandwidth_gbs, device_name, markdown_table, measure_ms, write_results  # noqa: E402,E501
+from bench.common import (bench_device, copy_bandwidth_gbs, device_name, markdown_table, measure_ms,
+                          write_results)
 
 
 def matmul_tflops(device: torch.device) -> tuple[float, str, int]:

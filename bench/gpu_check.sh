@@ -4,7 +4,7 @@
 # 1. builds the extension unigendet._C with its CUDA kernels for sm_90 in place (engine/_C*.so), then
 #    makes the package importable without installing anything (a copy under a temporary folder);
 # 2. measures the ceilings (copy bandwidth, bf16 matmul rate), runs the extension's GPU op tests, the
-#    norm, activation, rope, loss and attention benchmarks on CUDA (bf16; CSV + markdown + PNG), the
+#    rmsnorm, swiglu, rope, loss and attention benchmarks on CUDA (bf16; CSV + markdown + PNG), the
 #    CUDA-graph tests of the trainer and the train-step benchmark;
 # 3. then, as far as the time allows, the Triton op tests (each kernel compiled for the real device),
 #    the loader benchmark (DALI nvJPEG vs PIL) where nvidia-dali is installed, and the train step with
@@ -19,9 +19,9 @@
 #   setup: tool versions, package copy, import probe       -       10
 #   build unigendet._C (6 translation units, ninja)       180       45  (75 on 2 busy CPU cores)
 #   ceilings                                               30       10
-#   ext op tests, gpu-marked (norm, activation, rope)      60       25
+#   ext op tests, gpu-marked (rmsnorm, swiglu, rope)       60       25
 #   ext op tests, the rest of those three files            30       10
-#   bench_norm, bench_activation, bench_rope         45/45/60  25/25/35
+#   bench_rmsnorm, bench_swiglu, bench_rope          45/45/60  25/25/35
 #   bench_loss: 256k x 1024, 1M x 3584;
 #     ours, eager, compile                                 70       50
 #   bench_attention: published shape, both layouts;
@@ -121,24 +121,24 @@ PYTEST=("$PYBIN" -m pytest -v -p no:cacheprovider)
 # UNIGENDET_TRITON_AUTOTUNE=0 (correctness runs): each Triton kernel with one fixed tile config instead of
 # compiling and timing every candidate per shape; the benchmarks autotune.
 FIXED=(env UNIGENDET_TRITON_AUTOTUNE=0)
-EXT_TESTS=(tests/test_ops_norm.py tests/test_ops_activation.py tests/test_ops_rope.py)
+EXT_TESTS=(tests/test_ops_rmsnorm.py tests/test_ops_swiglu.py tests/test_ops_rope.py)
 
-stage "ceilings (copy bandwidth, bf16 matmul)" 30 "$PYBIN" bench/ceilings.py --device cuda
-stage "ext op tests on CUDA (gpu-marked: norm, activation, rope)" 60 "${PYTEST[@]}" -m gpu "${EXT_TESTS[@]}"
+stage "ceilings (copy bandwidth, bf16 matmul)" 30 "$PYBIN" -m bench.ceilings --device cuda
+stage "ext op tests on CUDA (gpu-marked: rmsnorm, swiglu, rope)" 60 "${PYTEST[@]}" -m gpu "${EXT_TESTS[@]}"
 stage "ext op tests, the rest of those files" 30 "${PYTEST[@]}" -m "not gpu" "${EXT_TESTS[@]}"
-stage "bench_norm" 45 "$PYBIN" bench/bench_norm.py --device cuda
-stage "bench_activation" 45 "$PYBIN" bench/bench_activation.py --device cuda
-stage "bench_rope" 60 "$PYBIN" bench/bench_rope.py --device cuda
+stage "bench_rmsnorm" 45 "$PYBIN" -m bench.bench_rmsnorm --device cuda
+stage "bench_swiglu" 45 "$PYBIN" -m bench.bench_swiglu --device cuda
+stage "bench_rope" 60 "$PYBIN" -m bench.bench_rope --device cuda
 # the large shapes only (16k rows is launch-bound); torch.compile last within each shape
-stage "bench_loss (256k x 1024, 1M x 3584)" 70 "$PYBIN" bench/bench_loss.py --device cuda \
+stage "bench_loss (256k x 1024, 1M x 3584)" 70 "$PYBIN" -m bench.bench_loss --device cuda \
     --shapes 262144:1024,1048576:3584 --providers ours,eager,compile
 # the published shape first (the goals of docs/benchmarks.md), the published layout first; no eager provider (the
 # per-pair fp32 reference) and no separate bwd mode
-stage "bench_attention (published shape first)" 150 "$PYBIN" bench/bench_attention.py --device cuda \
+stage "bench_attention (published shape first)" 150 "$PYBIN" -m bench.bench_attention --device cuda \
     --providers ours,sdpa_dense,flex,fa2 --layouts published,bidirectional --modes fwd,fwd+bwd
 stage "CUDA graphs of the trainer (captured == eager, replays never sync)" 60 "${FIXED[@]}" "${PYTEST[@]}" \
     tests/test_graphs.py
-stage "bench_train_step" 100 "$PYBIN" bench/bench_train_step.py --device cuda --steps 20 \
+stage "bench_train_step" 100 "$PYBIN" -m bench.bench_train_step --device cuda --steps 20 \
     --providers reference,fused,fused+cuda_graphs
 # Triton op tests last: many odd shapes and dtypes, each a compile of its own (fp32 IEEE dots 5-30 s)
 stage "Triton op tests: loss" 60 "${FIXED[@]}" "${PYTEST[@]}" tests/test_ops_loss.py
@@ -149,7 +149,7 @@ stage "Triton op tests: attention, the rest" 120 "${FIXED[@]}" "${PYTEST[@]}" -m
 # The loaders need nvidia-dali, which the lent machines' image lacks and whose wheel is far over what a
 # call can carry: measured where DALI is installed, said plainly where not.
 if "$PYBIN" -c "import nvidia.dali" 2>/dev/null; then
-    stage "bench_data" 180 "$PYBIN" bench/bench_data.py --device cuda --synthetic 10000 --source-size 512 \
+    stage "bench_data" 180 "$PYBIN" -m bench.bench_data --device cuda --synthetic 10000 --source-size 512 \
         --sizes 256 --batches 100 --rounds 3
 else
     echo "== bench_data: NOT RUN (nvidia-dali is not installed on this machine)"
@@ -158,7 +158,7 @@ fi
 # a run cut short never replaces bench_train_step's.
 LEFT=$(( DEADLINE - $(date +%s) ))
 if (( LEFT >= 240 )); then
-    stage "bench_train_step with compile" 300 "$PYBIN" bench/bench_train_step.py --device cuda --steps 20 \
+    stage "bench_train_step with compile" 300 "$PYBIN" -m bench.bench_train_step --device cuda --steps 20 \
         --providers reference,reference+compile --name bench_train_step_compile
 else
     echo "== bench_train_step with compile: SKIPPED (${LEFT}s left; needs 240)"

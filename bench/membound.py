@@ -1,4 +1,4 @@
-"""Harness of the memory-bound backbone-op benchmarks (bench_norm.py, bench_activation.py, bench_rope.py).
+"""Harness of the memory-bound backbone-op benchmarks (bench_rmsnorm.py, bench_swiglu.py, bench_rope.py).
 
 For each case and provider it times forward, backward and forward+backward (backward alone is
 `torch.autograd.grad` of one forward's outputs with retain_graph), reports ms and GB/s from the bytes

@@ -5,15 +5,15 @@ testpaths are tests/):
     pytest bench/ --benchmark-only --benchmark-compare   # against a saved run (--benchmark-autosave)
 
 Shapes are moderate (N=2048 rows) so that a run takes about a minute on 2 cores; the full tables with
-torch.compile and GB/s come from bench/bench_{norm,activation,rope}.py or `unigendet bench`.
+torch.compile and GB/s come from `python -m bench.bench_{rmsnorm,swiglu,rope}` or `unigendet bench`.
 """
 import pytest
 import torch
 
-from unigendet.ops.activation import swiglu_ext
-from unigendet.ops.norm import fused_add_rmsnorm_ext
 from unigendet.ops.reference import fused_add_rmsnorm_ref, qk_rmsnorm_rope_ref, swiglu_ref
+from unigendet.ops.rmsnorm import fused_add_rmsnorm_ext
 from unigendet.ops.rope import qk_rmsnorm_rope_ext
+from unigendet.ops.swiglu import swiglu_ext
 
 N, C = 2048, 1024
 

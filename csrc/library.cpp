@@ -2,7 +2,7 @@
 //
 // Importing `unigendet._C` loads this shared object, which registers the schemas below and the CPU
 // (csrc/cpu/) and CUDA (csrc/cuda/) implementations; fake kernels and autograd are registered from
-// Python (engine/ops/norm.py, activation.py, rope.py) as in pytorch/extension-cpp. Backward ops are
+// Python (engine/ops/rmsnorm.py, swiglu.py, rope.py) as in pytorch/extension-cpp. Backward ops are
 // ops of their own so that torch.compile and CUDA graphs see both directions.
 #include <Python.h>
 #include <torch/library.h>

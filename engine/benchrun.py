@@ -1,8 +1,8 @@
 """`unigendet bench`: run the per-op benchmarks of a source checkout and summarise their tables.
 
-Each benchmark runs as its own process (`python bench/bench_<op>.py --device D`): a clean allocator
-and compile cache per benchmark, and torch's CPU allocator configured before torch loads (the
-memory-bound benchmarks use THP_MEM_ALLOC_ENABLE, see bench/membound.py). Their CSV, markdown and
+Each benchmark runs as its own process (`python -m bench.bench_<op> --device D`, from the checkout's
+root): a clean allocator and compile cache per benchmark, and torch's CPU allocator configured before
+torch loads (the memory-bound benchmarks use THP_MEM_ALLOC_ENABLE, see bench/membound.py). Their CSV, markdown and
 PNG files land in bench/results/<device-name>/ (or UNIGENDET_BENCH_RESULTS / --out); this command
 then writes summary.md there, concatenating the tables it just produced, and prints it.
 """
@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCH_OPS = ("attention", "loss", "norm", "activation", "rope", "train_step", "data")
+BENCH_OPS = ("attention", "loss", "rmsnorm", "swiglu", "rope", "train_step", "data")
 
 
 class BenchError(RuntimeError):
@@ -45,7 +45,8 @@ def run_benchmarks(ops: list[str], device: str, out: str | None = None, log=prin
     started, failed, tables = time.time(), [], []
     for op in ops:
         log(f"== bench_{op} ({device})")
-        proc = subprocess.run([sys.executable, str(folder / f"bench_{op}.py"), "--device", device], env=env)
+        proc = subprocess.run([sys.executable, "-m", f"bench.bench_{op}", "--device", device], env=env,
+                              cwd=folder.parent)
         written = sorted(results.glob(f"*/bench_{op}.md"), key=lambda p: p.stat().st_mtime)
         if proc.returncode != 0 or not written or written[-1].stat().st_mtime < started:
             failed.append(op)

@@ -339,6 +339,8 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .benchrun import BENCH_OPS
+
     p = argparse.ArgumentParser(prog="unigendet", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -393,8 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="one JSON object per line")
 
     b = sub.add_parser("bench", help="run the per-op benchmarks (source checkout): CSV, markdown, PNG, summary")
-    b.add_argument("--ops", default="attention,loss,norm,activation,rope,train_step,data",
-                   help="comma-separated: attention, loss, norm, activation, rope, train_step, data")
+    b.add_argument("--ops", default=",".join(BENCH_OPS), help=f"comma-separated: {', '.join(BENCH_OPS)}")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--out", default=None, help="results folder (default bench/results; one subfolder per device)")
 

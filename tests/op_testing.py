@@ -1,4 +1,4 @@
-"""Helpers shared by the backbone-op tests (test_ops_norm.py, test_ops_activation.py, test_ops_rope.py).
+"""Helpers shared by the backbone-op tests (test_ops_rmsnorm.py, test_ops_swiglu.py, test_ops_rope.py).
 
 The accuracy rule of docs/design.md §4: in fp32 a backend matches the fp64 reference tightly; in fp16/bf16
 its error against the fp64 reference is at most 2x the error of eager PyTorch (the reference backend)

@@ -1,16 +1,14 @@
 """The benchmark harnesses run end to end on tiny CPU shapes and write the tables they promise."""
 import csv
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench.common  # noqa: E402
-from bench import bench_activation, bench_norm, bench_rope  # noqa: E402
-from bench.membound import Case, run  # noqa: E402
-from op_testing import EXT_ONLY  # noqa: E402
+import bench.common
+from bench import bench_rmsnorm, bench_rope, bench_swiglu
+from bench.membound import Case, run
+from op_testing import EXT_ONLY
 
 MEMBOUND_COLUMNS = {"device", "case", "dtype", "thp", "mode", "provider", "ms", "GB/s", "%copy", "x_eager",
                     "x_compile", "copy_GB/s"}
@@ -19,12 +17,12 @@ MEMBOUND_COLUMNS = {"device", "case", "dtype", "thp", "mode", "provider", "ms", 
 def tiny_cases(module, shape):
     """The module's case builder, on a tiny shape instead of the benchmark's own."""
     def cases(device, dtype):
-        if module is bench_norm:
+        if module is bench_rmsnorm:
             N, C = shape
             x, r, gy, gr = (torch.randn(N, C, dtype=dtype) for _ in range(4))
             w = torch.randn(C, dtype=dtype)
             return [Case("tiny", [x.requires_grad_(), r.requires_grad_(), w.requires_grad_()], [gy, gr], 1, 1)]
-        if module is bench_activation:
+        if module is bench_swiglu:
             N, F = shape
             return [Case("tiny", [torch.randn(N, 2 * F, dtype=dtype).requires_grad_()], [torch.randn(N, F)], 1, 1)]
         B, T, H, D = shape
@@ -36,14 +34,14 @@ def tiny_cases(module, shape):
 
 
 @EXT_ONLY
-@pytest.mark.parametrize("module,shape,name", [(bench_norm, (8, 32), "bench_norm"),
-                                               (bench_activation, (8, 16), "bench_activation"),
+@pytest.mark.parametrize("module,shape,name", [(bench_rmsnorm, (8, 32), "bench_rmsnorm"),
+                                               (bench_swiglu, (8, 16), "bench_swiglu"),
                                                (bench_rope, (1, 4, 2, 8), "bench_rope")])
 def test_membound_harness_writes_csv_and_markdown(module, shape, name, tmp_path, monkeypatch):
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
     monkeypatch.setattr(bench.common, "copy_bandwidth_gbs", lambda device: 10.0)
     monkeypatch.setattr(sys.modules["bench.membound"], "copy_bandwidth_gbs", lambda device: 10.0)
-    fwd = {bench_norm: "fused_add_rmsnorm", bench_activation: "swiglu", bench_rope: "qk_rmsnorm_rope"}[module]
+    fwd = {bench_rmsnorm: "fused_add_rmsnorm", bench_swiglu: "swiglu", bench_rope: "qk_rmsnorm_rope"}[module]
     ref = getattr(module, {"fused_add_rmsnorm": "fused_add_rmsnorm_ref", "swiglu": "swiglu_ref",
                            "qk_rmsnorm_rope": "qk_rmsnorm_rope_ref"}[fwd])
     ext = getattr(module, f"{fwd}_ext")
@@ -79,7 +77,7 @@ def test_train_step_benchmark_runs_each_provider(tmp_path, monkeypatch):
 
 @EXT_ONLY
 def test_bench_command_runs_a_benchmark_and_writes_the_summary(tmp_path):
-    """`unigendet bench` runs bench/bench_rope.py in its own process and collects CSV, markdown, PNG."""
+    """`unigendet bench` runs bench.bench_rope in its own process and collects CSV, markdown, PNG."""
     from unigendet.cli import main
 
     assert main(["bench", "--ops", "rope", "--device", "cpu", "--out", str(tmp_path)]) == 0
@@ -98,7 +96,7 @@ def test_ceilings_report_copy_bandwidth_and_matmul_rate():
 
 def test_data_benchmark_compares_both_loaders():
     from bench import bench_data
-    from unigendet.data.dali import dali_reason
+    from unigendet.data.loaders.dali import dali_reason
 
     if dali_reason() is not None:
         pytest.skip(dali_reason())

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import cuda_emu
-import test_ops_activation as activation
-import test_ops_norm as norm
+import test_ops_rmsnorm as rmsnorm
 import test_ops_rope as rope
+import test_ops_swiglu as swiglu
 from op_testing import LOW_PRECISION, NO_EXT, assert_accurate, leaf, run_with_grads
 from sanitizer import asan_env, asan_reports
 
@@ -88,7 +88,7 @@ def test_divergent_barrier_partial_warp_and_bad_launch_are_errors():
 
 
 # ---------------------------------------------------------------- fused_add_rmsnorm
-def run_norm_emulated(inputs, upstream):
+def run_rmsnorm_emulated(inputs, upstream):
     args = [leaf(t) if t is not None else None for t in inputs]
     outs, grads = run_with_grads(lambda x, r, w: cuda_emu.fused_add_rmsnorm(x, r, w, 1e-6), args, upstream)
     return outs + grads
@@ -106,16 +106,16 @@ NORM_SHAPES = [(37, 129), (300, 64), (1, 1), (33, 512), (20, 1024), (5, 1027), (
 @pytest.mark.parametrize("with_residual", [True, False])
 @pytest.mark.parametrize("shape", NORM_SHAPES)
 def test_fused_add_rmsnorm_kernels(dtype, with_residual, shape):
-    inputs, upstream = norm.make_inputs(shape, dtype, with_residual, seed=6)
-    got = assert_accurate(norm.run, inputs, upstream, candidate=run_norm_emulated)
+    inputs, upstream = rmsnorm.make_inputs(shape, dtype, with_residual, seed=6)
+    got = assert_accurate(rmsnorm.run, inputs, upstream, candidate=run_rmsnorm_emulated)
     assert not any(t.isnan().any() for t in got)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_add_rmsnorm_scalar_path_gives_the_vector_paths_numbers(dtype):
-    inputs, upstream = norm.make_inputs((19, 256), dtype, seed=3)
-    slow = run_norm_emulated([misaligned(inputs[0]), *inputs[1:]], [misaligned(upstream[0]), upstream[1]])
-    fast = run_norm_emulated(inputs, upstream)
+    inputs, upstream = rmsnorm.make_inputs((19, 256), dtype, seed=3)
+    slow = run_rmsnorm_emulated([misaligned(inputs[0]), *inputs[1:]], [misaligned(upstream[0]), upstream[1]])
+    fast = run_rmsnorm_emulated(inputs, upstream)
     for a, b in zip(slow[:3], fast[:3]):  # y, res, grad_x: per-element, same arithmetic
         assert torch.equal(a, b)
     torch.testing.assert_close(slow[4], fast[4], rtol=1e-5, atol=1e-5)  # grad_w: another summation order
@@ -130,8 +130,8 @@ def run_swiglu_emulated(gate_up, upstream):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(33, 2 * 45), (2, 3, 2 * 64), (1, 2), (7, 2 * 1031), (40, 2 * 256)])
 def test_swiglu_kernels(dtype, shape):
-    gate_up, upstream = activation.make_inputs(shape, dtype, seed=6, scale=3.0)
-    assert_accurate(activation.run, gate_up, upstream, candidate=run_swiglu_emulated)
+    gate_up, upstream = swiglu.make_inputs(shape, dtype, seed=6, scale=3.0)
+    assert_accurate(swiglu.run, gate_up, upstream, candidate=run_swiglu_emulated)
     assert torch.equal(run_swiglu_emulated(misaligned(gate_up), upstream)[0], run_swiglu_emulated(gate_up, upstream)[0])
 
 
@@ -192,7 +192,7 @@ traced = pytest.mark.skipif(SANITIZED, reason="the sanitized build is not instru
 ])
 def test_fused_add_rmsnorm_reads_each_row_once_in_16_byte_packs(dtype, shape, misalign, width, fwd_passes,
                                                                  bwd_passes):
-    (x, r, w), (gy, gr) = norm.make_inputs(shape, dtype)
+    (x, r, w), (gy, gr) = rmsnorm.make_inputs(shape, dtype)
     x = misaligned(x) if misalign else x
     with cuda_emu.trace() as t:
         _, res, rstd = cuda_emu.rmsnorm_forward(x, r, w, 1e-6)
@@ -206,7 +206,7 @@ def test_fused_add_rmsnorm_reads_each_row_once_in_16_byte_packs(dtype, shape, mi
 @traced
 @pytest.mark.parametrize("dtype, width", [(torch.bfloat16, 16), (torch.float32, 16), (torch.float16, 16)])
 def test_swiglu_moves_each_element_once_in_16_byte_packs(dtype, width):
-    gate_up, upstream = activation.make_inputs((40, 2 * 256), dtype)
+    gate_up, upstream = swiglu.make_inputs((40, 2 * 256), dtype)
     with cuda_emu.trace() as t:
         cuda_emu.swiglu_forward(gate_up)
         cuda_emu.swiglu_backward(upstream, gate_up)

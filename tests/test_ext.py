@@ -191,7 +191,7 @@ def test_trainer_with_ext_matches_reference(tiny_overrides, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
 
 
-BACKBONE_OP_TESTS = ["tests/test_ops_norm.py", "tests/test_ops_activation.py", "tests/test_ops_rope.py"]
+BACKBONE_OP_TESTS = ["tests/test_ops_rmsnorm.py", "tests/test_ops_swiglu.py", "tests/test_ops_rope.py"]
 
 
 def _backbone_op_cases():

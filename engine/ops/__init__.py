@@ -5,13 +5,13 @@ when one can run the inputs, else the eager reference in `unigendet.ops.referenc
 """
 from .. import backends
 from ..backends import BackendError, set_default_backend
-from .activation import swiglu
 from .attention import mmsa_attention
 from .consistency import mmsa_consistency_loss
 from .loss import bce_diga_loss
-from .norm import fused_add_rmsnorm
 from .reference import LossParts
+from .rmsnorm import fused_add_rmsnorm
 from .rope import axial_rope_tables, qk_rmsnorm_rope
+from .swiglu import swiglu
 
 
 def available_backends(verbose: bool = False):

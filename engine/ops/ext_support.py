@@ -1,8 +1,8 @@
 """The C++/CUDA extension `unigendet._C` (csrc/): loading it, what it was built with, what it can run.
 
 Importing `unigendet._C` registers the ops `torch.ops.unigendet.*` (schemas and CPU/CUDA kernels);
-their fake kernels and autograd formulas are registered from Python by the op modules (norm.py,
-activation.py, rope.py) through `register_ext_op`. When the extension is missing or unusable, the
+their fake kernels and autograd formulas are registered from Python by the op modules (rmsnorm.py,
+swiglu.py, rope.py) through `register_ext_op`. When the extension is missing or unusable, the
 reason is kept and shown by `unigendet info` and in backend errors; model code never sees it.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Benchmark `swiglu`: (N, 2F) -> (N, F).
 
-    python bench/bench_activation.py              # CUDA if present (bf16, N=32k, F=4096), else CPU
-    python bench/bench_activation.py --device cpu # fp32, N=8192, F in {1024, 4096}
+    python -m bench.bench_swiglu              # CUDA if present (bf16, N=32k, F=4096), else CPU
+    python -m bench.bench_swiglu --device cpu # fp32, N=8192, F in {1024, 4096}
 
 Bytes that must move: forward reads gate_up and writes out (3 N F elements); backward reads grad_out
 and gate_up and writes grad_gate_up (5 N F). Targets (the project's goals): CPU >= 2x eager and >= torch.compile;
@@ -9,15 +9,11 @@ H100/H200 >= 85% of the copy bandwidth. Harness: bench/membound.py.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from bench.membound import Case, run  # first: it configures torch's CPU allocator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.membound import Case, run  # noqa: E402  (first: it configures torch's CPU allocator)
-
-import torch  # noqa: E402
-from unigendet.ops.activation import swiglu_ext  # noqa: E402
-from unigendet.ops.reference import swiglu_ref  # noqa: E402
+import torch
+from unigendet.ops.reference import swiglu_ref
+from unigendet.ops.swiglu import swiglu_ext
 
 
 def cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
@@ -33,4 +29,4 @@ def cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
 
 
 if __name__ == "__main__":
-    run("swiglu", "bench_activation", cases, swiglu_ref, swiglu_ext)
+    run("swiglu", "bench_swiglu", cases, swiglu_ref, swiglu_ext)

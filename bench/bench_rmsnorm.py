@@ -1,7 +1,7 @@
 """Benchmark `fused_add_rmsnorm` (with residual; gradients reach x, residual, weight and both outputs).
 
-    python bench/bench_norm.py                    # CUDA if present (bf16, N=32k, C=4096), else CPU
-    python bench/bench_norm.py --device cpu       # fp32, N=8192, C in {1024, 4096}
+    python -m bench.bench_rmsnorm                    # CUDA if present (bf16, N=32k, C=4096), else CPU
+    python -m bench.bench_rmsnorm --device cpu       # fp32, N=8192, C in {1024, 4096}
 
 Bytes that must move: forward reads x, residual and writes y, res (4 N C elements); backward reads
 grad_y, grad_res, res and writes grad_x (4 N C). Targets (the project's goals): CPU >= 2x eager and >= torch.compile;
@@ -9,15 +9,11 @@ H100/H200 >= 85% of the copy bandwidth. Harness: bench/membound.py.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from bench.membound import Case, run  # first: it configures torch's CPU allocator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.membound import Case, run  # noqa: E402  (first: it configures torch's CPU allocator)
-
-import torch  # noqa: E402
-from unigendet.ops.norm import fused_add_rmsnorm_ext  # noqa: E402
-from unigendet.ops.reference import fused_add_rmsnorm_ref  # noqa: E402
+import torch
+from unigendet.ops.reference import fused_add_rmsnorm_ref
+from unigendet.ops.rmsnorm import fused_add_rmsnorm_ext
 
 
 def cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
@@ -34,4 +30,4 @@ def cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
 
 
 if __name__ == "__main__":
-    run("fused_add_rmsnorm", "bench_norm", cases, fused_add_rmsnorm_ref, fused_add_rmsnorm_ext)
+    run("fused_add_rmsnorm", "bench_rmsnorm", cases, fused_add_rmsnorm_ref, fused_add_rmsnorm_ext)

@@ -5,7 +5,7 @@ import torch
 from op_testing import (BACKENDS, EXT_ONLY, LOW_PRECISION, assert_accurate, assert_within_2x_eager, gpu_only,
                         leaf, run_with_grads)
 from unigendet import ops
-from unigendet.ops.norm import OP, fused_add_rmsnorm_ext
+from unigendet.ops.rmsnorm import OP, fused_add_rmsnorm_ext
 from unigendet.ops.reference import fused_add_rmsnorm_ref
 
 SHAPES = [(37, 129), (3, 7, 96), (1, 1), (5, 1027)]
