@@ -3,7 +3,8 @@
 Each command prints what it did and exits non-zero with a one-line message naming the bad file,
 key or value on user errors (no traceback for those; real bugs still show theirs).
 
-Exit status: 0 done; 1 `detect` / `bench` found a failure; 2 a user error (the one-line message);
+Exit status: 0 done; 1 `detect` / `bench` found a failure, or `generate --max-p-fake` kept fewer than --n
+images within --max-tries; 2 a user error (the one-line message);
 75 (EX_TEMPFAIL) `train` stopped by SIGTERM / SIGINT after saving a checkpoint: requeue it with
 --resume; 141 (128 + SIGPIPE) output piped into a reader that stopped.
 """
@@ -189,111 +190,97 @@ def _check_sampler_args(args) -> None:
 def cmd_generate(args) -> int:
     from .eval import save_grid
     from .eval.evaluate import generate, load_model
+    from .inference import generate as gen
 
     _check_sampler_args(args)
-    grid = _check_generate_out(args.out, args.n)  # before anything is loaded or generated
-    shift = args.timestep_shift
+    if args.out is not None and args.out_dir is not None:
+        from .config import ConfigError
+
+        raise ConfigError("give --out (a grid image) or --out-dir (a folder of PNGs), not both")
+    out = args.out_dir if args.out_dir is not None else args.out or "grid.png"
+    if args.batch_size is not None and args.batch_size < 1:
+        from .config import ConfigError
+
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    max_tries = gen.check_gate(args.n, args.max_p_fake, args.max_tries)
+    # before anything is loaded or generated
+    grid = gen.check_out(out, args.n, option="--out" if args.out_dir is None else "--out-dir",
+                         folder=True if args.out_dir is not None else None)
+    if grid and args.max_p_fake is not None:
+        from .config import ConfigError
+
+        raise ConfigError("--max-p-fake writes the images it keeps into a folder; give --out-dir DIR")
     model, cfg, step_dir = load_model(args.ckpt, device=args.device)
     steps = cfg.eval.sampler_steps if args.steps is None else args.steps
-    shift = cfg.eval.timestep_shift if shift is None else shift
+    shift = cfg.eval.timestep_shift if args.timestep_shift is None else args.timestep_shift
+    batch_size = args.batch_size or cfg.eval.batch_size
     if grid:
-        images = generate(model, args.n, steps, cfg.eval.batch_size, args.device, args.cfg_scale, seed=args.seed,
+        images = generate(model, args.n, steps, batch_size, args.device, args.cfg_scale, seed=args.seed,
                           shift=shift)
-        save_grid(images, args.out)
-    else:
-        _generate_to_folder(model, args, steps, shift, cfg.eval.batch_size)
-    print(f"wrote {args.n} images from {step_dir} to {args.out}")
-    return 0
+        save_grid(images, out)
+        print(f"wrote {args.n} images from {step_dir} to {out}")
+        return 0
+    return _generate_folder(model, cfg, step_dir, out, args, gen.SamplerSettings(steps, shift, args.cfg_scale,
+                                                                                 batch_size, args.seed), max_tries)
 
 
-GRID_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MAX_GRID_IMAGES = 1024  # one grid image holds at most this many samples (a 32 x 32 mosaic)
+def _generate_folder(model, cfg, step_dir, out: str, args, settings, max_tries) -> int:
+    """PNGs + manifest.jsonl in `out`; exit 1 when the gate kept fewer than --n images."""
+    from tqdm.auto import tqdm
 
+    from .inference import generate as gen
 
-def _check_generate_out(out: str, n: int) -> bool:
-    """Check --n and --out before generating; True for a grid image, False for a folder of PNGs.
-    A folder (no extension) is created and must be empty; the folder of a grid must be writable."""
-    import tempfile
-
-    from .config import ConfigError
-
-    if n < 1:
-        raise ConfigError(f"--n must be >= 1, got {n}")
-    suffix = os.path.splitext(out)[1].lower()
-    grid = not (out.endswith(os.sep) or os.path.isdir(out) or suffix == "")
-    if grid and suffix not in GRID_EXTENSIONS:
-        raise ConfigError(f"--out {out}: unknown extension {suffix!r}; give a grid image ({', '.join(GRID_EXTENSIONS)}) "
-                          "or a folder (no extension) for one PNG per image")
-    if grid and n > MAX_GRID_IMAGES:
-        raise ConfigError(f"--n {n}: a grid image holds at most {MAX_GRID_IMAGES}; give --out a folder (no "
-                          "extension) to write one PNG per image, in batches")
-    folder = os.path.dirname(os.path.abspath(out)) if grid else os.path.abspath(out)
-    above = folder
-    while not os.path.exists(above):
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
-        raise ConfigError(f"--out {out}: {above} is a file, not a folder")
-    if grid and os.path.isdir(out):
-        raise ConfigError(f"--out {out}: is a folder; give a file name such as {os.path.join(out, 'grid.png')}")
+    weights = "ema" if cfg.eval.use_ema else "model"
+    provenance = {"step": gen.checkpoint_step(step_dir, weights), "checkpoint": str(step_dir), "weights": weights}
+    bar = tqdm(total=args.n, unit="img", disable=args.quiet or not sys.stderr.isatty(), dynamic_ncols=True,
+               leave=False)
     try:
-        os.makedirs(folder, exist_ok=True)
-        if not grid and os.listdir(folder):
-            raise ConfigError(f"--out {out}: folder is not empty; give a new or empty folder")
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".unigendet-write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write in {folder} ({e.strerror or e})") from None
-    return grid
-
-
-def _generate_to_folder(model, args, steps: int, shift: float, batch_size: int) -> None:
-    """--n images as OUT/00000000.png, ... written batch by batch (memory: one batch)."""
-    import torch
-
-    from .eval.grid import to_uint8
-    from .model import euler_sample
-    from PIL import Image
-
-    gen = torch.Generator(device=args.device)
-    gen.manual_seed(args.seed)
-    for start in range(0, args.n, batch_size):
-        m = min(batch_size, args.n - start)
-        ids = None
-        if model.cfg.num_classes > 0:
-            ids = torch.randint(0, model.cfg.num_classes, (m,), generator=gen, device=args.device)
-        with torch.no_grad():
-            images = euler_sample(model, m, steps=steps, generator=gen, class_ids=ids, cfg_scale=args.cfg_scale,
-                                  batch_size=m, device=args.device, shift=shift)
-        for j, pixels in enumerate(to_uint8(images)):
-            Image.fromarray(pixels).save(os.path.join(args.out, f"{start + j:08d}.png"))
+        result = gen.generate_to_folder(model, out, args.n, settings, device=args.device, provenance=provenance,
+                                        max_p_fake=args.max_p_fake, max_tries=max_tries, progress=bar.update)
+    finally:
+        bar.close()
+    if args.max_p_fake is not None:
+        print(result.gate_line(), file=sys.stderr)
+    print(f"wrote {result.kept} images from {step_dir} to {out} (manifest: {result.manifest})")
+    print(json.dumps(result.to_dict()))
+    return 0 if result.complete else 1
 
 
 def cmd_detect(args) -> int:
-    from .data import DataError, load_rgb
-    from .data.images import crop_resize
+    from .config import ConfigError
     from .eval.evaluate import load_model
+    from .inference import detect, expand_inputs
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if not (0 <= args.threshold <= 1):  # also refuses nan
+        raise ConfigError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.json and args.format not in (None, "jsonl"):
+        raise ConfigError(f"--json is --format jsonl; it contradicts --format {args.format}")
+    if args.out is not None:
+        detect.check_results_path(args.out)
+    fmt = detect.format_for(args.out, "jsonl" if args.json else args.format)
+    inputs = expand_inputs(args.files, args.from_file)  # an unreadable list stops here, before loading
+    if not inputs.paths and not inputs.problems:
+        raise ConfigError("no input: give image files, folders, globs or @LIST / --from-file LIST")
     model, cfg, step_dir = load_model(args.ckpt, device=args.device)
-    S = cfg.model.image_size
-    failures = 0
-    for path in args.files:
-        try:
-            img = load_rgb(path, cfg.data.max_file_mb)  # regular files only, at most data.max_file_mb
-            x = crop_resize(img, S, None)[None]  # the evaluation transform: shorter side to S, center crop
-        except (DataError, OSError) as e:
-            failures += 1
-            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
-            print(json.dumps({"file": str(path), "error": msg}) if args.json else f"ERROR {msg}")
-            continue
-        p = float(model.p_fake(x.to(args.device))[0])
-        label = "generated" if p >= 0.5 else "real"
-        print(json.dumps({"file": str(path), "p_fake": p, "label": label}) if args.json
-              else f"{path}\tp_fake={p:.4f}\t{label}")
-    if not args.json:
-        print(f"# p_fake = probability the image is generated (label 1 = generated, 0 = real); checkpoint {step_dir}",
-              file=sys.stderr)
-    return 1 if failures else 0
+    stream = sys.stdout if args.out is None else open(args.out, "w", encoding="utf-8", newline="")
+    try:
+        summary = detect.run_detect(model, inputs, stream, fmt=fmt, image_size=cfg.model.image_size,
+                                    batch_size=args.batch_size, device=args.device, threshold=args.threshold,
+                                    max_file_mb=cfg.data.max_file_mb, workers=args.workers,
+                                    show_progress=not args.quiet and sys.stderr.isatty())
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+    if not args.quiet:
+        where = f"; results in {args.out}" if args.out is not None else ""
+        print(f"{summary.line()}{where}", file=sys.stderr)
+        print(f"# p_fake = probability the image is generated (label {detect.LABEL_FAKE} at p_fake >= "
+              f"{args.threshold:g}, else {detect.LABEL_REAL}); checkpoint {step_dir}", file=sys.stderr)
+    return 1 if summary.errors else 0
 
 
 def cmd_eval(args, overrides: list[str]) -> int:
@@ -378,10 +365,23 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--ckpt", required=required, help="a checkpoint step folder or a run folder (newest checkpoint)")
         sp.add_argument("--device", default="cpu")
 
-    g = sub.add_parser("generate", help="sample images into a PNG grid")
+    g = sub.add_parser("generate", help="sample images into a PNG grid, or into a folder of PNGs with a manifest "
+                                        "(optionally only those the model's detector scores below --max-p-fake)")
     add_ckpt(g)
     g.add_argument("--n", type=int, default=16)
-    g.add_argument("--out", default="grid.png")
+    g.add_argument("--out", default=None, help="grid image (default grid.png); a path without an extension is "
+                                               "a folder, as with --out-dir")
+    g.add_argument("--out-dir", default=None, help="new or empty folder: one PNG per image (00000000.png, ...) and "
+                                                   "manifest.jsonl (seed, checkpoint step, sampler settings, p_fake)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per sampler batch (default: "
+                                                                "eval.batch_size); part of what --seed reproduces")
+    g.add_argument("--max-p-fake", type=float, default=None,
+                   help="authenticity gate: keep only images the model's own detector scores below this p_fake, "
+                        "sampling new candidates for rejected ones (needs a folder output)")
+    g.add_argument("--max-tries", type=int, default=None,
+                   help="with --max-p-fake: stop after scoring this many candidates (default 10 x --n); exit 1 "
+                        "if fewer than --n images were kept")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--steps", type=int, default=None, help="Euler steps (default: eval.sampler_steps)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cfg-scale", type=float, default=1.0)
@@ -389,10 +389,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timestep shift of the Euler grid, t' = s*t / (1 + (s-1)*t); 1 = uniform steps "
                         "(default: the checkpoint config's eval.timestep_shift)")
 
-    d = sub.add_parser("detect", help="p_fake per image (label 1 = generated, 0 = real)")
+    d = sub.add_parser("detect", help="p_fake per image (label 1 = generated, 0 = real) of files, folders "
+                                      "(recursive), globs and @LIST files, in batches")
     add_ckpt(d)
-    d.add_argument("files", nargs="+")
-    d.add_argument("--json", action="store_true", help="one JSON object per line")
+    d.add_argument("files", nargs="*", metavar="INPUT",
+                   help="an image file, a folder (its images, recursively), a glob such as 'photos/**/*.jpg', "
+                        "or @LIST: a text file with one path per line")
+    d.add_argument("--from-file", action="append", default=[], metavar="LIST",
+                   help="a text file with one path (file or folder) per line; - = standard input; repeatable")
+    d.add_argument("--out", default=None, help="write the rows to this file (.csv or .jsonl: the format follows "
+                                               "the extension) instead of standard output")
+    d.add_argument("--format", choices=("text", "csv", "jsonl"), default=None,
+                   help="row format: columns file, p_fake, label, error (default: from --out, else text)")
+    d.add_argument("--json", action="store_true", help="one JSON object per line (same as --format jsonl)")
+    d.add_argument("--threshold", type=float, default=0.5, help="label generated when p_fake >= this")
+    d.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    d.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads")
+    d.add_argument("--quiet", action="store_true", help="no progress bar and no summary on standard error")
 
     b = sub.add_parser("bench", help="run the per-op benchmarks (source checkout): CSV, markdown, PNG, summary")
     b.add_argument("--ops", default=",".join(BENCH_OPS), help=f"comma-separated: {', '.join(BENCH_OPS)}")

@@ -320,7 +320,7 @@ def test_generate_into_a_folder_streams_pngs(trained_step, tmp_path):
     out = tmp_path / "samples"
     assert main(["generate", "--ckpt", str(trained_step), "--n", "6", "--out", str(out), "--steps", "1"]) == 0
     files = sorted(os.listdir(out))
-    assert files == [f"{i:08d}.png" for i in range(6)]
+    assert files == [f"{i:08d}.png" for i in range(6)] + ["manifest.jsonl"]  # one line per PNG
     assert Image.open(out / files[0]).size == (32, 32)
     assert main(["generate", "--ckpt", str(trained_step), "--n", "1", "--out", str(out)]) == 2  # not empty
 
