@@ -1,8 +1,12 @@
-"""Packaging for unigendet.
+"""The compiled part of unigendet's packaging: the extension unigendet._C, and the subpackage list.
 
-The top-level folders of the repository are the architecture (docs/design.md §2):
-`engine/` is installed as the import package `unigendet`, `kernels/` as `unigendet.kernels`, and
-`csrc/` is compiled into the extension `unigendet._C` (the "ext" backend of the backbone ops).
+Everything declarative (name, version, dependencies, extras, the console script, the folder mapping
+`engine/` -> `unigendet`, `kernels/` -> `unigendet.kernels`, package data) is in pyproject.toml. What
+is left here needs code:
+- the extension `unigendet._C`, compiled from `csrc/` (the "ext" backend of the backbone ops) against
+  the torch installed at build time, so install with `pip install --no-build-isolation`;
+- the subpackages of engine/ and kernels/, found on disk and named under `unigendet` (setuptools'
+  own package discovery keeps the folder names, it cannot rename engine/ to unigendet).
 
 Extension build switches (environment variables):
   UNIGENDET_NO_EXT=1      pure-Python install: the ops run on the reference (and Triton) backends.
@@ -20,7 +24,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
@@ -140,35 +144,13 @@ def _extension_plan():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
+def _packages() -> list[str]:
+    """unigendet and every subpackage (a folder with __init__.py) of engine/ and kernels/, by import name."""
+    found = ["unigendet"] + [f"unigendet.{name}" for name in find_packages(ROOT / "engine")]
+    found += ["unigendet.kernels"] + [f"unigendet.kernels.{name}" for name in find_packages(ROOT / "kernels")]
+    return found
+
+
 ext_modules, cmdclass = _extension_plan()
 
-setup(
-    name="unigendet",
-    version="0.1.0",
-    description="Fused-kernel training engine for co-evolutionary image generation and detection (UniGenDet)",
-    python_requires=">=3.10",
-    packages=[
-        "unigendet",
-        "unigendet.ops",
-        "unigendet.model",
-        "unigendet.data",
-        "unigendet.train",
-        "unigendet.eval",
-        "unigendet.kernels",
-    ],
-    package_dir={"unigendet": "engine", "unigendet.kernels": "kernels"},
-    package_data={"unigendet": ["configs/*.toml"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    install_requires=[
-        "torch>=2.4",
-        "numpy",
-        "scipy",
-        "pillow",
-        "safetensors",
-        "tqdm",
-        "scikit-learn",
-        "scikit-image",
-    ],
-    entry_points={"console_scripts": ["unigendet = unigendet.cli:main"]},
-)
+setup(packages=_packages(), ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One command for an H100/H200 machine without internet (uses the torch/triton already installed):
 #   bash bench/gpu_check.sh [OUT_DIR]        (default: $OUT, else bench/results/gpu_check)
+# Before, on a machine with the network: `make offline-wheels` (the few packages such a machine lacks, as
+# wheels in bench/offline_wheels/). That folder is git-ignored: name bench/offline_wheels among the paths
+# carried with the working tree to the GPU machine, or it does not arrive there.
 # 1. builds the extension unigendet._C with its CUDA kernels for sm_90 in place (engine/_C*.so), then
 #    makes the package importable without installing anything (a copy under a temporary folder);
 # 2. measures the ceilings (copy bandwidth, bf16 matmul rate), runs the extension's GPU op tests, the
@@ -93,7 +96,7 @@ export PYTHONPATH="$PKG:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET UNIGENDET_BENCH_RESULTS UNIGENDET_TRITON_AUTOTUNE
 
 # The packages the tests and benchmarks import. A lent GPU machine has all but tomli-w (the config
-# writer), which travels as the small pure-Python wheel in bench/offline_wheels/ (MIT licence).
+# writer), which arrives as a wheel in bench/offline_wheels/ (made by `make offline-wheels`, see above).
 MISSING=$("$PYBIN" - <<'PY'
 import importlib.util
 needed = {"numpy": "numpy", "scipy": "scipy", "PIL": "pillow", "safetensors": "safetensors", "tqdm": "tqdm",
@@ -103,9 +106,15 @@ print(" ".join(pkg for module, pkg in needed.items() if importlib.util.find_spec
 PY
 )
 if [ -n "$MISSING" ]; then
-    echo "missing here: $MISSING; installing the wheels of bench/offline_wheels/"
-    "$PYBIN" -m pip install -q --no-index --no-deps --target "$PKG" bench/offline_wheels/*.whl \
-        || echo "OFFLINE WHEELS FAILED TO INSTALL"
+    WHEELS=(bench/offline_wheels/*.whl)
+    if [ -e "${WHEELS[0]}" ]; then
+        echo "missing here: $MISSING; installing the wheels of bench/offline_wheels/"
+        "$PYBIN" -m pip install -q --no-index --no-deps --target "$PKG" "${WHEELS[@]}" \
+            || echo "OFFLINE WHEELS FAILED TO INSTALL"
+    else
+        echo "missing here: $MISSING; NO WHEELS in bench/offline_wheels/: run \`make offline-wheels\` on a" \
+             "machine with the network and carry bench/offline_wheels with the tree (tests needing them fail)"
+    fi
 fi
 
 timeout -k 5 60 "$PYBIN" - <<'PY' || echo "IMPORT PROBE FAILED"
