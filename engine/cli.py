@@ -132,7 +132,7 @@ def cmd_data_check(args) -> int:
 
 def cmd_data_pack(args) -> int:
     """Pack the image folder DIR into webdataset shards + DALI index files in --out."""
-    from .data.shards import pack_folder
+    from .data.pack import pack_folder
 
     manifest = pack_folder(args.dir, args.out, samples_per_shard=args.samples_per_shard, seed=args.seed,
                            verify=not args.no_verify, workers=args.workers,

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .data.loaders import LOADER_NAMES
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -273,7 +275,7 @@ class Config:
 
 
 CHOICES = {
-    ("data", "loader"): ("auto", "dali", "pil"),
+    ("data", "loader"): LOADER_NAMES,
     ("model", "experts"): ("mot", "shared"),
     ("model", "projector_act"): ("silu", "gelu"),
     ("phases", "mode"): ("alternate", "joint", "diga"),

@@ -183,7 +183,7 @@ def test_too_few_images(tmp_path):
 def test_unknown_loader_is_refused_and_missing_dali_is_reported(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="expected 'auto'"):
         build_loader(_make_root(tmp_path), S, 2, loader="opencv")
-    import unigendet.data.dali as dali
+    import unigendet.data.loaders.dali as dali
 
     monkeypatch.setattr(dali, "dali_reason", lambda: "nvidia-dali is not usable here (ImportError: test)")
     with pytest.raises(DataError, match="data.loader = 'dali': nvidia-dali is not usable here"):

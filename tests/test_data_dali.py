@@ -6,7 +6,7 @@ import torch
 from test_data import write_unusual_images
 from unigendet.data import DataError, build_loader
 from unigendet.data.check import check_folder
-from unigendet.data.dali import DaliLoader, dali_reason
+from unigendet.data.loaders.dali import DaliLoader, dali_reason
 from unigendet.data.quarantine import write_quarantine
 
 pytestmark = pytest.mark.skipif(dali_reason() is not None, reason=f"{dali_reason()}")

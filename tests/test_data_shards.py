@@ -1,5 +1,6 @@
-"""Webdataset shards (`unigendet data pack`, engine/data/shards.py): what pack writes, DALI reading its
-index files, both loaders on shards (labels, rank sharding, resume), and bad files inside shards."""
+"""Webdataset shards (`unigendet data pack`: engine/data/pack.py, engine/data/sources/shards.py): what
+pack writes, DALI reading its index files, both loaders on shards (labels, rank sharding, resume), and
+bad files inside shards."""
 from __future__ import annotations
 
 import json
@@ -16,9 +17,9 @@ from test_data_dali import assert_same_samples
 from unigendet.cli import main as cli_main
 from unigendet.data import (DataError, FolderDataset, FolderLoader, build_loader, check_folder, default_quarantine_path,
                             load_eval_images, pack_folder, scan_data, scan_folder)
-from unigendet.data.dali import DaliLoader
+from unigendet.data.loaders.dali import DaliLoader
 from unigendet.data.quarantine import write_quarantine
-from unigendet.data.shards import MANIFEST_NAME
+from unigendet.data.sources.shards import MANIFEST_NAME
 
 
 def samples(index) -> Counter:

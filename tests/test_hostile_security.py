@@ -162,7 +162,7 @@ def shards(tmp_path) -> tuple[Path, dict]:
 
 
 def rewrite_manifest(root: Path, manifest: dict, k: int, **shard) -> Path:
-    from unigendet.data.shards import MANIFEST_NAME
+    from unigendet.data.sources.shards import MANIFEST_NAME
 
     bad = json.loads(json.dumps(manifest))
     bad["shards"][k].update(shard)

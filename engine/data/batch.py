@@ -30,7 +30,7 @@ class Batch:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
+    def to(self, device, non_blocking: bool = False) -> Batch:
         """Return a copy of the batch on `device` (use `non_blocking` with pinned memory)."""
         return Batch(
             images=self.images.to(device, non_blocking=non_blocking),
@@ -38,7 +38,7 @@ class Batch:
             class_ids=self.class_ids.to(device, non_blocking=non_blocking),
         )
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Page-locked copy; `torch.utils.data.DataLoader(pin_memory=True)` calls this."""
         return Batch(self.images.pin_memory(), self.is_fake.pin_memory(), self.class_ids.pin_memory())
 

@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError, features
 
 from .batch import DataError
-from .folder import FolderIndex, scan_data
 from .images import UnreadableFile, decode_rgb
+from .index import FolderIndex
 from .quarantine import REASONS, BadFile
+from .sources import scan_data
 
 _SNIFF_BYTES = 512  # enough for the signatures below, an SVG's XML prolog included
 _TAIL_BYTES = 64  # where the JPEG / PNG end markers must be

@@ -26,6 +26,7 @@ import random
 import re
 
 import numpy as np
+import skimage.data  # cheap: a photograph is read only when its loader function is called
 from PIL import Image
 
 from .batch import DataError
@@ -63,8 +64,6 @@ def _as_rgb_image(array: np.ndarray) -> Image.Image:
 
 def _load_photos() -> list[tuple[str, Image.Image]]:
     """The available offline photographs as (name, RGB image); unavailable loaders are skipped."""
-    import skimage.data  # deferred: only the demo needs scikit-image
-
     photos = []
     for name in PHOTO_SOURCES:
         try:
@@ -79,8 +78,6 @@ def _load_photos() -> list[tuple[str, Image.Image]]:
 
 def _load_faces() -> np.ndarray:
     """The 200 Labeled-Faces-in-the-Wild crops of `skimage.data.lfw_subset()`: (200, 25, 25) in [0, 1]."""
-    import skimage.data
-
     try:
         return skimage.data.lfw_subset()
     except (AttributeError, ImportError, OSError, ValueError):

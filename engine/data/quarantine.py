@@ -1,8 +1,9 @@
 """The quarantine list: unreadable files of a data root that the loaders skip.
 
 `unigendet data check ROOT` (engine/data/check.py) decodes every image of ROOT and writes the files
-that fail into a list; `scan_folder` drops the listed files. A bad file that is not listed stops the
-loader with a `DataError` naming it. The list never changes the data itself: files are only skipped,
+that fail into a list; every source's scan drops the listed files (`drop_quarantined`). A bad file
+that is not listed stops the loader with a `DataError` naming it and the check command
+(`check_command`). The list never changes the data itself: files are only skipped,
 and a listed file stays skipped until the next `data check` (run it again after fixing files).
 
 Format: UTF-8 text, tab-separated, one header line, then one line per file sorted by path:
@@ -23,10 +24,12 @@ fake/, so no scan ever picks it up as an image); `data.quarantine` / `--out` put
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 
 from .batch import DataError
 from .images import open_regular
+from .index import FolderIndex
 
 QUARANTINE_NAME = ".unigendet_quarantine.tsv"
 HEADER = ("path", "reason", "detail")
@@ -177,3 +180,30 @@ def read_quarantine(path: str | os.PathLike) -> list[BadFile]:
 def quarantined_paths(path: str | os.PathLike) -> set[str]:
     """The keys (`quarantine_key`) of the listed paths, relative to the data root."""
     return {quarantine_key(entry.path) for entry in read_quarantine(path)}
+
+
+def check_command(root: str) -> str:
+    """The `data check` command line for `root`, quoted for a POSIX shell (used in messages)."""
+    return f"unigendet data check {shlex.quote(root)}"
+
+
+def drop_quarantined(index: FolderIndex, listed: str) -> FolderIndex:
+    """`index` without the files named in the quarantine list at `listed` (paths relative to the root)."""
+    bad = quarantined_paths(listed)
+    # Every name in the index is os.path.join(root, rel): cutting the prefix gives rel exactly and is
+    # much cheaper than os.path.relpath on a million files.
+    prefix = os.path.join(index.root, "")
+    keep, skipped = [], []
+    for position, path in enumerate(index.files):
+        if path[len(prefix):] in bad:
+            skipped.append(path)
+        else:
+            keep.append(position)
+    out = index.subset(keep)
+    out.quarantine, out.skipped = listed, skipped
+    if out.num_real == 0:
+        raise DataError(
+            f"{index.root}: all {index.num_real} real images are listed in the quarantine "
+            f"list {listed}; nothing left to load"
+        )
+    return out

@@ -16,14 +16,16 @@ quarantine list, and a failing batch is re-decoded with PIL to name the bad file
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from .batch import Batch, DataError
-from .folder import FolderIndex, FolderLoader, command_for
-from .images import decode_rgb, image_size, random_resized_crop_box
+from ..batch import Batch, DataError
+from ..images import decode_rgb, image_size, random_resized_crop_box
+from ..index import FolderIndex
+from ..quarantine import check_command
+from .pil import FolderLoader
 
 
 def dali_reason() -> str | None:
@@ -59,7 +61,7 @@ class DaliLoader(FolderLoader):
             width, height = image_size(encoded)  # from the header: the size for the crop box
         except Exception as exc:
             raise DataError(f"bad file in dataset folder {self.index.root}: {self.index.files[i]}: cannot "
-                            f"read image ({exc}); run `{command_for(self.index.root)}`") from None
+                            f"read image ({exc}); run `{check_command(self.index.root)}`") from None
         rng = random.Random(f"unigendet/{self.seed}/{epoch}/{i}")  # FolderDataset's stream
         left, top, right, bottom = random_resized_crop_box(width, height, rng, self.dataset.crop_scale_min)
         flip = self.dataset.flip and rng.random() < 0.5
@@ -145,6 +147,6 @@ class DaliLoader(FolderLoader):
                 decode_rgb(self.index.read_bytes(i), self.index.files[i])
             except DataError as bad:
                 return (f"bad file in dataset folder {self.index.root}: {bad}; run "
-                        f"`{command_for(self.index.root)}` to list every unreadable file in a quarantine list, "
+                        f"`{check_command(self.index.root)}` to list every unreadable file in a quarantine list, "
                         "which the loaders then skip")
         return f"DALI pipeline failed on a batch of {self.index.root}: {str(exc).splitlines()[0]}"

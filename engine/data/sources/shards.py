@@ -1,6 +1,6 @@
-"""Webdataset tar shards: `unigendet data pack DIR --out SHARDS` writes them, `scan_shards` indexes them.
+"""Webdataset tar shards as a data root: `scan_shards` indexes them, `read_shard_member` reads a sample.
 
-A shards folder holds
+A shards folder (written by `unigendet data pack`, engine/data/pack.py) holds
 
     SHARDS/shard-000000.tar        webdataset samples: KEY.EXT (the image file's bytes, unchanged),
                                    KEY.cls (class id, decimal text, -1 = none) and KEY.fake ("0" real,
@@ -11,38 +11,26 @@ A shards folder holds
     SHARDS/unigendet_shards.json   manifest: format version, classes, shards and their sample counts;
                                    written last, so a folder with a manifest is a complete pack
 
-Pack reads the image-folder layout of engine/data/folder.py (real/, optional fake/, class
-subfolders; quarantined files left out), decodes every image first with the loaders' decoder and
-refuses to write anything when one fails (the error names it and `data check`; `--no-verify` skips
-this for a folder just checked), then writes the
-samples in a seeded random order (so streaming readers see mixed shards) with fixed tar metadata:
-the same folder and seed give byte-identical shards.
-
 The loaders read shards by random access: the index gives each image's offset in its tar, so the
 epoch permutation, the rank sharding, the crops and the resumable position are exactly those of an
 image folder (`FolderLoader`). A shards folder is a data root like any other: `data.root`,
 `eval.data` and `unigendet data check` accept it; quarantine list names are "SHARD.tar:MEMBER".
+Every file name a manifest or index gives must stay inside the shards folder.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
-from collections.abc import Callable
 
-import torch
-
-from .batch import DataError
-from .folder import FolderIndex, command_for, drop_quarantined, scan_folder
-from .images import is_image_file, open_regular
-from .quarantine import resolve_quarantine
+from ..batch import DataError
+from ..images import UnreadableFile, is_image_file, open_regular
+from ..index import FolderIndex
+from ..quarantine import drop_quarantined, resolve_quarantine
 
 MANIFEST_NAME = "unigendet_shards.json"
 FORMAT = "unigendet-webdataset"
 VERSION = 1
 INDEX_VERSION = "v1.2"  # DALI's webdataset index format
-DEFAULT_SAMPLES_PER_SHARD = 10_000
 _LABEL_EXTS = ("cls", "fake")
 
 
@@ -56,119 +44,24 @@ def is_shards_root(root: str | os.PathLike) -> bool:
         name.endswith(".tar") for name in os.listdir(root))
 
 
-# ---------------------------------------------------------------------------------------------- pack
-
-
-def pack_folder(
-    src: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-    seed: int = 0,
-    verify: bool = True,
-    workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict:
-    """Pack the image folder `src` into shards in the new folder `out` (module docstring); returns the manifest.
-
-    verify=False skips decoding every image first (for a folder `data check` has just listed): a bad
-    file then goes into the shards, and the loaders stop on it, naming it and `data check SHARDS`.
-    """
-    from .check import check_index  # check imports folder, which imports this module lazily
-
-    src, out = os.fspath(src), os.fspath(out)
-    if samples_per_shard < 1:
-        raise DataError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    if seed < 0:
-        raise DataError(f"--seed must be >= 0, got {seed}")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise DataError(f"{out}: --out exists and is not an empty folder; remove it or choose another")
-    index = scan_folder(src)
-    result = check_index(index, workers, progress) if verify else None
-    if result and result.bad:
-        first = result.bad[0]
-        raise DataError(
-            f"{src}: {len(result.bad)} unreadable image(s), e.g. {first.path} ({first.reason}: {first.detail}); "
-            f"nothing was written. Run `{command_for(src)}`: pack then leaves the listed files out"
-        )
-    order = torch.randperm(len(index), generator=torch.Generator().manual_seed(seed)).tolist()
-    os.makedirs(out, exist_ok=True)
-    shards = []
-    for start in range(0, len(order), samples_per_shard):
-        name = f"shard-{len(shards):06d}"
-        positions = order[start : start + samples_per_shard]
-        _write_shard(index, positions, first_key=start, tar_path=os.path.join(out, name + ".tar"))
-        _write_dali_index(os.path.join(out, name + ".tar"), os.path.join(out, name + ".idx"))
-        shards.append({"tar": name + ".tar", "index": name + ".idx", "samples": len(positions)})
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "classes": index.classes,
-        "num_samples": len(index),
-        "num_real": index.num_real,
-        "num_fake": index.num_fake,
-        "seed": seed,
-        "source": os.path.abspath(src),
-        "quarantined": len(index.skipped),
-        "shards": shards,
-    }
-    _write_atomic(os.path.join(out, MANIFEST_NAME), json.dumps(manifest, indent=1) + "\n")
-    return manifest
-
-
-def _member(name: str, size: int) -> tarfile.TarInfo:
-    """A regular-file header with fixed metadata (reproducible archives)."""
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def _write_shard(index: FolderIndex, positions: list[int], first_key: int, tar_path: str) -> None:
-    """Write the samples `positions` of `index` as KEY.EXT / KEY.cls / KEY.fake into `tar_path` (atomically)."""
-    tmp = tar_path + ".tmp"
-    with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for k, p in enumerate(positions):
-            key = f"{first_key + k:09d}"
-            ext = os.path.splitext(index.files[p])[1].lower().lstrip(".")
-            fields = ((ext, index.read_bytes(p)), ("cls", str(index.class_ids[p]).encode()),
-                      ("fake", str(index.is_fake[p]).encode()))
-            for suffix, data in fields:
-                tar.addfile(_member(f"{key}.{suffix}", len(data)), io.BytesIO(data))
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, tar_path)
-
-
-def _write_dali_index(tar_path: str, idx_path: str) -> None:
-    """Write DALI's webdataset index of `tar_path` (offsets read back from the archive itself)."""
-    samples: list[list[str]] = []
-    last_key = None
-    with tarfile.open(tar_path, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            entry = f"{ext} {member.offset_data} {member.size} {member.name}"
-            if key != last_key:
-                samples.append([])
-                last_key = key
-            samples[-1].append(entry)
-    lines = [f"{INDEX_VERSION} {len(samples)}"] + [" ".join(entries) for entries in samples]
-    _write_atomic(idx_path, "\n".join(lines) + "\n")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------- scan
+def read_shard_member(index: FolderIndex, i: int) -> bytes:
+    """The `FolderIndex.reader` of shards: sample i is `index.locations[i]` = (tar path, byte offset,
+    byte count), read with one `pread`; `UnreadableFile` naming the member when that fails."""
+    tar, offset, size = index.locations[i]
+    if size > index.max_bytes:
+        raise UnreadableFile(index.files[i], "too_large", f"{size} bytes, more than data.max_file_mb = "
+                             f"{index.max_bytes // 2**20} MiB")
+    fd = open_regular(tar, index.files[i])
+    try:
+        data = os.pread(fd, size, offset)
+    except OSError as exc:
+        raise UnreadableFile(index.files[i], "corrupt", exc.strerror or str(exc)) from exc
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise UnreadableFile(index.files[i], "corrupt", f"{tar} ends at byte {offset + len(data)}, the index "
+                             f"says {offset + size}")
+    return data
 
 
 def read_manifest(root: str) -> dict:
@@ -215,7 +108,7 @@ def scan_shards(root: str | os.PathLike, quarantine: str | os.PathLike | None = 
     root = os.fspath(root)
     manifest = read_manifest(root)
     classes = [str(c) for c in manifest["classes"]]
-    index = FolderIndex(files=[], is_fake=[], class_ids=[], classes=classes, root=root)
+    index = FolderIndex(files=[], is_fake=[], class_ids=[], reader=read_shard_member, classes=classes, root=root)
     for shard in manifest["shards"]:
         tar_path = os.path.join(root, shard["tar"])
         entries = read_dali_index(os.path.join(root, shard["index"]), tar_path)
@@ -227,7 +120,7 @@ def scan_shards(root: str | os.PathLike, quarantine: str | os.PathLike | None = 
                 image, labels = _split_components(components, tar_path)
                 is_fake, class_id = _read_labels(f.fileno(), labels, tar_path, len(classes))
                 index.files.append(os.path.join(root, f"{shard['tar']}:{image[3]}"))
-                index.members.append((tar_path, image[1], image[2]))
+                index.locations.append((tar_path, image[1], image[2]))
                 index.is_fake.append(is_fake)
                 index.class_ids.append(class_id)
     if len(index) != manifest["num_samples"]:
