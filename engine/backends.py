@@ -16,10 +16,17 @@ ops that do not implement it at all (attention has no "ext") choose as for "auto
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Literal, get_args
 
-BACKEND_NAMES = ("reference", "triton", "ext")
+# The one list of backend names, in the order "auto" tries them: the fused backends first, the eager
+# reference (which always runs) last. The `ops.backend` config key, the registrations in engine/ops/
+# and `unigendet info` all take their names from here.
+Backend = Literal["triton", "ext", "reference"]
+BACKEND_NAMES: tuple[Backend, ...] = get_args(Backend)
+BackendChoice = Literal["auto", Backend]  # what a call or the `ops.backend` key may ask for
+BACKEND_CHOICES: tuple[str, ...] = get_args(BackendChoice)
 ENV_VAR = "UNIGENDET_BACKEND"
 
 CapabilityCheck = Callable[..., "str | None"]
@@ -31,19 +38,19 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class Candidate:
-    name: str
+    name: Backend
     impl: Callable
     check: CapabilityCheck  # (*args, **kwargs) -> None if it can run, else a reason
     auto_check: CapabilityCheck | None = None  # extra condition for "auto" (e.g. not the slow interpreter)
 
 
 _REGISTRY: dict[str, list[Candidate]] = {}
-_default_backend = "auto"
+_default_backend: BackendChoice = "auto"
 
 
-def register(op: str, name: str, impl: Callable, check: CapabilityCheck | None = None,
+def register(op: str, name: Backend, impl: Callable, check: CapabilityCheck | None = None,
              auto_check: CapabilityCheck | None = None) -> None:
-    """Add a backend for `op` ("auto" prefers triton, then ext, then reference).
+    """Add a backend for `op` ("auto" tries an op's backends in the order of BACKEND_NAMES).
 
     check: can this backend run these inputs at all (None = yes, else the reason)?
     auto_check: should "auto" pick it for these inputs (e.g. Triton under the CPU interpreter can
@@ -54,26 +61,22 @@ def register(op: str, name: str, impl: Callable, check: CapabilityCheck | None =
     cands = _REGISTRY.setdefault(op, [])
     cands[:] = [c for c in cands if c.name != name]
     cands.append(Candidate(name, impl, check or (lambda *a, **k: None), auto_check))
-    cands.sort(key=lambda c: _PREFERENCE.index(c.name))
+    cands.sort(key=lambda c: BACKEND_NAMES.index(c.name))
 
 
-# "auto" prefers fused backends; the eager reference is the fallback that always runs.
-_PREFERENCE = ["triton", "ext", "reference"]
-
-
-def set_default_backend(name: str) -> None:
+def set_default_backend(name: BackendChoice) -> None:
     """Process-wide default used when a call says backend="auto" (the `ops.backend` config key)."""
     global _default_backend
-    if name != "auto" and name not in BACKEND_NAMES:
-        raise BackendError(f"unknown backend {name!r}; expected 'auto' or one of {BACKEND_NAMES}")
+    if name not in BACKEND_CHOICES:
+        raise BackendError(f"unknown backend {name!r}; expected one of {BACKEND_CHOICES}")
     _default_backend = name
 
 
-def get_default_backend() -> str:
+def get_default_backend() -> BackendChoice:
     return _default_backend
 
 
-def _requested(backend: str) -> tuple[str, str]:
+def _requested(backend: BackendChoice) -> tuple[str, str]:
     """(name, where it came from) after applying the override order of the module docstring."""
     forced = os.environ.get(ENV_VAR, "").strip()
     if forced:
@@ -83,7 +86,7 @@ def _requested(backend: str) -> tuple[str, str]:
     return _default_backend, "ops.backend"
 
 
-def select(op: str, backend: str, *args: Any, **kwargs: Any) -> Callable:
+def select(op: str, backend: BackendChoice, *args: Any, **kwargs: Any) -> Callable:
     """The implementation of `op` to call for these inputs (see the module docstring)."""
     cands = _REGISTRY.get(op)
     if not cands:
@@ -102,7 +105,7 @@ def select(op: str, backend: str, *args: Any, **kwargs: Any) -> Callable:
             reasons.append(f"{c.name}: {why}")
         raise BackendError(f"{op}: no backend can run these inputs ({'; '.join(reasons)})")
     if name not in BACKEND_NAMES:
-        raise BackendError(f"{op}: unknown backend {name!r} (from {source}); expected 'auto' or one of {BACKEND_NAMES}")
+        raise BackendError(f"{op}: unknown backend {name!r} (from {source}); expected one of {BACKEND_CHOICES}")
     for c in cands:
         if c.name == name:
             why = c.check(*args, **kwargs)
@@ -124,7 +127,7 @@ def _report_line(op: str) -> str:
 _unavailable: dict[tuple[str, str], str] = {}
 
 
-def mark_unavailable(op: str, name: str, reason: str) -> None:
+def mark_unavailable(op: str, name: Backend, reason: str) -> None:
     """Record why `name` cannot run `op` in this installation (shown by `unigendet info`)."""
     _unavailable[(op, name)] = reason
 
@@ -134,7 +137,7 @@ def availability() -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for op, cands in _REGISTRY.items():
         row: dict[str, str] = {}
-        for name in _PREFERENCE:
+        for name in BACKEND_NAMES:
             cand = next((c for c in cands if c.name == name), None)
             if cand is not None:
                 why = cand.check()

@@ -16,6 +16,7 @@ config file, or "command line" for a `--section.key=value` override.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import tomllib
 import types
@@ -24,7 +25,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .backends import BACKEND_CHOICES, BackendChoice
 from .data.loaders import LOADER_NAMES
+from .phase_modes import PHASE_MODES, PhaseMode, mode_trains_shared, schedule
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -138,7 +141,7 @@ class LossConfig:
 
 @dataclass
 class PhasesConfig:
-    mode: str = "alternate"
+    mode: PhaseMode = "alternate"
     """`alternate` (gen / det every k steps), `joint` (published stage I) or `diga` (stage II)."""
     k: int = num(1, ge=1)
     """Steps per phase in `alternate` mode: schedule = [(gen, k), (det, k)]."""
@@ -258,8 +261,9 @@ class EvalConfig:
 
 @dataclass
 class OpsConfig:
-    backend: str = "auto"
-    """Backend of every fused op: `auto`, `reference`, `triton` or `ext`."""
+    backend: BackendChoice = "auto"
+    """Backend of every fused op: `auto` (per op and inputs, the fastest backend that can run them) or one
+    backend's name, which the ops without that backend replace by `auto` (`unigendet info` lists them)."""
 
 
 @dataclass
@@ -278,11 +282,11 @@ CHOICES = {
     ("data", "loader"): LOADER_NAMES,
     ("model", "experts"): ("mot", "shared"),
     ("model", "projector_act"): ("silu", "gelu"),
-    ("phases", "mode"): ("alternate", "joint", "diga"),
+    ("phases", "mode"): PHASE_MODES,
     ("optim", "schedule"): ("cosine", "constant"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "fsdp_param_dtype"): ("float32", "bfloat16"),
-    ("ops", "backend"): ("auto", "reference", "triton", "ext"),
+    ("ops", "backend"): BACKEND_CHOICES,
 }
 
 
@@ -312,7 +316,9 @@ def describe() -> str:
         lines.append(f"[{sec.name}]")
         for f in fields(cls):
             default = getattr(cls(), f.name)
-            lines.append(f"  {f.name} = {default!r}\n      {docs.get(f.name, '')}")
+            allowed = CHOICES.get((sec.name, f.name))
+            choices = f"  (one of: {', '.join(allowed)})" if allowed else ""
+            lines.append(f"  {f.name} = {default!r}{choices}\n      {docs.get(f.name, '')}")
     return "\n".join(lines)
 
 
@@ -335,9 +341,9 @@ def _name(text: str) -> str:
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:
     """Convert a TOML / command-line value to the field's type, or raise ConfigError naming `where`."""
-    if isinstance(typ, str):  # postponed annotations
-        typ = eval(typ, {"tuple": tuple, "float": float, "int": int, "str": str, "bool": bool})
     origin = typing.get_origin(typ)
+    if origin is typing.Literal:  # a closed set of names: typed like them here, validate() checks which
+        return _coerce(value, type(typing.get_args(typ)[0]), where)
     if origin is types.UnionType:  # e.g. `tuple[int, ...] | str`: the first member that takes the value
         errors = []
         for member in typing.get_args(typ):
@@ -386,12 +392,18 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {typ!r}")
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """{field: its type} of a section dataclass, the postponed annotations resolved."""
+    return typing.get_type_hints(cls)
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, source: str, origins: dict | None = None) -> None:
     sections = {f.name: f for f in fields(Config)}
     if section not in sections:
         raise ConfigError(f"{source}: unknown section [{_name(section)}] (sections: {', '.join(sections)})")
     sub = getattr(cfg, section)
-    types = {f.name: f.type for f in fields(sub)}
+    types = _field_types(type(sub))
     if key not in types:
         import difflib
 
@@ -548,11 +560,14 @@ def validate(cfg: Config, source: str = "config", origins: dict[str, str] | None
                           "loss.lambda_att > 0 needs model.g2d, model.d2g and at least one layer in "
                           f"model.mmsa_layers (L_MMSA compares the two cross directions of the MMSA layers); got "
                           f"g2d={m.g2d}, d2g={m.d2g}, mmsa_layers={_show(m.mmsa_layers)}")
-    if cfg.phases.mode == "diga" and m.experts == "shared":
-        raise ConfigError(f"{blame('phases.mode', 'model.experts')}: phases.mode = 'diga' trains the generator "
-                          "with the detector frozen, but model.experts = 'shared' gives both streams one set of "
-                          "block weights, so the stage would train no block weight (only embeddings, heads and "
-                          "projector); use model.experts = 'mot', or phases.mode = 'joint' / 'alternate'")
+    if m.experts == "shared" and not mode_trains_shared(cfg.phases.mode):
+        owners = sorted(set().union(*(p.trainable for p in schedule(cfg.phases.mode))))
+        others = " / ".join(repr(mode) for mode in PHASE_MODES if mode_trains_shared(mode))
+        raise ConfigError(f"{blame('phases.mode', 'model.experts')}: phases.mode = {cfg.phases.mode!r} trains "
+                          f"only {' and '.join(owners)}-owned weights (never the shared ones), but model.experts "
+                          "= 'shared' gives both streams one set of block weights, so the stage would train no "
+                          "block weight (only embeddings, heads and projector); use model.experts = 'mot', or "
+                          f"phases.mode = {others}")
     if cfg.phases.refill_count > cfg.phases.pool_size:
         raise ConfigError(f"{blame('phases.refill_count', 'phases.pool_size')}: phases.refill_count "
                           f"({cfg.phases.refill_count}) exceeds phases.pool_size ({cfg.phases.pool_size})")

@@ -47,7 +47,7 @@ def test_default_backend_from_config():
         assert ops.swiglu(torch.randn(2, 4), backend="reference").shape == (2, 2)
     finally:
         ops.set_default_backend("auto")
-    with pytest.raises(ops.BackendError):
+    with pytest.raises(ops.BackendError, match=r"'fastest'; expected one of \('auto', 'triton', 'ext', 'reference'\)"):
         ops.set_default_backend("fastest")
 
 
@@ -67,6 +67,18 @@ def test_auto_skips_candidates_that_cannot_run(toy_op):
     assert backends.availability()["toy_op"] == {"triton": "ok", "reference": "ok"}
     with pytest.raises(ops.BackendError, match="needs a GPU"):
         backends.select("toy_op", "triton", torch.zeros(1))
+
+
+def test_candidates_are_tried_in_the_order_of_the_backend_names(toy_op):
+    """BACKEND_NAMES is the order "auto" tries (fused first, the reference last), whatever the order
+    of registration; a name outside it is refused."""
+    assert backends.BACKEND_NAMES[-1] == "reference"
+    for name in ("reference", *backends.BACKEND_NAMES[:-1]):
+        backends.register("toy_op", name, lambda x, name=name: name)
+    assert list(backends.availability()["toy_op"]) == list(backends.BACKEND_NAMES)
+    assert backends.select("toy_op", "auto", torch.zeros(1))(0) == backends.BACKEND_NAMES[0]
+    with pytest.raises(ValueError, match=r"unknown backend name 'cuda'; expected one of"):
+        backends.register("toy_op", "cuda", lambda x: x)
 
 
 def test_auto_check_keeps_slow_backends_opt_in(toy_op):

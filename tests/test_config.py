@@ -24,7 +24,7 @@ def test_overrides_types_and_forms():
     ("--train.steps=three", r"command line: train.steps: expected an integer"),
     ("--model.g2d=maybe", r"model.g2d: expected true or false"),
     ("--phases.mode=both", r"phases.mode = 'both' is not one of"),
-    ("--ops.backend=cuda", r"ops.backend"),
+    ("--ops.backend=cuda", r"ops.backend = 'cuda' is not one of \('auto', 'triton', 'ext', 'reference'\)"),
     ("--model.kv_heads=3", r"model.heads 4 is not a multiple of model.kv_heads 3"),
     ("--data.image_size=30", r"image size 30 is not a multiple of model.patch_size 4"),
     ("--model.align_layer=9", r"model.align_layer 9"),
@@ -125,3 +125,28 @@ def test_shared_experts_refused_in_diga():
     for mode in ("joint", "alternate"):
         load_config("tiny_cpu", [f"--phases.mode={mode}", "--model.experts=shared"])
     load_config("tiny_cpu", ["--phases.mode=diga", "--model.experts=mot"])
+
+
+def test_closed_choices_come_from_the_field_types():
+    """A field typed with a Literal (ops.backend, phases.mode) takes its allowed values from it, the ones
+    the backends and the phase table define; `--help-config` lists them."""
+    import typing
+    from dataclasses import fields
+
+    from unigendet import backends, phase_modes
+    from unigendet.config import CHOICES, Config, _field_types, config_from_dict
+
+    literal = {}
+    for sec in fields(Config):
+        for key, typ in _field_types(sec.default_factory).items():
+            if typing.get_origin(typ) is typing.Literal:
+                literal[(sec.name, key)] = typing.get_args(typ)
+    assert literal[("phases", "mode")] == phase_modes.PHASE_MODES
+    assert literal[("ops", "backend")] == backends.BACKEND_CHOICES
+    assert all(CHOICES[key] == values for key, values in literal.items())
+    assert backends.BACKEND_CHOICES == ("auto", *backends.BACKEND_NAMES)
+    assert "backend = 'auto'  (one of: auto, triton, ext, reference)" in describe()
+    for name in backends.BACKEND_CHOICES:
+        assert load_config("tiny_cpu", [f"--ops.backend={name}"]).ops.backend == name
+    with pytest.raises(ConfigError, match=r"^cfg.toml: ops.backend: expected a string, got 3$"):
+        config_from_dict({"ops": {"backend": 3}}, "cfg.toml")

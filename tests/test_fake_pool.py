@@ -8,8 +8,8 @@ import torch
 
 from test_graphs import host_reads_forbidden
 from unigendet import ConfigError, load_config
+from unigendet.phase_modes import phase_at
 from unigendet.train import FakePool, Trainer
-from unigendet.train.phases import phase_at
 
 
 def stamped(n: int, value: float) -> torch.Tensor:
@@ -27,7 +27,7 @@ def det_ages(pool_size=256, refill_every=40, refill_count=32, max_age=120, steps
         pool.set_step(step)
         if pool.must_refill() or step % refill_every == 0:
             pool.add(stamped(pool_size if pool.count == 0 else refill_count, step))
-        if phase_at(step, "alternate", 1).detects:
+        if phase_at(step, "alternate", 1).uses_fake_pool:
             ages.append(step - pool.sample(batch, g)[:, 0, 0, 0])
     return torch.cat(ages)
 

@@ -49,7 +49,7 @@ def test_the_captured_step_never_reads_the_device(tiny_overrides):
     """What `train.cuda_graphs` captures (each phase's step and the steady-state pool refill) runs here
     with every host read of a tensor forbidden: there is no sync to break a capture."""
     t = quiet_trainer(tiny_overrides, ["--train.steps=8", "--phases.refill_every=2", "--model.num_classes=0"])
-    from unigendet.train.phases import PHASES, set_trainable
+    from unigendet.train import PHASES, set_trainable
 
     t.step()  # the first steps fill the pool and create the loss sums and the optimizer state
     t.step()

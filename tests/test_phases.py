@@ -4,8 +4,10 @@ import torch
 
 from unigendet import ModelConfig, UniGenDet
 from unigendet.config import LossConfig
-from unigendet.train import PHASES, phase_at, phase_loss, set_trainable
 from unigendet.losses import flow_loss, sample_flow_inputs
+from unigendet.model.unigendet import OWNERS
+from unigendet.phase_modes import PHASE_MODES, SCHEDULES, mode_trains_shared, mode_uses_fake_pool, schedule
+from unigendet.train import PHASES, phase_at, phase_loss, set_trainable
 from unigendet.train.phases import authenticity_logit, frozen_detection_logit
 
 
@@ -38,6 +40,22 @@ def grads_by_owner(model):
 def test_schedule():
     assert [phase_at(s, "alternate", 2).name for s in range(6)] == ["gen", "gen", "det", "det", "gen", "gen"]
     assert phase_at(5, "joint", 1).name == "joint" and phase_at(0, "diga", 1).name == "diga"
+    with pytest.raises(ValueError, match=r"phases.mode 'both'; expected one of \('alternate', 'joint', 'diga'\)"):
+        phase_at(0, "both", 1)
+
+
+def test_phase_table_answers_what_the_trainer_and_config_ask():
+    """Every mode (a config choice) has a schedule; every phase computes some loss and trains owners the
+    model has; which modes keep a fake pool (trainer) and which can train shared experts (config)."""
+    assert tuple(SCHEDULES) == PHASE_MODES
+    for phase in PHASES.values():
+        assert phase.trainable <= set(OWNERS) and (phase.generates or phase.detects), phase
+    assert [p.name for p in schedule("alternate")] == ["gen", "det"]
+    assert {mode: mode_uses_fake_pool(mode) for mode in PHASE_MODES} == {"alternate": True, "joint": True,
+                                                                          "diga": False}
+    assert {mode: mode_trains_shared(mode) for mode in PHASE_MODES} == {"alternate": True, "joint": True,
+                                                                         "diga": False}
+    assert PHASES["joint"].trains_detector and not PHASES["diga"].trains_detector
 
 
 @pytest.mark.parametrize("phase,parts,trained", [

@@ -152,6 +152,8 @@ def test_stage_two_starts_from_a_stage_one_checkpoint(tiny_overrides, tmp_path):
     for p, q in zip(first.model.parameters(), second.model.parameters()):
         assert torch.equal(p, q)
     second.train()
+    # joint detects on fake-pool images; diga has no detection phase, so it never fills a pool
+    assert (first.uses_pool, second.uses_pool) == (True, False) and second.pool.count == 0 < first.pool.count
     # diga trains the generator expert only: every detector-owned weight is unchanged
     for name, p in second.model.named_parameters():
         if second.model.param_owner(name) == "det":

@@ -75,7 +75,7 @@ def _check_key_stream(name: str, k: Tensor | None, v: Tensor | None, lens: Tenso
 def mmsa_attention(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: bool = True,
                    g_causal: bool = False, d_causal: bool = False, len_g: Tensor | None = None,
                    len_d: Tensor | None = None, scale: float | None = None, return_lse: bool = False,
-                   backend: str = "auto"):
+                   backend: backends.BackendChoice = "auto"):
     """Joint attention of the generator (G) and detector (D) streams in one softmax per query row.
 
     q_*: (B, T*, H, D); k_*, v_*: (B, T*, Hkv, D). G queries read G keys (causal if g_causal) and D

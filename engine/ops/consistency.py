@@ -84,7 +84,7 @@ def _check_lens(name: str, lens: Tensor | None, B: int, T: int) -> None:
 def mmsa_consistency_loss(q_g: Tensor, k_g: Tensor, q_d: Tensor, k_d: Tensor, lse_g: Tensor, lse_d: Tensor, *,
                           n_tokens: int, d_offset: int, g_offset: int = 0, len_g: Tensor | None = None,
                           len_d: Tensor | None = None, scale: float | None = None,
-                          backend: str = "auto") -> Tensor:
+                          backend: backends.BackendChoice = "auto") -> Tensor:
     """L_MMSA of one MMSA layer: mean over (b, h, image token i) of (m_gd - m_dg)^2 (module docstring).
 
     q_g: (B, Tg, H, D), k_g: (B, Tg, Hkv, D), q_d: (B, Td, H, D), k_d: (B, Td, Hkv, D): the

@@ -37,7 +37,7 @@ backends.register(OP, "triton", _triton_impl, check=_triton_check, auto_check=_t
 
 def bce_diga_loss(logits: Tensor | None, targets: Tensor | None, weights: Tensor | None,
                   student: Tensor | None, teacher: Tensor | None, *, w_align: float = 0.5,
-                  backend: str = "auto") -> LossParts:
+                  backend: backends.BackendChoice = "auto") -> LossParts:
     """-> LossParts(total, bce, align), scalars in fp32, differentiable w.r.t. logits and student.
 
     logits, targets, weights: (N,) (targets in [0, 1]; soft labels allowed), or all None (bce = 0).

@@ -12,7 +12,7 @@ OP = "fused_add_rmsnorm"
 
 
 def fused_add_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float = 1e-6,
-                      backend: str = "auto") -> tuple[Tensor, Tensor]:
+                      backend: backends.BackendChoice = "auto") -> tuple[Tensor, Tensor]:
     """x, residual: (..., C); weight: (C,) -> (y, res) with res = x + residual (x if residual is None),
     y = res * rsqrt(mean(res^2, -1) + eps) * weight, computed in fp32, both in x's dtype."""
     if residual is not None and residual.shape != x.shape:

@@ -16,7 +16,7 @@ OP = "qk_rmsnorm_rope"
 
 
 def qk_rmsnorm_rope(q: Tensor, k: Tensor, q_weight: Tensor, k_weight: Tensor, cos: Tensor, sin: Tensor,
-                    eps: float = 1e-6, backend: str = "auto") -> tuple[Tensor, Tensor]:
+                    eps: float = 1e-6, backend: backends.BackendChoice = "auto") -> tuple[Tensor, Tensor]:
     """q: (B, T, H, D), k: (B, T, Hkv, D); q_weight, k_weight: (D,); cos, sin: (T, D/2)."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"qk_rmsnorm_rope: q must be (B, T, H, D) and k (B, T, Hkv, D); got "

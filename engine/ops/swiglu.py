@@ -11,7 +11,7 @@ from .reference import swiglu_ref
 OP = "swiglu"
 
 
-def swiglu(gate_up: Tensor, backend: str = "auto") -> Tensor:
+def swiglu(gate_up: Tensor, backend: backends.BackendChoice = "auto") -> Tensor:
     """(..., 2F) -> (..., F): silu(gate_up[..., :F]) * gate_up[..., F:]."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"swiglu: last dim must be even (gate and up halves), got {gate_up.shape[-1]}")

@@ -1,7 +1,8 @@
 """Training phases: which losses a step computes and which experts it trains (docs/design.md §1).
 
-One function, `phase_loss`, assembles the terms of every phase from two switches (does the phase
-generate, does it detect), so `gen`, `det`, `joint` and `diga` share one code path:
+The phases and the modes that schedule them are data (engine/phase_modes.py). One function,
+`phase_loss`, assembles the terms of every phase from two switches (does the phase generate, does it
+detect), so `gen`, `det`, `joint` and `diga` share one code path:
 - gen:   L_gen = L_flow + lambda_dig * (w_align * L_align + w_auth * L_auth); trains gen + shared.
 - det:   L_det = BCE on real (y=0), external fakes (y=1) and fake-pool images (y=1), plus
          lambda_att * L_MMSA of those detection passes when loss.lambda_att > 0; trains det + shared.
@@ -15,40 +16,14 @@ shared weights only). L_flow and L_align keep their gradients to the detector ex
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
 from ..config import LossConfig
 from ..losses import (BCEGroup, LossTerms, combined_bce_align, flow_loss, mmsa_consistency, one_step_estimate,
                       sample_flow_inputs)
+from ..phase_modes import Phase
 from ..rng import Gen, batch_rand
-
-
-@dataclass(frozen=True)
-class Phase:
-    name: str
-    generates: bool             # computes the L_gen terms
-    detects: bool               # computes the L_det terms
-    trainable: frozenset[str]   # parameter owners ("gen", "det", "shared") this phase updates
-
-
-PHASES = {
-    "gen": Phase("gen", True, False, frozenset({"gen", "shared"})),
-    "det": Phase("det", False, True, frozenset({"det", "shared"})),
-    "joint": Phase("joint", True, True, frozenset({"gen", "det", "shared"})),
-    "diga": Phase("diga", True, False, frozenset({"gen"})),
-}
-
-
-def phase_at(step: int, mode: str, k: int) -> Phase:
-    """The phase of optimizer step `step` (0-based): alternate runs [(gen, k), (det, k)] in a loop."""
-    if mode == "alternate":
-        return PHASES["gen" if (step // k) % 2 == 0 else "det"]
-    if mode in ("joint", "diga"):
-        return PHASES[mode]
-    raise ValueError(f"unknown phases.mode {mode!r}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -107,7 +82,7 @@ def authenticity_logit(model: nn.Module, phase: Phase, x_t: Tensor, t: Tensor, c
     velocity: v_hat (B, 3, S, S) of the step's generation pass. When the phase trains detector-owned
     weights and that pass read them (g2d), v_hat is recomputed with those weights held constant, so
     L_auth's gradient cannot reach the detector through v_hat either."""
-    if "det" in phase.trainable and unwrap(model).cfg.g2d:
+    if phase.trains_detector and unwrap(model).cfg.g2d:
         velocity = model("gen", x_t, t, class_ids, constant_detector=True).velocity
     return frozen_detection_logit(model, one_step_estimate(x_t, t, velocity))
 

@@ -23,12 +23,13 @@ from .. import ops
 from ..config import Config, ConfigError, TrainConfig, load_config, save_config, to_dict
 from ..data import build_loader
 from ..model import UniGenDet, euler_sample
+from ..phase_modes import mode_uses_fake_pool, phase_at
 from .checkpoint import (CheckpointError, checkpoint_config, list_checkpoints, load_trainer_state, load_weights,
                          remove_stale, resolve_checkpoint, save_checkpoint)
 from .fake_pool import FakePool
 from .graphs import DeviceSums, StaticBatch, StepGraphs
 from .optim import EMA, build_optimizer, device_lrs, lr_multiplier
-from .phases import phase_at, phase_loss, set_trainable
+from .phases import phase_loss, set_trainable
 from ..rng import ShardedGenerator
 from .distributed import GradientBuckets, init_distributed
 from .fsdp import full, gather_state, shard_model, shard_optimizer_state
@@ -181,7 +182,7 @@ class Trainer:
         # refill draws with self.noise in full on every rank, so all ranks hold the same pool
         self.draws = ShardedGenerator(self.noise, self.dist.rank, self.dist.world_size)
         self.pool = FakePool(cfg.phases.pool_size, cfg.data.image_size, self.device, max_age=cfg.phases.max_fake_age)
-        self.uses_pool = cfg.phases.mode != "diga"
+        self.uses_pool = mode_uses_fake_pool(cfg.phases.mode)  # else no phase of the run reads the pool
         self.step_idx = 0
         # Non-finite steps are counted on the device (no host sync per step) and read by
         # check_health() every train.log_every steps and before each checkpoint.
@@ -266,7 +267,7 @@ class Trainer:
         """Loss, backward, gradient all-reduce and clipping, AdamW, EMA, counters and loss sums of one
         step of `phase`, on the static inputs: nothing here reads the device (CUDA-graph safe)."""
         cfg, x = self.cfg, self.inputs
-        fakes = self.pool.sample(len(x.images), self.draws) if phase.detects else None
+        fakes = self.pool.sample(len(x.images), self.draws) if phase.uses_fake_pool else None
         with self.autocast:
             terms = phase_loss(self.step_model, phase, x.images, x.is_fake, x.class_ids, fakes, cfg.loss, self.draws)
         self.optimizer.zero_grad(set_to_none=True)  # inside a capture: fresh gradients from the graph's pool
