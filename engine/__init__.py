@@ -8,7 +8,7 @@ from . import ops
 from .config import Config, ConfigError, ModelConfig, load_config
 from .model import UniGenDet, euler_sample
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place the version is written: pyproject.toml reads it (a literal, not imported)
 
 
 def __getattr__(name):

@@ -168,8 +168,8 @@ def test_pip_install_into_a_fresh_venv_gives_a_working_command(tmp_path):
     _run(pip + ["--no-build-isolation", "."], env, src, 600)
 
     out = _run([str(venv / "bin" / "unigendet"), "info"], env, tmp_path, 300)
-    version = ast.literal_eval(next(line.split("=", 1)[1] for line in (ROOT / "engine/__init__.py").read_text()
-                                    .splitlines() if line.startswith("__version__")))
+    version = next(node.value.value for node in ast.parse((ROOT / "engine/__init__.py").read_text()).body
+                   if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "__version__")
     assert out.startswith(f"unigendet {version} "), out[:200]
     assert "unigendet._C" in out and "reference  ok" in out
     # every module but kernels/ (triton is an extra) imports with the declared dependencies alone, and every
