@@ -232,6 +232,19 @@ class TrainConfig:
     log_every steps and before each checkpoint)."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    tensorboard: bool = False
+    """Also write the metrics.jsonl numbers (under the same names) and a sample grid every
+    train.sample_every steps as TensorBoard event files in out_dir/tensorboard/; needs the
+    tensorboard extra (pip install ".[tensorboard]"). metrics.jsonl is written either way."""
+    wandb: bool = False
+    """Also log the same numbers and sample grids to Weights & Biases (needs the wandb package);
+    the run id is kept in out_dir/wandb_run_id, so --resume continues the same W&B run."""
+    wandb_project: str = "unigendet"
+    """W&B project the run is logged to (with train.wandb)."""
+    sample_every: int = num(0, ge=0)
+    """With train.tensorboard or train.wandb: every this many steps (and at the last) the EMA generator
+    samples 16 images from fixed noise (eval.sampler_steps, eval.timestep_shift, eval.cfg_scale), logged as
+    one grid `samples`; 0 = at every checkpoint (train.save_every)."""
 
 
 @dataclass

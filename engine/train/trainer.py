@@ -28,6 +28,7 @@ from .checkpoint import (CheckpointError, checkpoint_config, list_checkpoints, l
                          remove_stale, resolve_checkpoint, save_checkpoint)
 from .fake_pool import FakePool
 from .graphs import DeviceSums, StaticBatch, StepGraphs
+from .loggers import RunLoggers, sample_grid
 from .optim import EMA, build_optimizer, device_lrs, lr_multiplier
 from .phases import phase_loss, set_trainable
 from ..rng import ShardedGenerator
@@ -137,6 +138,8 @@ class Trainer:
         self.cuda_graphs, self.fsdp = cfg.train.cuda_graphs, cfg.train.fsdp
         self.dist = init_distributed(self.device)  # single process unless started by torchrun
         check_modes(cfg.train, self.device, distributed=self.dist.enabled)
+        # TensorBoard / W&B: a missing package stops here, before any work; only rank 0 writes
+        self.loggers = RunLoggers(cfg, Path(cfg.train.out_dir), active=self.dist.is_main)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         self.log = log if self.dist.is_main else (lambda *_: None)
@@ -211,6 +214,7 @@ class Trainer:
             for kept in remove_stale(self.out_dir):
                 self.log(f"left {kept} in place: it holds files unigendet did not write (it is not a checkpoint)")
             trim_metrics(self.out_dir / "metrics.jsonl", self.step_idx)
+            self.loggers.begin(self.step_idx)  # TensorBoard hides what an earlier attempt logged after it
             save_config(cfg, self.out_dir / "config.toml")
         self.dist.barrier()
         self._data_iter = iter(self.loader)
@@ -341,8 +345,11 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step_idx, disable=not cfg.progress or not self.dist.is_main,
                    dynamic_ncols=True)
         self.stopped_by = ""
-        with stop_requests() as stop:
-            last = self._loop(bar, metrics_path, stop)
+        try:
+            with stop_requests() as stop:
+                last = self._loop(bar, metrics_path, stop)
+        finally:
+            self.loggers.close()
         bar.close()
         return last
 
@@ -369,10 +376,14 @@ class Trainer:
                 if self.dist.is_main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
+                    self.loggers.scalars(self.step_idx, last)
                 bar.set_postfix(progress_fields(last), refresh=False)
                 t0, steps0 = time.perf_counter(), self.step_idx
             bar.update(1)
             stopping = self.dist.any(stop.requested)  # ranks must agree on the step they stop after
+            if self.loggers.enabled and (self.step_idx % (cfg.sample_every or cfg.save_every) == 0
+                                         or self.step_idx == cfg.steps):
+                self.log_samples()
             if self.step_idx % cfg.save_every == 0 or self.step_idx == cfg.steps or stopping:
                 self.check_health()  # never checkpoint in the middle of a run of bad steps past the limit
                 self.save()
@@ -381,6 +392,13 @@ class Trainer:
                 self.stopped_by = stop.signal_name or "a stop request of another rank"
                 break
         return last
+
+    def log_samples(self) -> None:
+        """The EMA generator's sample grid (train.sample_every) to TensorBoard / W&B. Under FSDP every
+        rank samples (the sharded forward needs them all); otherwise rank 0 alone."""
+        if self.fsdp or self.dist.is_main:
+            grid = sample_grid(self.ema.model, self.cfg, self.device, self.autocast)  # (H, W, 3) uint8
+            self.loggers.image(self.step_idx, "samples", grid)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -421,6 +439,7 @@ class Trainer:
             path = save_checkpoint(self.out_dir, self.step_idx, weights, ema_weights, state, self.cfg,
                                    keep_last=self.cfg.train.keep_last)
             self.log(f"saved checkpoint {path}")
+            self.loggers.flush()  # the logs reach disk with each checkpoint
         self.dist.barrier()
         return path
 
