@@ -159,3 +159,19 @@ def test_bad_arguments_are_one_line(ckpt, tree, tmp_path, capsys, extra, says):
 def test_no_input_at_all(ckpt, capsys):
     assert main(["detect", "--ckpt", str(ckpt)]) == 2
     assert "no input" in capsys.readouterr().err
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_row(ckpt, tree, capsys, monkeypatch):
+    locked, scandir = str(tree / "trip" / "day2"), os.scandir
+
+    def refusing(path="."):  # what a folder without read permission does (root reads them all)
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    code = main(["detect", "--ckpt", str(ckpt), str(tree), "--format", "csv", "--quiet"])
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert code == 1
+    assert rows[0]["file"] == str(tree) and rows[0]["error"] == f"{locked}: cannot list this folder (Permission denied)"
+    assert _rel(rows[1:], tree) == ["a.png", "trip/b.jpg", "trip/broken.png"]

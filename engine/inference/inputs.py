@@ -49,13 +49,18 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def images_under(folder: str) -> tuple[list[str], int]:
-    """(sorted image paths under `folder`, joined to it; count of other files), recursively.
+def images_under(folder: str) -> tuple[list[str], int, list[str]]:
+    """(sorted image paths under `folder`, joined to it; count of other files; one line per folder
+    that could not be listed), recursively.
 
     Hidden names (leading '.') are left out, as the dataset scans do; a folder reached twice
     through symlinks is listed once."""
-    found, others, seen = [], 0, set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    found, others, seen, unlisted = [], 0, set(), []
+
+    def report(e: OSError) -> None:
+        unlisted.append(f"{e.filename}: cannot list this folder ({e.strerror or e})")
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=report):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink cycle or a second link to one folder: do not list it twice
             dirnames[:] = []
@@ -69,7 +74,7 @@ def images_under(folder: str) -> tuple[list[str], int]:
                 found.append(os.path.join(dirpath, name))
             else:
                 others += 1
-    return sorted(found), others
+    return sorted(found), others, unlisted
 
 
 def read_list(source: str) -> list[str]:
@@ -86,9 +91,10 @@ def read_list(source: str) -> list[str]:
 
 
 def _add_folder(inputs: Inputs, folder: str, argument: str) -> None:
-    found, others = images_under(folder)
+    found, others, unlisted = images_under(folder)
     inputs.skipped += others
-    if not found:
+    inputs.problems += [(argument, line) for line in unlisted]
+    if not found and not unlisted:
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         inputs.problems.append((argument, f"{argument}: no image files under this folder ({exts})"))
     for path in found:
@@ -108,8 +114,9 @@ def _add_glob(inputs: Inputs, pattern: str) -> None:
     for match in matches:
         if os.path.isdir(match):
             before = len(inputs.paths)
-            found, others = images_under(match)
+            found, others, unlisted = images_under(match)
             inputs.skipped += others
+            inputs.problems += [(match, line) for line in unlisted]
             for path in found:
                 inputs.add(path)
             images += len(inputs.paths) - before
