@@ -5,7 +5,7 @@
     python -m bench.bench_data --device cuda --synthetic 10000 --source-size 512 --sizes 256
                                                  # the GPU goal's set: 10k fresh 512x512 JPEGs
 
-Each provider builds its loader (the same files, crops and flips: see engine/data/dali.py), then
+Each provider builds its loader (the same files, crops and flips: see engine/data/loaders/dali.py), then
 times `--batches` batches after `--warmup`, each landing in one preallocated input buffer as in the
 trainer (DALI decodes into it, `write_into`; a PIL batch is copied into it), or with --fresh as
 new tensors per batch; the two providers alternate for `--rounds` rounds and the

@@ -180,8 +180,7 @@ def _special_root(tmp_path):
 
 
 def test_special_and_oversized_files_are_listed_not_read(tmp_path, capsys):
-    from unigendet.data import read_quarantine
-    from unigendet.data import build_loader
+    from unigendet.data import build_loader, read_quarantine
 
     root = _special_root(tmp_path)
     assert main(["data", "check", str(root), "--max-file-mb", "1"]) == 0, capsys.readouterr().err
@@ -195,8 +194,7 @@ def test_special_and_oversized_files_are_listed_not_read(tmp_path, capsys):
 
 
 def test_loaders_stop_on_an_unlisted_special_file(tmp_path):
-    from unigendet.data import DataError
-    from unigendet.data import load_eval_images
+    from unigendet.data import DataError, load_eval_images
 
     root = _good_root(tmp_path / "r")
     os.mkfifo(root / "real" / "pipe.png")
@@ -214,8 +212,7 @@ def test_detect_refuses_special_files(trained_step, tmp_path, capsys):
 
 
 def test_shard_member_over_the_size_limit_is_listed(tmp_path):
-    from unigendet.data import read_quarantine
-    from unigendet.data import pack_folder
+    from unigendet.data import pack_folder, read_quarantine
 
     src = _good_root(tmp_path / "src")
     (src / "real" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(2 * 2**20))
@@ -229,8 +226,7 @@ def test_shard_member_over_the_size_limit_is_listed(tmp_path):
 
 
 def test_names_that_are_not_utf8_or_hold_line_breaks_round_trip(tmp_path, capsys):
-    from unigendet.data import read_quarantine
-    from unigendet.data import scan_folder
+    from unigendet.data import read_quarantine, scan_folder
 
     root = _good_root(tmp_path / "names")
     weird = [b"real/caf\xe9.png", "real/form\x0cfeed.png".encode(), "fake/line\u2028sep.png".encode(),
@@ -257,8 +253,7 @@ def test_shard_member_with_a_dot_segment_is_skipped_once_listed(tmp_path, capsys
     import io
     import tarfile
 
-    from unigendet.data import build_loader
-    from unigendet.data import pack_folder
+    from unigendet.data import build_loader, pack_folder
 
     pack_folder(_good_root(tmp_path / "src"), tmp_path / "shards")
     shards = tmp_path / "shards"
