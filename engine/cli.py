@@ -402,9 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=("text", "csv", "jsonl"), default=None,
                    help="row format: columns file, p_fake, label, error (default: from --out, else text)")
     d.add_argument("--json", action="store_true", help="one JSON object per line (same as --format jsonl)")
-    d.add_argument("--threshold", type=float, default=0.5, help="label generated when p_fake >= this (default %(default)s)")
+    d.add_argument("--threshold", type=float, default=0.5,
+                   help="label generated when p_fake >= this (default %(default)s)")
     d.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default %(default)s)")
-    d.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding threads (default: min(4, CPU count))")
+    d.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="decoding threads (default: min(4, CPU count))")
     d.add_argument("--quiet", action="store_true", help="no progress bar and no summary on standard error")
 
     b = sub.add_parser("bench", help="run the per-op benchmarks (source checkout): CSV, markdown, PNG, summary")

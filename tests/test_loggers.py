@@ -1,4 +1,4 @@
-"""train.tensorboard / train.wandb: the metrics.jsonl numbers and sample grids, and clear errors without the packages."""
+"""train.tensorboard / train.wandb: the metrics.jsonl numbers and sample grids; clear errors without the packages."""
 import json
 import shutil
 import sys

@@ -27,7 +27,8 @@ from ..config import Config, ConfigError, to_dict
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
-TENSORBOARD_HINT = 'install the tensorboard extra: pip install ".[tensorboard]" in the source checkout, or pip install tensorboard'
+TENSORBOARD_HINT = ('install the tensorboard extra: pip install ".[tensorboard]" in the source checkout, '
+                    "or pip install tensorboard")
 
 
 def _require(module: str, key: str, hint: str):
