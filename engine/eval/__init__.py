@@ -13,7 +13,7 @@ from .fid import (
     frechet_distance,
     kid_from_features,
 )
-from .grid import image_grid, save_grid, to_uint8
+from ..grid import image_grid, save_grid, to_uint8
 from .metrics import calibration_bins, detection_metrics, save_calibration_plot
 
 __all__ = [

@@ -20,7 +20,7 @@ from ..data import load_eval_images
 from ..model import UniGenDet, euler_sample
 from ..train.checkpoint import checkpoint_config, load_weights, resolve_checkpoint
 from .fid import InceptionFeatures, fid_from_features, kid_from_features
-from .grid import save_grid
+from ..grid import save_grid
 from .metrics import calibration_bins, detection_metrics, save_calibration_plot
 
 EVAL_SEED = 1_000_003  # noise stream for evaluation images; training never draws from it

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data import DataError, load_rgb
+from ..data import IMAGE_EXTENSIONS, DataError, load_rgb
 
 FORMATS = ("text", "csv", "jsonl")
 COLUMNS = ("file", "p_fake", "label", "error")
@@ -134,8 +134,6 @@ def format_for(out: str | None, fmt: str | None) -> str:
 
 def check_results_path(out: str) -> None:
     """--out must be a new or existing file (not an image, not a folder) in an existing folder."""
-    from ..data import IMAGE_EXTENSIONS
-
     if os.path.splitext(out)[1].lower() in IMAGE_EXTENSIONS:
         raise DataError(f"--out {out}: has an image extension; give a results file such as results.csv")
     if os.path.isdir(out):

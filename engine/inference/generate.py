@@ -22,6 +22,7 @@ and device give the same files and manifest.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -29,8 +30,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
+from safetensors import safe_open
 
 from ..config import ConfigError
+from ..grid import to_uint8
+from ..model import euler_sample
 
 GRID_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_GRID_IMAGES = 1024  # one grid image holds at most this many samples (a 32 x 32 mosaic)
@@ -123,7 +128,6 @@ def check_out(out: str, n: int, *, option: str = "--out", folder: bool | None = 
 
 def check_gate(n: int, max_p_fake: float | None, max_tries: int | None) -> int | None:
     """Check --max-p-fake / --max-tries; returns the candidate limit (None without the gate)."""
-    import math
 
     if max_p_fake is None:
         if max_tries is not None:
@@ -139,7 +143,6 @@ def check_gate(n: int, max_p_fake: float | None, max_tries: int | None) -> int |
 
 def checkpoint_step(step_dir: Path, weights: str) -> int | None:
     """The training step stored in the metadata of the step folder's `weights` file (None if absent)."""
-    from safetensors import safe_open
 
     with safe_open(str(Path(step_dir) / f"{weights}.safetensors"), "pt") as f:
         step = (f.metadata() or {}).get("step")
@@ -152,8 +155,6 @@ def checkpoint_step(step_dir: Path, weights: str) -> int | None:
 @torch.no_grad()
 def sample_batch(model, m: int, settings: SamplerSettings, generator: torch.Generator, device):
     """m candidates: ((m, H, W, 3) uint8 pixels as saved, (m,) p_fake of those pixels, (m,) class ids or None)."""
-    from ..eval.grid import to_uint8
-    from ..model import euler_sample
 
     ids = None
     if model.cfg.num_classes > 0:
@@ -172,7 +173,6 @@ def generate_to_folder(model, out_dir: str | Path, n: int, settings: SamplerSett
     """Write n images (fewer if the gate's `max_tries` runs out) as PNGs + manifest.jsonl into `out_dir`
     (already checked by `check_out`). `provenance`: fields every manifest line carries (step,
     checkpoint, weights). `progress(k)` is called with the images each batch kept."""
-    from PIL import Image
 
     out_dir = Path(out_dir)
     generator = torch.Generator(device=device)

@@ -22,8 +22,11 @@ import secrets
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..config import Config, ConfigError, to_dict
+from ..grid import image_grid
+from ..model import euler_sample
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id"
@@ -155,11 +158,6 @@ def sample_grid(model, cfg: Config, device, autocast) -> np.ndarray:
     """(H, W, 3) uint8 grid of SAMPLE_COUNT images `model` samples from fixed noise (and fixed classes),
     with the evaluation sampler (eval.sampler_steps, eval.timestep_shift, eval.cfg_scale), so the
     grids of successive steps show the same samples improving."""
-    import torch
-
-    from ..eval.grid import image_grid
-    from ..model import euler_sample
-
     generator = torch.Generator(device=device)
     generator.manual_seed(SAMPLE_SEED)
     ids = None
