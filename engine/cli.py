@@ -1,4 +1,4 @@
-"""`unigendet {info,data,train,generate,detect,eval,bench}`: the command line.
+"""`unigendet {info,data,train,generate,detect,eval,bench,export}`: the command line.
 
 Each command prints what it did and exits non-zero with a one-line message naming the bad file,
 key or value on user errors (no traceback for those; real bugs still show theirs).
@@ -27,8 +27,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .eval.fid import InceptionError
     from .train import CheckpointError, TrainingError
 
+    from .deploy import ExportError
+
     return (ConfigError, DataError, CheckpointError, TrainingError, BackendError, BenchError, InceptionError,
-            FileNotFoundError)
+            ExportError, FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------- info
@@ -322,6 +324,23 @@ def cmd_bench(args) -> int:
     return 1 if run_benchmarks(ops, args.device, args.out) else 0
 
 
+# ----------------------------------------------------------------------------- export
+
+
+def cmd_export(args) -> int:
+    from .deploy import export_detector
+    from .deploy.export import check_out
+    from .eval.evaluate import load_model
+
+    fmt = check_out(args.out)  # a wrong --out stops before the checkpoint is read
+    model, cfg, step_dir = load_model(args.ckpt, device="cpu")  # the weights detect uses (eval.use_ema)
+    weights = "ema" if cfg.eval.use_ema else "model"
+    path = export_detector(model, args.out, metadata={"checkpoint": str(step_dir), "weights": weights})
+    print(f"{path}: {fmt} detector of {step_dir} ({weights} weights); input images uint8 (B, H, W, 3) RGB, "
+          f"any size; output p_fake float32 (B,), label 1 = generated")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -414,6 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--out", default=None, help="results folder (default bench/results; one subfolder per device)")
 
+    x = sub.add_parser("export", help="the detector alone, with its resize / crop / scaling, as ONNX (.onnx) or "
+                                      "torch.export (.pt2): uint8 images (B, H, W, 3) of any size -> p_fake (B,)")
+    x.add_argument("--ckpt", required=True, help="a checkpoint step folder or a run folder (newest checkpoint)")
+    x.add_argument("--out", required=True, help="detector.onnx or detector.pt2 (the suffix picks the format; "
+                                                ".onnx needs: pip install \"unigendet[export]\")")
+
     e = sub.add_parser("eval", help="detection AUC/ACC/F1/EER and FID/KID of a checkpoint, or --ablations")
     add_ckpt(e, required=False)
     e.add_argument("--data", default=None, help="held-out folder with real/ (default: the config's eval.data)")
@@ -451,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)} (config overrides go with train or eval --ablations)")
     if args.command == "eval" and not (args.ckpt or args.ablations):
         parser.error("eval needs --ckpt (or --ablations)")
-    handlers = {"info": cmd_info, "generate": cmd_generate, "detect": cmd_detect, "bench": cmd_bench}
+    handlers = {"info": cmd_info, "generate": cmd_generate, "detect": cmd_detect, "bench": cmd_bench,
+                "export": cmd_export}
     try:
         if args.command in ("train", "eval"):
             return (cmd_train if args.command == "train" else cmd_eval)(args, rest)
