@@ -26,6 +26,9 @@ class Batch:
     images: torch.Tensor  # (B, 3, S, S) float32 in [-1, 1]
     is_fake: torch.Tensor  # (B,) float32: 1.0 = generated image, 0.0 = real
     class_ids: torch.Tensor  # (B,) int64 class index, -1 when unknown / no classes
+    # (B, 2C, h, w) float32: the VAE posterior's moments of the same crop as `images` (mean, then
+    # log-variance, along dim 1), read from shards `data pack --vae` wrote; None = no precomputed latents
+    latent_moments: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -36,11 +39,14 @@ class Batch:
             images=self.images.to(device, non_blocking=non_blocking),
             is_fake=self.is_fake.to(device, non_blocking=non_blocking),
             class_ids=self.class_ids.to(device, non_blocking=non_blocking),
+            latent_moments=None if self.latent_moments is None else self.latent_moments.to(
+                device, non_blocking=non_blocking),
         )
 
     def pin_memory(self) -> Batch:
         """Page-locked copy; `torch.utils.data.DataLoader(pin_memory=True)` calls this."""
-        return Batch(self.images.pin_memory(), self.is_fake.pin_memory(), self.class_ids.pin_memory())
+        moments = None if self.latent_moments is None else self.latent_moments.pin_memory()
+        return Batch(self.images.pin_memory(), self.is_fake.pin_memory(), self.class_ids.pin_memory(), moments)
 
     def validate(self) -> None:
         """Check shapes, dtypes and value ranges; raise `DataError` naming the bad field.
@@ -79,15 +85,30 @@ class Batch:
         if (class_ids < -1).any():
             raise DataError("Batch.class_ids: class ids must be >= -1 (-1 = no class)")
 
+        moments = self.latent_moments
+        if moments is None:
+            return
+        if not isinstance(moments, torch.Tensor):
+            raise DataError(f"Batch.latent_moments: expected a torch.Tensor or None, got {type(moments).__name__}")
+        if moments.ndim != 4 or moments.shape[0] != batch_size or moments.shape[1] % 2:
+            raise DataError(f"Batch.latent_moments: expected shape ({batch_size}, 2C, h, w), got "
+                            f"{tuple(moments.shape)}")
+        if moments.dtype != torch.float32:
+            raise DataError(f"Batch.latent_moments: expected dtype float32, got {moments.dtype}")
+        if not torch.isfinite(moments).all():
+            raise DataError("Batch.latent_moments: contains NaN or Inf")
 
-def collate_samples(samples: list[tuple[torch.Tensor, float, int]]) -> Batch:
-    """Stack dataset items `(image (3, S, S), is_fake, class_id)` into a `Batch`.
+
+def collate_samples(samples: list[tuple]) -> Batch:
+    """Stack dataset items `(image (3, S, S), is_fake, class_id)`, or `(..., moments (2C, h, w))` with
+    precomputed latents, into a `Batch`.
 
     Module-level so that DataLoader worker processes can pickle it as `collate_fn`.
     """
-    images, is_fake, class_ids = zip(*samples)
+    images, is_fake, class_ids, *moments = zip(*samples)
     return Batch(
         images=torch.stack(images),  # (B, 3, S, S)
         is_fake=torch.tensor(is_fake, dtype=torch.float32),  # (B,)
         class_ids=torch.tensor(class_ids, dtype=torch.int64),  # (B,)
+        latent_moments=torch.stack(moments[0]) if moments else None,  # (B, 2C, h, w)
     )
