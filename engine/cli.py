@@ -28,9 +28,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .train import CheckpointError, TrainingError
 
     from .deploy import ExportError
+    from .vae import VAEError
 
     return (ConfigError, DataError, CheckpointError, TrainingError, BackendError, BenchError, InceptionError,
-            ExportError, FileNotFoundError)
+            ExportError, VAEError, FileNotFoundError)
 
 
 # ----------------------------------------------------------------------------- info
