@@ -137,15 +137,36 @@ def cmd_data_pack(args) -> int:
     """Pack the image folder DIR into webdataset shards + DALI index files in --out."""
     from .data.pack import pack_folder
 
+    device = args.device or ("cuda" if args.vae and _cuda_available() else "cpu")
     manifest = pack_folder(args.dir, args.out, samples_per_shard=args.samples_per_shard, seed=args.seed,
                            verify=not args.no_verify, workers=args.workers,
-                           progress=_progress if sys.stderr.isatty() else None)
+                           progress=_progress if sys.stderr.isatty() else None,
+                           encode_progress=_encode_progress if sys.stderr.isatty() else None,
+                           vae=args.vae, image_size=args.image_size, device=device)
     skipped = f", {manifest['quarantined']} quarantined files left out" if manifest["quarantined"] else ""
     print(f"data pack {args.dir}: {manifest['num_samples']} images ({manifest['num_real']} real, "
           f"{manifest['num_fake']} fake{skipped}) in {len(manifest['shards'])} shard(s) + DALI index files "
           f"in {args.out}")
-    print(f"train on them with --data.root={args.out}")
+    latents = manifest.get("latents")
+    if latents:
+        print(f"latents: moments {tuple(latents['shape'])} float16 per image, the center crop at "
+              f"{latents['image_size']} px, VAE {latents['vae']} (fingerprint {latents['vae_fingerprint'][:16]}) on "
+              f"{device}")
+        print(f"train on them with --data.root={args.out} --model.vae={latents['vae']} "
+              f"--data.image_size={latents['image_size']} --data.crop=center")
+    else:
+        print(f"train on them with --data.root={args.out}")
     return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _encode_progress(done: int, total: int) -> None:
+    print(f"\rencoded {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
 def _progress(done: int, total: int) -> None:
@@ -289,16 +310,18 @@ def cmd_detect(args) -> int:
 def cmd_eval(args, overrides: list[str]) -> int:
     if args.ablations:
         return cmd_ablations(args, overrides)
+    from .eval.cross_source import parse_sources
     from .eval.evaluate import evaluate
 
     _check_sampler_args(args)
+    cross = parse_sources(args.real, args.fake, args.real_sources)  # folders checked before any loading
     if args.inception_unverified and args.inception is None:
         from .config import ConfigError
 
         raise ConfigError("--inception-unverified needs --inception PATH (the file to load without the pin check)")
     m = evaluate(args.ckpt, args.data, args.out, with_init=args.with_init, inception_path=args.inception,
                  num_images=args.num_images, device=args.device, timestep_shift=args.timestep_shift,
-                 sampler_steps=args.steps, inception_unverified=args.inception_unverified)
+                 sampler_steps=args.steps, inception_unverified=args.inception_unverified, cross=cross)
     keys = ["det_auc", "det_acc", "det_f1", "fid", "kid", "fid_init", "fid_reduction"]
     print(json.dumps({k: m[k] for k in keys if k in m}))
     return 0
@@ -375,6 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--no-verify", action="store_true",
                       help="do not decode every image first (for a folder `data check` has just listed)")
     pack.add_argument("--workers", type=int, default=None, help="decoding threads (default: min(4, CPU count))")
+    pack.add_argument("--vae", default=None, metavar="VAE_DIR",
+                      help="a diffusers AutoencoderKL folder (model.vae; needs the vae extra): also store each "
+                           "image's posterior moments, encoded once from its center crop, so training never runs "
+                           "the encoder")
+    pack.add_argument("--image-size", type=int, default=None,
+                      help="with --vae: the side of the center crop that is encoded (data.image_size; default 256)")
+    pack.add_argument("--device", default=None,
+                      help="with --vae: where the encoder runs (default: cuda when available, else cpu)")
 
     tr = sub.add_parser("train", help="train a model; extra --section.key=value arguments override the config")
     tr.add_argument("--config", default="tiny_cpu", help="a name in engine/configs/ or a .toml path")
@@ -457,6 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--timestep-shift", type=float, default=None,
                    help="timestep shift of the Euler grid, t' = s*t / (1 + (s-1)*t); 1 = uniform steps "
                         "(default: the checkpoint config's eval.timestep_shift)")
+    e.add_argument("--real", action="append", default=None, metavar="NAME=DIR",
+                   help="cross-source evaluation: a real source, every image under DIR (recursively); "
+                        "repeatable; reports its false-positive rate at p_fake >= 0.5 and AUC/ACC/F1/EER "
+                        "against every fake source")
+    e.add_argument("--real-sources", action="append", default=None, metavar="DIR",
+                   help="cross-source evaluation: every subfolder of DIR is a real source named after it "
+                        "(e.g. data/demo/heldout_real); repeatable")
+    e.add_argument("--fake", action="append", default=None, metavar="NAME[=DIR]",
+                   help="cross-source evaluation: a fake source, every image under DIR, or with NAME alone "
+                        "the checkpoint's own generator (the images eval generates); repeatable (default "
+                        "with --real: the own generator, named 'generated')")
     e.add_argument("--ablations", action="store_true",
                    help="train + evaluate every variant (full, no_mmsa, published_mmsa, no_diga, align_only, "
                         "auth_only, separate) on --config's budget; extra --section.key=value override it")
