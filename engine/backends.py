@@ -22,8 +22,9 @@ from typing import Any, Literal, get_args
 
 # The one list of backend names, in the order "auto" tries them: the fused backends first, the eager
 # reference (which always runs) last. The `ops.backend` config key, the registrations in engine/ops/
-# and `unigendet info` all take their names from here.
-Backend = Literal["triton", "ext", "reference"]
+# and `unigendet info` all take their names from here. "sdpa" (attention only) composes PyTorch's fused
+# CPU attention kernel; it comes after the extension and Triton, which win where they run.
+Backend = Literal["triton", "ext", "sdpa", "reference"]
 BACKEND_NAMES: tuple[Backend, ...] = get_args(Backend)
 BackendChoice = Literal["auto", Backend]  # what a call or the `ops.backend` key may ask for
 BACKEND_CHOICES: tuple[str, ...] = get_args(BackendChoice)

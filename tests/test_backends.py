@@ -47,7 +47,8 @@ def test_default_backend_from_config():
         assert ops.swiglu(torch.randn(2, 4), backend="reference").shape == (2, 2)
     finally:
         ops.set_default_backend("auto")
-    with pytest.raises(ops.BackendError, match=r"'fastest'; expected one of \('auto', 'triton', 'ext', 'reference'\)"):
+    with pytest.raises(ops.BackendError,
+                       match=r"'fastest'; expected one of \('auto', 'triton', 'ext', 'sdpa', 'reference'\)"):
         ops.set_default_backend("fastest")
 
 

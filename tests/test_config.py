@@ -24,7 +24,7 @@ def test_overrides_types_and_forms():
     ("--train.steps=three", r"command line: train.steps: expected an integer"),
     ("--model.g2d=maybe", r"model.g2d: expected true or false"),
     ("--phases.mode=both", r"phases.mode = 'both' is not one of"),
-    ("--ops.backend=cuda", r"ops.backend = 'cuda' is not one of \('auto', 'triton', 'ext', 'reference'\)"),
+    ("--ops.backend=cuda", r"ops.backend = 'cuda' is not one of \('auto', 'triton', 'ext', 'sdpa', 'reference'\)"),
     ("--model.kv_heads=3", r"model.heads 4 is not a multiple of model.kv_heads 3"),
     ("--data.image_size=30", r"image size 30 is not a multiple of model.patch_size 4"),
     ("--model.align_layer=9", r"model.align_layer 9"),
@@ -145,7 +145,7 @@ def test_closed_choices_come_from_the_field_types():
     assert literal[("ops", "backend")] == backends.BACKEND_CHOICES
     assert all(CHOICES[key] == values for key, values in literal.items())
     assert backends.BACKEND_CHOICES == ("auto", *backends.BACKEND_NAMES)
-    assert "backend = 'auto'  (one of: auto, triton, ext, reference)" in describe()
+    assert "backend = 'auto'  (one of: auto, triton, ext, sdpa, reference)" in describe()
     for name in backends.BACKEND_CHOICES:
         assert load_config("tiny_cpu", [f"--ops.backend={name}"]).ops.backend == name
     with pytest.raises(ConfigError, match=r"^cfg.toml: ops.backend: expected a string, got 3$"):

@@ -149,6 +149,7 @@ import importlib.util  # noqa: E402
 import warnings  # noqa: E402
 
 from unigendet import backends  # noqa: E402
+from unigendet.ops.attention_cpu import mmsa_attention_sdpa  # noqa: E402
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -353,12 +354,12 @@ def test_triton_backend_selection():
     from unigendet.ops import attention as attn_mod
 
     q, k, v = [x.to(DEV) for x in make_qkv(1, 5, 2, 1, 16)]
-    if DEV == "cpu":  # auto never picks the interpreter; backend="triton" opts in
-        assert backends.select("mmsa_attention", "auto", q, k, v, None, None, None) is mmsa_attention_ref
+    if DEV == "cpu":  # auto never picks the interpreter (but the fused CPU one); backend="triton" opts in
+        assert backends.select("mmsa_attention", "auto", q, k, v, None, None, None) is mmsa_attention_sdpa
     else:  # compiled kernels on CUDA tensors: auto takes them
         assert backends.select("mmsa_attention", "auto", q, k, v, None, None, None) is attn_mod._triton_impl
     assert backends.select("mmsa_attention", "triton", q, k, v, None, None, None) is attn_mod._triton_impl
-    assert ops.available_backends()["mmsa_attention"] == ["triton", "reference"]
+    assert ops.available_backends()["mmsa_attention"] == ["triton", "sdpa", "reference"]
     with pytest.raises(ops.BackendError, match="head dim 8"):
         ops.mmsa_attention(*[x.to(DEV) for x in make_qkv(1, 5, 2, 1, 8)], None, None, None, backend="triton")
     with pytest.raises(ops.BackendError, match="dtype torch.float64"):

@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from .attention_cpu import mmsa_attention_sdpa
 from .reference import mmsa_attention_ref
 from .triton_support import auto_reason, triton_reason
 
@@ -37,6 +38,21 @@ def _triton_impl(*args, **kwargs):
 
 
 backends.register(OP, "triton", _triton_impl, check=_triton_check, auto_check=_triton_auto_check)
+
+# ----------------------------------------------------------------------------- sdpa backend (CPU)
+
+
+def _sdpa_check(*tensors, **_) -> str | None:
+    """None if PyTorch's fused CPU attention kernel can run these inputs, else why not."""
+    present = [t for t in tensors if t is not None]
+    if present and present[0].device.type != "cpu":
+        return f"CPU tensors only (got {present[0].device.type}; the Triton backend serves GPUs)"
+    if present and not present[0].is_floating_point():
+        return f"dtype {present[0].dtype} unsupported (floating point only)"
+    return None
+
+
+backends.register(OP, "sdpa", mmsa_attention_sdpa, check=_sdpa_check)
 
 
 def _check_stream(name: str, q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None) -> None:
