@@ -273,6 +273,32 @@ class EvalConfig:
 
 
 @dataclass
+class AugmentConfig:
+    crop_p: float = num(0.0, ge=0, le=1)
+    """Detector-input augmentation (engine/train/detector_augment.py: applied in the det phase to real
+    and generated images alike, so no class-specific processing trace survives; 0 = off): probability
+    of a random square crop, zoomed back to the full size (bilinear)."""
+    crop_scale: tuple[float, float] = num((0.5, 1.0), gt=0, le=1)
+    """[min, max] area fraction of that crop (uniform)."""
+    jitter_p: float = num(0.0, ge=0, le=1)
+    """Probability of colour jitter (brightness, contrast, saturation, each a factor 1 +- its amount)."""
+    jitter_brightness: float = num(0.2, ge=0, le=1)
+    """Largest brightness change of the jitter (factor in [1 - x, 1 + x])."""
+    jitter_contrast: float = num(0.2, ge=0, le=1)
+    """Largest contrast change of the jitter (factor in [1 - x, 1 + x])."""
+    jitter_saturation: float = num(0.2, ge=0, le=1)
+    """Largest saturation change of the jitter (factor in [1 - x, 1 + x])."""
+    blur_p: float = num(0.0, ge=0, le=1)
+    """Probability of a Gaussian blur."""
+    blur_sigma: tuple[float, float] = num((0.5, 2.0), gt=0, le=8)
+    """[min, max] sigma of the blur in pixels (log-uniform)."""
+    jpeg_p: float = num(0.0, ge=0, le=1)
+    """Probability of a JPEG round trip (8-bit, 4:2:0, libjpeg's quality tables), applied last."""
+    jpeg_quality: tuple[int, int] = num((50, 95), ge=1, le=100)
+    """[min, max] JPEG quality (uniform integer)."""
+
+
+@dataclass
 class OpsConfig:
     backend: BackendChoice = "auto"
     """Backend of every fused op: `auto` (per op and inputs, the fastest backend that can run them) or one
@@ -289,6 +315,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 CHOICES = {
@@ -581,6 +608,10 @@ def validate(cfg: Config, source: str = "config", origins: dict[str, str] | None
                           "= 'shared' gives both streams one set of block weights, so the stage would train no "
                           "block weight (only embeddings, heads and projector); use model.experts = 'mot', or "
                           f"phases.mode = {others}")
+    for key in ("crop_scale", "blur_sigma", "jpeg_quality"):  # [min, max] ranges of the augmentations
+        lo, hi = getattr(cfg.augment, key)
+        if lo > hi:
+            raise ConfigError(f"{blame(f'augment.{key}')}: augment.{key} = [{lo}, {hi}]: min exceeds max")
     if cfg.phases.refill_count > cfg.phases.pool_size:
         raise ConfigError(f"{blame('phases.refill_count', 'phases.pool_size')}: phases.refill_count "
                           f"({cfg.phases.refill_count}) exceeds phases.pool_size ({cfg.phases.pool_size})")

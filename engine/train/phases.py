@@ -96,11 +96,13 @@ def drop_labels(class_ids: Tensor, p: float, generator: Gen) -> Tensor:
 
 
 def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, class_ids: Tensor,
-               fakes: Tensor | None, loss_cfg: LossConfig, generator: Gen) -> LossTerms:
+               fakes: Tensor | None, loss_cfg: LossConfig, generator: Gen, augment=None) -> LossTerms:
     """Loss of one step of `phase`.
 
     images: (B, 3, S, S) in [-1, 1]; is_fake: (B,) 1 for external fakes; class_ids: (B,) (-1 = none);
     fakes: (F, 3, S, S) images from the fake pool (det phases).
+    augment: detector-input augmentation (detector_augment.DetectorAugment) applied to the det pass's
+    whole batch, real and generated rows alike; None = off.
     """
     core = unwrap(model)
     mcfg = core.cfg
@@ -136,6 +138,8 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
         if fakes is not None:
             det_images = torch.cat([images, fakes.to(images.dtype)])
             targets = torch.cat([targets, targets.new_ones(fakes.shape[0])])
+        if augment is not None:  # (B + F, 3, S, S): one call, labels unseen
+            det_images = augment(det_images, generator)
         if loss_cfg.lambda_att > 0:  # L_MMSA: the detection pass also returns each MMSA layer's q, k, lse
             det = model("det", det_images, return_attention=True)
             att = mmsa_consistency(det.attention, core.g_image_tokens, core.d_image_tokens)

@@ -24,6 +24,7 @@ from ..config import Config, ConfigError, TrainConfig, load_config, save_config,
 from ..data import build_loader
 from ..model import UniGenDet, euler_sample
 from ..phase_modes import mode_uses_fake_pool, phase_at
+from .detector_augment import build_detector_augment
 from .checkpoint import (CheckpointError, checkpoint_config, list_checkpoints, load_trainer_state, load_weights,
                          remove_stale, resolve_checkpoint, save_checkpoint)
 from .fake_pool import FakePool
@@ -186,6 +187,7 @@ class Trainer:
         self.draws = ShardedGenerator(self.noise, self.dist.rank, self.dist.world_size)
         self.pool = FakePool(cfg.phases.pool_size, cfg.data.image_size, self.device, max_age=cfg.phases.max_fake_age)
         self.uses_pool = mode_uses_fake_pool(cfg.phases.mode)  # else no phase of the run reads the pool
+        self.det_augment = build_detector_augment(cfg.augment)  # None unless [augment] asks for some
         self.step_idx = 0
         # Non-finite steps are counted on the device (no host sync per step) and read by
         # check_health() every train.log_every steps and before each checkpoint.
@@ -273,7 +275,8 @@ class Trainer:
         cfg, x = self.cfg, self.inputs
         fakes = self.pool.sample(len(x.images), self.draws) if phase.uses_fake_pool else None
         with self.autocast:
-            terms = phase_loss(self.step_model, phase, x.images, x.is_fake, x.class_ids, fakes, cfg.loss, self.draws)
+            terms = phase_loss(self.step_model, phase, x.images, x.is_fake, x.class_ids, fakes, cfg.loss, self.draws,
+                               augment=self.det_augment)
         self.optimizer.zero_grad(set_to_none=True)  # inside a capture: fresh gradients from the graph's pool
         if self.grad_buckets is not None:
             self.grad_buckets.begin()
