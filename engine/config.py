@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import BACKEND_CHOICES, BackendChoice
+from .data.images import CROP_MODES
 from .data.loaders import LOADER_NAMES
 from .phase_modes import PHASE_MODES, PhaseMode, mode_trains_shared, schedule
 
@@ -61,6 +62,10 @@ class DataConfig:
     """Side of the square training images after random resized crop (pixels)."""
     crop_scale_min: float = num(0.6, gt=0, le=1)
     """Random resized crop: smallest fraction of the image area kept."""
+    crop: str = "random_resized"
+    """Training crop: `random_resized` (area >= data.crop_scale_min, aspect in [3/4, 4/3]) or `center`
+    (the centered square), each resized to data.image_size. Shards with precomputed latents (`data pack
+    --vae`) need `center`: their latents were encoded from that crop."""
     flip: bool = True
     """Random horizontal flip."""
     num_workers: int = num(2, ge=0)
@@ -320,6 +325,7 @@ class Config:
 
 CHOICES = {
     ("data", "loader"): LOADER_NAMES,
+    ("data", "crop"): CROP_MODES,
     ("model", "experts"): ("mot", "shared"),
     ("model", "projector_act"): ("silu", "gelu"),
     ("phases", "mode"): PHASE_MODES,

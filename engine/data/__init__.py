@@ -10,7 +10,8 @@ runs loaders), so it counts as importing both. tests/test_data_layout.py reads t
 the imports against it.
 
     8  __init__         the public names below
-    7  pack             image folder -> webdataset shards; decodes every image first with `check`
+    7  pack             image folder -> webdataset shards (with --vae: + each image's VAE moments);
+                           decodes every image first with `check`
     7  eval_images      `load_eval_images`: the deterministic evaluation set as tensors
     6  check            decode every image of a data root, classify the failures (`data check`)
     6  loaders          `LOADER_NAMES` and `build_loader`: picks loaders.pil or loaders.dali
@@ -22,6 +23,7 @@ the imports against it.
     3  quarantine       the quarantine list, `drop_quarantined`, the `data check` command line
     2  index            `FolderIndex`: samples, labels, classes and the reader of their bytes
     1  images           finding image files, decoding them to RGB, crop and resize
+    1  latents          precomputed latents: a sample's moments member, the pack's VAE and size
     1  demo             the embedded demo dataset
     0  batch            `Batch`, `DataError`, collation
 """

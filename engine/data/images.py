@@ -233,19 +233,42 @@ def center_square_box(width: int, height: int) -> tuple[float, float, float, flo
     return left, top, left + side, top + side
 
 
-def crop_resize(
-    img: Image.Image, size: int, rng: random.Random | None, *, crop_scale_min: float = 0.6, flip: bool = True
-) -> torch.Tensor:
-    """RGB image -> (3, size, size) float32 in [-1, 1]; one bicubic (antialiased) resample of the crop.
+# data.crop: "random_resized" (`random_resized_crop_box`) or "center" (`center_square_box`, the one
+# crop precomputed latents allow: `data pack --vae` encodes exactly that crop).
+CROP_MODES = ("random_resized", "center")
 
-    With `rng` (training): `random_resized_crop_box`, then a horizontal flip with probability 1/2 when
-    `flip`. Without (evaluation): shorter side to `size`, center crop, no flip.
-    """
-    if rng is not None:
-        box = random_resized_crop_box(img.width, img.height, rng, crop_scale_min)
-        flip = flip and rng.random() < 0.5
+
+def crop_plan(
+    width: int, height: int, rng: random.Random | None, *, crop: str = "random_resized",
+    crop_scale_min: float = 0.6, flip: bool = True,
+) -> tuple[tuple[float, float, float, float], bool]:
+    """(crop box, flip?) of a width x height image. With `rng` (training): the `crop` box, then a
+    horizontal flip with probability 1/2 when `flip` (drawn after the box, so both loaders, which call
+    this, consume the same stream). Without (evaluation): the center square, no flip."""
+    if rng is None:
+        return center_square_box(width, height), False
+    if crop == "random_resized":
+        box = random_resized_crop_box(width, height, rng, crop_scale_min)
+    elif crop == "center":
+        box = center_square_box(width, height)
     else:
-        box, flip = center_square_box(img.width, img.height), False
+        raise DataError(f"data.crop = {crop!r}: expected one of {', '.join(map(repr, CROP_MODES))}")
+    return box, flip and rng.random() < 0.5
+
+
+def crop_resize(
+    img: Image.Image, size: int, rng: random.Random | None, *, crop: str = "random_resized",
+    crop_scale_min: float = 0.6, flip: bool = True,
+) -> torch.Tensor:
+    """RGB image -> (3, size, size) float32 in [-1, 1]; one bicubic (antialiased) resample of the crop
+    and flip `crop_plan` draws (evaluation, rng=None: shorter side to `size`, center crop, no flip)."""
+    box, flip = crop_plan(img.width, img.height, rng, crop=crop, crop_scale_min=crop_scale_min, flip=flip)
+    return resize_box(img, size, box, flip)
+
+
+def resize_box(img: Image.Image, size: int, box: tuple[float, float, float, float], flip: bool) -> torch.Tensor:
+    """The `box` of `img` resampled (bicubic, antialiased) to (3, size, size) float32 in [-1, 1], mirrored
+    left-right when `flip`."""
     out = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
     if flip:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .batch import DataError
 from .images import DEFAULT_MAX_FILE_MB
 
 # reader(index, i) -> the encoded bytes of sample i; `UnreadableFile` (a `DataError`) naming it when
@@ -33,6 +34,11 @@ class FolderIndex:
     skipped: list[str] = field(default_factory=list)  # listed files present under root, not loaded
     locations: list[Any] = field(default_factory=list)  # per sample, for `reader`; [] when `files` say it all
     max_bytes: int = DEFAULT_MAX_FILE_MB * 2**20  # data.max_file_mb: larger samples are not read
+    # Precomputed latents (shards from `data pack --vae`, engine/data/latents.py): the pack's latent
+    # metadata (None = none), per sample where its moments member lies, and the reader of its bytes.
+    latents: dict | None = None
+    latent_locations: list[Any] = field(default_factory=list)
+    latent_reader: SampleReader | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -50,6 +56,12 @@ class FolderIndex:
         cannot be read: an I/O error, not a regular file, more than `max_bytes`."""
         return self.reader(self, i)
 
+    def read_latent_bytes(self, i: int) -> bytes:
+        """The bytes of sample i's precomputed moments member (only when `latents` is set)."""
+        if self.latent_reader is None:
+            raise DataError(f"{self.root}: holds no precomputed latents (pack it with `unigendet data pack --vae`)")
+        return self.latent_reader(self, i)
+
     def subset(self, positions: list[int]) -> FolderIndex:
         """A new index holding the entries at `positions`, in that order."""
         return FolderIndex(
@@ -63,4 +75,7 @@ class FolderIndex:
             skipped=list(self.skipped),
             locations=[self.locations[p] for p in positions] if self.locations else [],
             max_bytes=self.max_bytes,
+            latents=self.latents,
+            latent_locations=[self.latent_locations[p] for p in positions] if self.latent_locations else [],
+            latent_reader=self.latent_reader,
         )

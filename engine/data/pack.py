@@ -7,6 +7,12 @@ decoder (`check_index`) and refuses to write anything when one fails (the error 
 `data check`; `--no-verify` skips this for a folder just checked), then writes the samples in a
 seeded random order (so streaming readers see mixed shards) with fixed tar metadata: the same folder
 and seed give byte-identical shards.
+
+With `--vae VAE_DIR` every image is also encoded once, so training never runs the encoder: the
+center square resized to `--image-size` (the crop `data.crop = "center"` gives the detector) goes
+through the VAE's encoder, and the posterior's moments are stored beside the image as
+KEY.latent.safetensors, float16; the manifest records the VAE's fingerprint and the image size
+(engine/data/latents.py), which the loaders check against the run's.
 """
 from __future__ import annotations
 
@@ -18,14 +24,19 @@ from collections.abc import Callable
 
 import torch
 
+from ..vae import FrozenVAE, load_vae, vae_fingerprint
 from .batch import DataError
 from .check import check_index
+from .images import crop_resize, decode_rgb
 from .index import FolderIndex
+from .latents import LATENT_CROP, LATENT_EXT, moments_to_bytes
 from .quarantine import check_command
 from .sources.folder import scan_folder
 from .sources.shards import FORMAT, INDEX_VERSION, MANIFEST_NAME, VERSION
 
 DEFAULT_SAMPLES_PER_SHARD = 10_000
+DEFAULT_LATENT_IMAGE_SIZE = 256
+ENCODE_BATCH = 16  # images per encoder call: bounded memory at 512 px, batched enough for a GPU
 
 
 def pack_folder(
@@ -37,19 +48,34 @@ def pack_folder(
     verify: bool = True,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    encode_progress: Callable[[int, int], None] | None = None,
+    vae: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Pack the image folder `src` into shards in the new folder `out` (module docstring); returns the manifest.
 
     verify=False skips decoding every image first (for a folder `data check` has just listed): a bad
     file then goes into the shards, and the loaders stop on it, naming it and `data check SHARDS`.
+    vae: a diffusers AutoencoderKL folder (`model.vae`) whose encoder stores each image's moments at
+    `image_size` (default 256) px, run on `device`. progress / encode_progress: called with (done, total)
+    while the images are checked / encoded.
     """
     src, out = os.fspath(src), os.fspath(out)
     if samples_per_shard < 1:
         raise DataError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     if seed < 0:
         raise DataError(f"--seed must be >= 0, got {seed}")
+    if image_size is not None and vae is None:
+        raise DataError(f"--image-size {image_size}: only latents are stored at a size; give --vae VAE_DIR too "
+                        "(the image bytes are always stored unchanged)")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise DataError(f"{out}: --out exists and is not an empty folder; remove it or choose another")
+    encoder = fingerprint = None
+    if vae is not None:  # loaded before any decoding: a missing extra or a bad folder stops at once
+        image_size = DEFAULT_LATENT_IMAGE_SIZE if image_size is None else int(image_size)
+        encoder = _load_encoder(os.fspath(vae), image_size, device)
+        fingerprint = vae_fingerprint(encoder.path)
     index = scan_folder(src)
     result = check_index(index, workers, progress) if verify else None
     if result and result.bad:
@@ -64,7 +90,8 @@ def pack_folder(
     for start in range(0, len(order), samples_per_shard):
         name = f"shard-{len(shards):06d}"
         positions = order[start : start + samples_per_shard]
-        _write_shard(index, positions, first_key=start, tar_path=os.path.join(out, name + ".tar"))
+        latents = LatentWriter(encoder, image_size, start, len(order), encode_progress) if encoder else None
+        _write_shard(index, positions, first_key=start, tar_path=os.path.join(out, name + ".tar"), latents=latents)
         _write_dali_index(os.path.join(out, name + ".tar"), os.path.join(out, name + ".idx"))
         shards.append({"tar": name + ".tar", "index": name + ".idx", "samples": len(positions)})
     manifest = {
@@ -79,6 +106,15 @@ def pack_folder(
         "quarantined": len(index.skipped),
         "shards": shards,
     }
+    if encoder is not None:
+        manifest["latents"] = {
+            "vae_fingerprint": fingerprint,
+            "vae": os.path.abspath(encoder.path),
+            "image_size": image_size,
+            "crop": LATENT_CROP,
+            "dtype": "float16",
+            "shape": [2 * encoder.latent_channels, image_size // encoder.downsample, image_size // encoder.downsample],
+        }
     _write_atomic(os.path.join(out, MANIFEST_NAME), json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -92,20 +128,64 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def _write_shard(index: FolderIndex, positions: list[int], first_key: int, tar_path: str) -> None:
-    """Write the samples `positions` of `index` as KEY.EXT / KEY.cls / KEY.fake into `tar_path` (atomically)."""
+def _load_encoder(vae: str, image_size: int, device: str) -> FrozenVAE:
+    """The frozen VAE of `--vae` on `device`; `--image-size` must be a multiple of its downsampling."""
+    if image_size < 1:
+        raise DataError(f"--image-size must be >= 1, got {image_size}")
+    encoder = load_vae(vae, device)
+    if image_size % encoder.downsample:
+        raise DataError(f"--image-size {image_size} is not a multiple of {encoder.downsample}, the downsampling "
+                        f"factor of the VAE {vae}")
+    return encoder
+
+
+class LatentWriter:
+    """Encodes the images of one shard, a chunk at a time (memory stays bounded by the chunk), and
+    reports the images encoded so far in the whole pack."""
+
+    def __init__(self, encoder: FrozenVAE, image_size: int, done: int, total: int,
+                 progress: Callable[[int, int], None] | None):
+        self.encoder, self.image_size = encoder, image_size
+        self.done, self.total, self.progress = done, total, progress
+
+    def members(self, names: list[str], encoded: list[bytes]) -> list[bytes]:
+        """The KEY.latent.safetensors bytes of each image (`encoded`, file `names`): its center crop at
+        `image_size` (the pixels the loaders give with data.crop = "center", unflipped) through the encoder."""
+        images = torch.stack([crop_resize(decode_rgb(data, name), self.image_size, None)
+                              for data, name in zip(encoded, names)])  # (b, 3, S, S) in [-1, 1]
+        moments = self.encoder.encode_moments(images)  # (b, 2C, S/f, S/f) float32
+        self.done += len(names)
+        if self.progress:
+            self.progress(self.done, self.total)
+        return [moments_to_bytes(m, name) for m, name in zip(moments, names)]
+
+
+def _write_shard(index: FolderIndex, positions: list[int], first_key: int, tar_path: str,
+                 latents: LatentWriter | None = None) -> None:
+    """Write the samples `positions` of `index` as KEY.EXT / KEY.cls / KEY.fake (and KEY.latent.safetensors
+    when `latents` encodes them) into `tar_path` (atomically)."""
     tmp = tar_path + ".tmp"
     with open(tmp, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for k, p in enumerate(positions):
-            key = f"{first_key + k:09d}"
-            ext = os.path.splitext(index.files[p])[1].lower().lstrip(".")
-            fields = ((ext, index.read_bytes(p)), ("cls", str(index.class_ids[p]).encode()),
-                      ("fake", str(index.is_fake[p]).encode()))
-            for suffix, data in fields:
-                tar.addfile(_member(f"{key}.{suffix}", len(data)), io.BytesIO(data))
+        for start in range(0, len(positions), ENCODE_BATCH):
+            chunk = positions[start : start + ENCODE_BATCH]
+            encoded = [index.read_bytes(p) for p in chunk]  # one read per image: stored and encoded
+            moments = latents.members([index.files[p] for p in chunk], encoded) if latents else [None] * len(chunk)
+            for k, p, data, latent in zip(range(first_key + start, first_key + start + len(chunk)), chunk,
+                                          encoded, moments):
+                _add_sample(tar, f"{k:09d}", index, p, data, latent)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, tar_path)
+
+
+def _add_sample(tar: tarfile.TarFile, key: str, index: FolderIndex, p: int, data: bytes, latent: bytes | None) -> None:
+    """Append sample `p` of `index` (its bytes `data`, its moments member `latent` or None) under `key`."""
+    ext = os.path.splitext(index.files[p])[1].lower().lstrip(".")
+    fields = ((ext, data), ("cls", str(index.class_ids[p]).encode()), ("fake", str(index.is_fake[p]).encode()))
+    if latent is not None:
+        fields += ((LATENT_EXT, latent),)
+    for suffix, member in fields:
+        tar.addfile(_member(f"{key}.{suffix}", len(member)), io.BytesIO(member))
 
 
 def _write_dali_index(tar_path: str, idx_path: str) -> None:

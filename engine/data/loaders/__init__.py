@@ -23,6 +23,7 @@ def build_loader(
     batch_size: int,
     *,
     seed: int = 0,
+    crop: str = "random_resized",
     crop_scale_min: float = 0.6,
     flip: bool = True,
     num_workers: int = 2,
@@ -33,6 +34,7 @@ def build_loader(
     quarantine: str | os.PathLike | None = "",
     device: str = "cpu",
     max_file_mb: int | None = None,
+    vae_fingerprint: str | None = None,
 ) -> FolderLoader:
     """The training loader for `data.root`. `loader` (`data.loader`): "pil" (PIL + DataLoader workers),
     "dali" (engine/data/loaders/dali.py: decoding on `device`, nvJPEG on a GPU) or "auto" (DALI on a GPU
@@ -41,12 +43,17 @@ def build_loader(
     `quarantine` (`data.quarantine`): the list of bad files to skip; "" = ROOT/.unigendet_quarantine.tsv
     when it exists (see `scan_folder`). `max_file_mb` (`data.max_file_mb`, None = the default): larger
     files are unreadable.
+
+    `crop` (`data.crop`): "random_resized" or "center". `vae_fingerprint` (`vae_fingerprint(model.vae)`,
+    None = a pixel-space run): shards packed with that VAE at `image_size` give batches with
+    `latent_moments` (`loader.latents`); shards packed with another VAE or size, or read with a crop
+    other than "center", are refused (engine/data/latents.py).
     """
     if loader not in LOADER_NAMES:
         *first, last = (repr(name) for name in LOADER_NAMES)
         raise DataError(f"data.loader = {loader!r}: expected {', '.join(first)} or {last}")
-    kwargs = dict(seed=seed, crop_scale_min=crop_scale_min, flip=flip, num_workers=num_workers, rank=rank,
-                  world_size=world_size, pin_memory=pin_memory)
+    kwargs = dict(seed=seed, crop=crop, crop_scale_min=crop_scale_min, flip=flip, num_workers=num_workers,
+                  rank=rank, world_size=world_size, pin_memory=pin_memory, vae_fingerprint=vae_fingerprint)
     index = scan_data(root, quarantine)
     index.max_bytes = max_bytes(max_file_mb)
     if loader == "auto":

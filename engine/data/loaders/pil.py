@@ -15,19 +15,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..batch import Batch, DataError, collate_samples
-from ..images import crop_resize, decode_rgb
+from ..images import CROP_MODES, crop_plan, decode_rgb, resize_box
 from ..index import FolderIndex
+from ..latents import LATENT_EXT, check_latents_match, moments_from_bytes
 from ..quarantine import check_command
 
 
 class FolderDataset(Dataset):
-    """Map-style dataset over a `FolderIndex`: item i -> (image (3, S, S) in [-1, 1], is_fake, class_id).
+    """Map-style dataset over a `FolderIndex`: item i -> (image (3, S, S) in [-1, 1], is_fake, class_id),
+    with latents=True also the sample's precomputed moments (2C, h, w) float32.
 
-    train=True: random resized crop (area ~ U[crop_scale_min, 1], aspect log-uniform in [3/4, 4/3]),
-    bicubic resize to S x S, random horizontal flip; the randomness of item i is seeded by
-    (seed, epoch, i), with the epoch set through `set_epoch`. train=False: shorter side resized to S,
-    center crop, no flip. An undecodable file raises `DataError` naming it and the `data check` command:
-    files are never skipped here (quarantined files are already left out of the index).
+    train=True: crop="random_resized": random resized crop (area ~ U[crop_scale_min, 1], aspect
+    log-uniform in [3/4, 4/3]), crop="center": the center square; bicubic resize to S x S, random
+    horizontal flip (of the moments too); the randomness of item i is seeded by (seed, epoch, i),
+    with the epoch set through `set_epoch`. train=False: shorter side resized to S, center crop, no
+    flip. An undecodable file raises `DataError` naming it and the `data check` command: files are
+    never skipped here (quarantined files are already left out of the index).
     """
 
     def __init__(
@@ -36,20 +39,28 @@ class FolderDataset(Dataset):
         image_size: int,
         *,
         seed: int,
+        crop: str = "random_resized",
         crop_scale_min: float = 0.6,
         flip: bool = True,
         train: bool = True,
+        latents: bool = False,
     ):
         if image_size < 1:
             raise DataError(f"data.image_size must be >= 1, got {image_size}")
         if not 0.0 < crop_scale_min <= 1.0:
             raise DataError(f"data.crop_scale_min must be in (0, 1], got {crop_scale_min}")
+        if crop not in CROP_MODES:
+            raise DataError(f"data.crop = {crop!r}: expected one of {', '.join(map(repr, CROP_MODES))}")
+        if latents and index.latents is None:
+            raise DataError(f"{index.root}: holds no precomputed latents (pack it with `unigendet data pack --vae`)")
         self.index = index
         self.image_size = int(image_size)
         self.seed = int(seed)
+        self.crop = crop
         self.crop_scale_min = float(crop_scale_min)
         self.flip = bool(flip)
         self.train = bool(train)
+        self.latents = bool(latents)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -59,7 +70,7 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, float, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
         """Item i of the epoch set by `set_epoch`, or of the epoch given as key = (epoch, i) (what
         `FolderLoader`'s persistent workers receive, so they need no per-epoch copy of the dataset)."""
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
@@ -74,8 +85,20 @@ class FolderDataset(Dataset):
             ) from None
         # String seeds are hashed with SHA-512: stable across processes, runs and Python versions.
         rng = random.Random(f"unigendet/{self.seed}/{epoch}/{i}") if self.train else None
-        image = crop_resize(img, self.image_size, rng, crop_scale_min=self.crop_scale_min, flip=self.flip)
-        return image, float(self.index.is_fake[i]), int(self.index.class_ids[i])
+        box, flip = crop_plan(img.width, img.height, rng, crop=self.crop, crop_scale_min=self.crop_scale_min,
+                              flip=self.flip)
+        image = resize_box(img, self.image_size, box, flip)
+        item = (image, float(self.index.is_fake[i]), int(self.index.class_ids[i]))
+        if not self.latents:
+            return item
+        moments = read_moments(self.index, i)  # (2C, h, w): the moments of the same (center) crop
+        return item + (moments.flip(-1) if flip else moments,)  # mirrored with the pixels
+
+
+def read_moments(index: FolderIndex, i: int) -> torch.Tensor:
+    """Sample i's precomputed moments (2C, h, w) float32, checked against the pack's shape."""
+    name = f"{os.path.splitext(index.files[i])[0]}.{LATENT_EXT}"
+    return moments_from_bytes(index.read_latent_bytes(i), name, index.latents["shape"])
 
 
 class FolderLoader:
@@ -88,6 +111,10 @@ class FolderLoader:
     `state_dict()` counts the batches already yielded, so `load_state_dict` + `iter` continues with
     the very next batch. The loader holds this position: use one iterator at a time, and restore
     state before iterating.
+
+    `vae_fingerprint` (the run's `model.vae`, None = pixel space): with shards packed by `data pack --vae`
+    the batches carry `latent_moments` (`self.latents` is True), after checking that the pack's VAE,
+    image size and crop are the run's (engine/data/latents.py); without, they carry none.
     """
 
     def __init__(
@@ -97,12 +124,14 @@ class FolderLoader:
         batch_size: int,
         *,
         seed: int = 0,
+        crop: str = "random_resized",
         crop_scale_min: float = 0.6,
         flip: bool = True,
         num_workers: int = 2,
         rank: int = 0,
         world_size: int = 1,
         pin_memory: bool = False,
+        vae_fingerprint: str | None = None,
     ):
         if batch_size < 1 or num_workers < 0 or seed < 0:
             raise DataError(
@@ -111,7 +140,13 @@ class FolderLoader:
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.index = index
-        self.dataset = FolderDataset(index, image_size, seed=seed, crop_scale_min=crop_scale_min, flip=flip)
+        # Batches carry the precomputed moments when the run has a VAE and the shards hold its latents
+        # (checked: same VAE, image size and crop); otherwise the trainer encodes the pixels itself.
+        self.latents = vae_fingerprint is not None and index.latents is not None
+        if self.latents:
+            check_latents_match(index.latents, index.root, vae_fingerprint, int(image_size), crop)
+        self.dataset = FolderDataset(index, image_size, seed=seed, crop=crop, crop_scale_min=crop_scale_min,
+                                     flip=flip, latents=self.latents)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.rank, self.world_size = int(rank), int(world_size)

@@ -4,11 +4,14 @@ A shards folder (written by `unigendet data pack`, engine/data/pack.py) holds
 
     SHARDS/shard-000000.tar        webdataset samples: KEY.EXT (the image file's bytes, unchanged),
                                    KEY.cls (class id, decimal text, -1 = none) and KEY.fake ("0" real,
-                                   "1" generated); KEY is the sample number, 9 digits
+                                   "1" generated); KEY is the sample number, 9 digits; packed with
+                                   --vae also KEY.latent.safetensors, the image's VAE posterior
+                                   moments (engine/data/latents.py)
     SHARDS/shard-000000.idx        its DALI index (the format of DALI's `wds2idx`: "v1.2 N", then per
                                    sample "EXT OFFSET SIZE NAME" for each member), so the shards also
                                    feed `nvidia.dali.fn.readers.webdataset(paths, index_paths=...)`
-    SHARDS/unigendet_shards.json   manifest: format version, classes, shards and their sample counts;
+    SHARDS/unigendet_shards.json   manifest: format version, classes, shards and their sample counts,
+                                   the latents' VAE fingerprint and image size when packed with --vae;
                                    written last, so a folder with a manifest is a complete pack
 
 The loaders read shards by random access: the index gives each image's offset in its tar, so the
@@ -25,6 +28,7 @@ import os
 from ..batch import DataError
 from ..images import UnreadableFile, is_image_file, open_regular
 from ..index import FolderIndex
+from ..latents import LATENT_EXT, read_latent_meta
 from ..quarantine import drop_quarantined, resolve_quarantine
 
 MANIFEST_NAME = "unigendet_shards.json"
@@ -47,20 +51,31 @@ def is_shards_root(root: str | os.PathLike) -> bool:
 def read_shard_member(index: FolderIndex, i: int) -> bytes:
     """The `FolderIndex.reader` of shards: sample i is `index.locations[i]` = (tar path, byte offset,
     byte count), read with one `pread`; `UnreadableFile` naming the member when that fails."""
-    tar, offset, size = index.locations[i]
-    if size > index.max_bytes:
-        raise UnreadableFile(index.files[i], "too_large", f"{size} bytes, more than data.max_file_mb = "
-                             f"{index.max_bytes // 2**20} MiB")
-    fd = open_regular(tar, index.files[i])
+    return _pread_member(index.locations[i], index.files[i], index.max_bytes)
+
+
+def read_shard_latent(index: FolderIndex, i: int) -> bytes:
+    """The `FolderIndex.latent_reader` of shards: sample i's KEY.latent.safetensors member, at
+    `index.latent_locations[i]` = (tar path, byte offset, byte count)."""
+    tar, offset, size = index.latent_locations[i]
+    name = f"{os.path.splitext(index.files[i])[0]}.{LATENT_EXT}"  # ROOT/SHARD.tar:KEY.latent.safetensors
+    return _pread_member((tar, offset, size), name, index.max_bytes)
+
+
+def _pread_member(location: tuple[str, int, int], name: str, limit: int) -> bytes:
+    tar, offset, size = location
+    if size > limit:
+        raise UnreadableFile(name, "too_large", f"{size} bytes, more than data.max_file_mb = {limit // 2**20} MiB")
+    fd = open_regular(tar, name)
     try:
         data = os.pread(fd, size, offset)
     except OSError as exc:
-        raise UnreadableFile(index.files[i], "corrupt", exc.strerror or str(exc)) from exc
+        raise UnreadableFile(name, "corrupt", exc.strerror or str(exc)) from exc
     finally:
         os.close(fd)
     if len(data) != size:
-        raise UnreadableFile(index.files[i], "corrupt", f"{tar} ends at byte {offset + len(data)}, the index "
-                             f"says {offset + size}")
+        raise UnreadableFile(name, "corrupt", f"{tar} ends at byte {offset + len(data)}, the index says "
+                             f"{offset + size}")
     return data
 
 
@@ -89,6 +104,7 @@ def read_manifest(root: str) -> dict:
             raise DataError(f"{path}: shards[{k}] needs 'tar' and 'index' (file names) and 'samples' (int)")
         for key in ("tar", "index"):
             _check_inside(root, shard[key], f"{path}: shards[{k}].{key}")
+    read_latent_meta(manifest, path)  # validated here, so a bad field is reported before any sample
     return manifest
 
 
@@ -109,6 +125,9 @@ def scan_shards(root: str | os.PathLike, quarantine: str | os.PathLike | None = 
     manifest = read_manifest(root)
     classes = [str(c) for c in manifest["classes"]]
     index = FolderIndex(files=[], is_fake=[], class_ids=[], reader=read_shard_member, classes=classes, root=root)
+    index.latents = read_latent_meta(manifest, os.path.join(root, MANIFEST_NAME))
+    if index.latents is not None:
+        index.latent_reader = read_shard_latent
     for shard in manifest["shards"]:
         tar_path = os.path.join(root, shard["tar"])
         entries = read_dali_index(os.path.join(root, shard["index"]), tar_path)
@@ -117,10 +136,12 @@ def scan_shards(root: str | os.PathLike, quarantine: str | os.PathLike | None = 
                             f"says {shard['samples']}")
         with os.fdopen(open_regular(tar_path), "rb") as f:  # a FIFO or device named *.tar is refused
             for components in entries:
-                image, labels = _split_components(components, tar_path)
+                image, labels, latent = _split_components(components, tar_path, index.latents is not None)
                 is_fake, class_id = _read_labels(f.fileno(), labels, tar_path, len(classes))
                 index.files.append(os.path.join(root, f"{shard['tar']}:{image[3]}"))
                 index.locations.append((tar_path, image[1], image[2]))
+                if latent is not None:
+                    index.latent_locations.append((tar_path, latent[1], latent[2]))
                 index.is_fake.append(is_fake)
                 index.class_ids.append(class_id)
     if len(index) != manifest["num_samples"]:
@@ -169,14 +190,20 @@ def read_dali_index(idx_path: str, tar_path: str) -> list[list[tuple[str, int, i
     return samples
 
 
-def _split_components(components, tar_path):
-    """(the image member, {label ext: member}) of one sample; errors name the sample."""
+def _split_components(components, tar_path, with_latents: bool):
+    """(the image member, {label ext: member}, the latent member or None) of one sample; errors name
+    the sample. with_latents: the manifest says the pack has latents, so every sample needs one."""
     images = [c for c in components if is_image_file(c[3])]
     labels = {c[0]: c for c in components if c[0] in _LABEL_EXTS}
+    latents = [c for c in components if c[0] == LATENT_EXT]
     if len(images) != 1 or set(labels) != set(_LABEL_EXTS):
         names = " ".join(c[3] for c in components)
         raise DataError(f"{tar_path}: sample ({names}) needs one image member and .cls and .fake members")
-    return images[0], labels
+    if with_latents and len(latents) != 1:
+        names = " ".join(c[3] for c in components)
+        raise DataError(f"{tar_path}: sample ({names}) needs one .{LATENT_EXT} member: the manifest says the "
+                        "shards hold precomputed latents")
+    return images[0], labels, latents[0] if with_latents else None
 
 
 def _read_labels(fd: int, labels: dict, tar_path: str, num_classes: int) -> tuple[int, int]:
