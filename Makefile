@@ -36,7 +36,8 @@ $(EXT_STAMP): $(CSRC) | $(STAMP)
 demo: venv
 	$(VENV)/bin/unigendet data demo --out $(DEMO_DATA)
 	$(VENV)/bin/unigendet train --config tiny_cpu --data.root=$(DEMO_DATA)/train --train.out_dir=$(DEMO_RUN) --resume
-	$(VENV)/bin/unigendet eval --ckpt $(DEMO_RUN) --data $(DEMO_DATA)/val --out $(DEMO_RUN) --with-init
+	$(VENV)/bin/unigendet eval --ckpt $(DEMO_RUN) --data $(DEMO_DATA)/val --out $(DEMO_RUN) --with-init \
+	    --real demo_val --real-sources $(DEMO_DATA)/heldout_real --fake generated
 
 test: venv
 	$(PY) -m pytest -q tests

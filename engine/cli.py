@@ -488,13 +488,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--timestep-shift", type=float, default=None,
                    help="timestep shift of the Euler grid, t' = s*t / (1 + (s-1)*t); 1 = uniform steps "
                         "(default: the checkpoint config's eval.timestep_shift)")
-    e.add_argument("--real", action="append", default=None, metavar="NAME=DIR",
-                   help="cross-source evaluation: a real source, every image under DIR (recursively); "
-                        "repeatable; reports its false-positive rate at p_fake >= 0.5 and AUC/ACC/F1/EER "
-                        "against every fake source")
+    e.add_argument("--real", action="append", default=None, metavar="NAME[=DIR]",
+                   help="cross-source evaluation: a real source, every image under DIR (recursively), or with "
+                        "NAME alone the --data images; repeatable; reports its false-positive rate at p_fake >= "
+                        "0.5 and AUC/ACC/F1/EER against every fake source")
     e.add_argument("--real-sources", action="append", default=None, metavar="DIR",
-                   help="cross-source evaluation: every subfolder of DIR is a real source named after it "
-                        "(e.g. data/demo/heldout_real); repeatable")
+                   help="cross-source evaluation: every subfolder of DIR is a real source named after it, and "
+                        "all of them together one more, named after DIR (e.g. data/demo/heldout_real); repeatable")
     e.add_argument("--fake", action="append", default=None, metavar="NAME[=DIR]",
                    help="cross-source evaluation: a fake source, every image under DIR, or with NAME alone "
                         "the checkpoint's own generator (the images eval generates); repeatable (default "

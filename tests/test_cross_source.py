@@ -34,7 +34,7 @@ def test_defaults_fill_the_missing_kind(tmp_path):
 
 
 @pytest.mark.parametrize("real,fake,message", [
-    (["photos"], None, r"--real 'photos': expected NAME=DIR"),
+    (["a", "b"], None, r"--real: eval's held-out real images .* given more than once"),
     (["photos=/no/such/folder"], None, r"/no/such/folder is not a folder"),
     (["=DIR"], None, r"source name '' must start"),
     (["a b={tmp}"], None, r"source name 'a b'"),
@@ -51,9 +51,13 @@ def test_bad_sources_are_one_line_errors(tmp_path, real, fake, message):
 def test_real_sources_are_the_subfolders(tmp_path):
     for name in ("china", "flower", ".hidden"):
         (tmp_path / "held" / name).mkdir(parents=True)
-    spec = parse_sources(None, None, [str(tmp_path / "held")])
-    assert [s.name for s in spec.real] == ["china", "flower"]
-    assert spec.real[0].folder == str(tmp_path / "held" / "china")
+    spec = parse_sources(["photos"], None, [str(tmp_path / "held")])
+    assert [s.name for s in spec.real] == ["photos", "china", "flower"]
+    assert spec.real[0].folder is None  # eval's --data images
+    assert spec.real[1].folder == str(tmp_path / "held" / "china")
+    assert spec.groups == {"held": ["china", "flower"]}
+    with pytest.raises(ConfigError, match=r"\['held'\] given more than once"):
+        parse_sources([f"held={tmp_path}"], None, [str(tmp_path / "held")])
     with pytest.raises(ConfigError, match=r"heldout_real.*not a folder.*unigendet data demo"):
         parse_sources(None, None, [str(tmp_path / "data" / "heldout_real")])
     (tmp_path / "empty").mkdir()
@@ -97,10 +101,12 @@ def test_eval_cross_source_end_to_end(demo_root, tmp_path):
                  "--fake", "own", "--fake", f"others={others}"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     cs = m["cross_source"]
-    assert list(cs["real"]) == ["photos", "one", "two"] and list(cs["fake"]) == ["own", "others"]
-    assert [cs["real"][n]["n"] for n in ("photos", "one", "two")] == [6, 5, 4]
+    assert list(cs["real"]) == ["photos", "one", "two", "held"] and list(cs["fake"]) == ["own", "others"]
+    assert [cs["real"][n]["n"] for n in ("photos", "one", "two", "held")] == [6, 5, 4, 9]
+    held = cs["real"]["held"]  # the subfolders pooled
+    assert held["fpr"] == pytest.approx((5 * cs["real"]["one"]["fpr"] + 4 * cs["real"]["two"]["fpr"]) / 9)
     assert cs["fake"]["own"]["n"] == 6 and cs["fake"]["others"]["n"] == 6  # at most --num-images per folder
-    assert len(cs["pairs"]) == 6
+    assert len(cs["pairs"]) == 8
     own = next(p for p in cs["pairs"] if p["real"] == "photos" and p["fake"] == "own")
     assert 0 <= own["auc"] <= 1 and 0 <= own["eer"] <= 1
     assert "## Cross-source detection" in (out / "report.md").read_text()
@@ -126,3 +132,25 @@ def test_bad_folder_stops_eval_before_loading(tmp_path, capsys):
     code = main(["eval", "--ckpt", str(tmp_path / "no_run"), "--real", f"x={tmp_path / 'missing'}"])
     assert code == 2
     assert "missing is not a folder" in capsys.readouterr().err
+
+
+def test_demo_writes_heldout_sources_never_trained_on(demo_root):
+    """heldout_real/SOURCE/ per photograph of another source, listed in demo.json, disjoint from the
+    training and validation photographs; cropped and encoded as the demo's (size, RGB JPEG)."""
+    from PIL import Image
+
+    from unigendet.data.demo import HELDOUT_CROPS_PER_PHOTO, HELDOUT_DIR
+
+    manifest = json.loads((demo_root / "demo.json").read_text())
+    sources = manifest["heldout_sources"]
+    assert {"china", "flower"} <= set(sources) and len(sources) >= 4
+    assert set(sources).isdisjoint(manifest["train_sources"] + manifest["val_sources"])
+    assert sorted(p.name for p in (demo_root / HELDOUT_DIR).iterdir()) == sorted(sources)
+    assert manifest["heldout"] == HELDOUT_CROPS_PER_PHOTO * len(sources)
+    for source in sources:
+        files = sorted((demo_root / HELDOUT_DIR / source).iterdir())
+        assert len(files) == HELDOUT_CROPS_PER_PHOTO
+        with Image.open(files[0]) as img:
+            assert img.format == "JPEG" and img.mode == "RGB" and img.size == (manifest["size"],) * 2
+    spec = parse_sources(None, None, [str(demo_root / HELDOUT_DIR)])
+    assert [s.name for s in spec.real] == sorted(sources) and spec.groups == {HELDOUT_DIR: sorted(sources)}

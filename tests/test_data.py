@@ -554,7 +554,7 @@ def test_demo_split_is_by_source_photograph(tmp_path, monkeypatch):
     assert (len(train), len(val)) == (counts["train"], counts["val"])
     assert set(train).isdisjoint(val), set(train) & set(val)
     manifest = json.loads((tmp_path / "demo.json").read_text())
-    assert manifest["format_version"] == 2
+    assert manifest["format_version"] == 3
     assert set(manifest["train_sources"]) == set(train) and set(manifest["val_sources"]) == set(val)
     assert set(val) == set(VAL_PHOTOS) and {kind for kind, names in PHOTO_KINDS.items()
                                              if set(names) & set(val)} == set(PHOTO_KINDS)
@@ -577,7 +577,7 @@ def test_demo_rewrites_an_older_demo_folder(tmp_path, monkeypatch):
     (tmp_path / "demo.json").write_text(json.dumps(old))
     counts = write_demo_dataset(tmp_path, size=16, seed=5)
     manifest = json.loads((tmp_path / "demo.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["val_sources"] == list(VAL_PHOTOS)
+    assert manifest["format_version"] == 3 and manifest["val_sources"] == list(VAL_PHOTOS)
     assert counts["val"] > 177 and len(list((tmp_path / "val" / "real").glob("*.jpg"))) == counts["val"]
     assert len(list((tmp_path / "train" / "real").glob("*.jpg"))) == counts["train"]
     assert set(_sources_of(tmp_path / "train" / "real")).isdisjoint(_sources_of(tmp_path / "val" / "real"))

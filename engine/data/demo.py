@@ -5,6 +5,7 @@ scikit-image wheel (loaders that need `pooch` downloads are not used). Output:
 
     out_dir/train/real/00000.jpg ...   JPEG (quality 92), size x size
     out_dir/val/real/00000.jpg ...
+    out_dir/heldout_real/SOURCE/00000.jpg ...   photographs of other sources, never trained on
     out_dir/demo.json                  parameters, the sources of each split and counts; written last = complete
 
 The split is by source photograph, never by crop: the held-out photographs (`VAL_PHOTOS`, one of
@@ -13,11 +14,18 @@ and the face set give only train/ crops, so evaluating on val/ does not reward m
 training photographs. The face set has no identity labels (its non-faces come from the same LFW
 photographs), so it stays whole, in train/.
 
+heldout_real/ holds crops of photographs of other sources (`HELDOUT_PHOTOS`: scikit-learn's sample
+images and scikit-image photographs the splits above do not use), one folder per photograph, cropped
+and encoded as the others, from a random stream of their own (train/ and val/ are the bytes they were
+before the folder existed). No config trains on them: they measure the detector's false-positive rate
+on real photographs unlike any it saw (`unigendet eval --real-sources DIR/heldout_real`).
+
 The same (size, seed) gives the same bytes (with the same Pillow build): crops are drawn from
 `random.Random(seed)`, whose `random()` sequence Python keeps stable across versions.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -48,7 +56,19 @@ VAL_CROPS_PER_PHOTO = 50  # per held-out photograph: 4 x 50 = 200 val images (th
 CROP_SIDE_RANGE = (0.15, 0.70)  # crop side as a fraction of the photo's shorter side (log-uniform)
 JPEG_QUALITY = 92
 FACES_SOURCE = "lfw_subset"
-_FORMAT_VERSION = 2  # 1: crops split at random, a photograph fed both splits
+# Held-out real photographs of other sources: (name, where in the installed wheels). Read from files
+# inside the wheels only (never a download); an unavailable one is skipped.
+HELDOUT_PHOTOS = (
+    ("china", "sklearn:datasets/images/china.jpg"),  # colour scene
+    ("flower", "sklearn:datasets/images/flower.jpg"),  # colour close-up
+    ("clock", "skimage:clock"),  # grayscale indoor scene with motion blur
+    ("text", "skimage:text"),  # grayscale photograph of text
+    ("cell", "skimage:cell"),  # microscopy
+)
+HELDOUT_CROPS_PER_PHOTO = 50
+HELDOUT_DIR = "heldout_real"
+# 1: crops split at random, a photograph fed both splits; 2: split by photograph; 3: + heldout_real/
+_FORMAT_VERSION = 3
 _MANIFEST = "demo.json"
 _FILE_NAME = re.compile(r"^\d{5}\.jpg$")
 
@@ -82,6 +102,26 @@ def _load_faces() -> np.ndarray:
         return skimage.data.lfw_subset()
     except (AttributeError, ImportError, OSError, ValueError):
         return np.zeros((0, 25, 25))
+
+
+def _load_heldout_photos() -> list[tuple[str, Image.Image]]:
+    """The available photographs of HELDOUT_PHOTOS as (name, RGB image)."""
+    photos = []
+    for name, where in HELDOUT_PHOTOS:
+        package, item = where.split(":")
+        try:
+            if package == "skimage":
+                photos.append((name, _as_rgb_image(getattr(skimage.data, item)())))
+                continue
+            spec = importlib.util.find_spec(package)  # the wheel's folder, without importing it
+            folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+            if folder is None:
+                continue
+            with Image.open(os.path.join(folder, item)) as img:
+                photos.append((name, img.convert("RGB")))
+        except (AttributeError, ImportError, OSError, ValueError):  # absent, or would need a download
+            continue
+    return photos
 
 
 def _encode(img: Image.Image) -> bytes:
@@ -124,6 +164,20 @@ def _render(photos, faces, size: int, rng: random.Random) -> dict[str, list[tupl
     return {"train": train, "val": interleaved}
 
 
+def _write_numbered(folder: str, jpegs: list[bytes]) -> None:
+    """folder/00000.jpg, 00001.jpg, ...; numbered files left by an earlier, larger demo are removed."""
+    os.makedirs(folder, exist_ok=True)
+    keep = set()
+    for k, jpeg in enumerate(jpegs):
+        name = f"{k:05d}.jpg"
+        keep.add(name)
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(jpeg)
+    for name in os.listdir(folder):
+        if _FILE_NAME.match(name) and name not in keep:
+            os.remove(os.path.join(folder, name))
+
+
 def _read_manifest(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
@@ -139,6 +193,10 @@ def _is_complete(out_dir: str, manifest: dict | None, params: dict) -> bool:
         return False
     if not manifest.get("train_sources") or not manifest.get("val_sources"):
         return False
+    for source in manifest.get("heldout_sources", []):
+        folder = os.path.join(out_dir, HELDOUT_DIR, source)
+        if not all(os.path.isfile(os.path.join(folder, f"{k:05d}.jpg")) for k in range(HELDOUT_CROPS_PER_PHOTO)):
+            return False
     for split in ("train", "val"):
         folder = os.path.join(out_dir, split, "real")
         for k in range(int(manifest.get(split, -1))):
@@ -148,8 +206,9 @@ def _is_complete(out_dir: str, manifest: dict | None, params: dict) -> bool:
 
 
 def _counts(manifest: dict) -> dict:
-    return {"train": manifest["train"], "val": manifest["val"],
-            "sources": len(manifest["train_sources"]) + len(manifest["val_sources"])}
+    return {"train": manifest["train"], "val": manifest["val"], "heldout": manifest.get("heldout", 0),
+            "sources": len(manifest["train_sources"]) + len(manifest["val_sources"]),
+            "heldout_sources": len(manifest.get("heldout_sources", []))}
 
 
 def write_demo_dataset(out_dir: str | os.PathLike, *, size: int = 64, seed: int = 0) -> dict:
@@ -178,27 +237,23 @@ def write_demo_dataset(out_dir: str | os.PathLike, *, size: int = 64, seed: int 
         raise DataError("demo dataset: no training photograph of scikit-image is available offline")
     rng = random.Random(seed)
     splits = _render(photos, faces, size, rng)  # {split: [(source, JPEG bytes)]}, disjoint sources
+    heldout_rng = random.Random(f"unigendet demo heldout_real {seed}")  # str seeds hash stably (sha512)
+    heldout = {name: _crops(photo, HELDOUT_CROPS_PER_PHOTO, size, heldout_rng)
+               for name, photo in _load_heldout_photos()}
 
     if os.path.exists(manifest_path):
         os.remove(manifest_path)  # the folder is incomplete until the new manifest is written
     for split, members in splits.items():
-        folder = os.path.join(out_dir, split, "real")
-        os.makedirs(folder, exist_ok=True)
-        keep = set()
-        for k, (_, jpeg) in enumerate(members):
-            name = f"{k:05d}.jpg"
-            keep.add(name)
-            with open(os.path.join(folder, name), "wb") as f:
-                f.write(jpeg)
-        for name in os.listdir(folder):  # numbered files left by an earlier, larger demo
-            if _FILE_NAME.match(name) and name not in keep:
-                os.remove(os.path.join(folder, name))
+        _write_numbered(os.path.join(out_dir, split, "real"), [jpeg for _, jpeg in members])
+    for source, crops in heldout.items():
+        _write_numbered(os.path.join(out_dir, HELDOUT_DIR, source), crops)
 
     order = [name for name, _ in photos] + ([FACES_SOURCE] if len(faces) else [])
     used = {split: {source for source, _ in members} for split, members in splits.items()}
     manifest = dict(params, train_sources=[n for n in order if n in used["train"]],
                     val_sources=[n for n in order if n in used["val"]],
-                    train=len(splits["train"]), val=len(splits["val"]))
+                    heldout_sources=list(heldout), train=len(splits["train"]), val=len(splits["val"]),
+                    heldout=sum(len(c) for c in heldout.values()))
     tmp_path = manifest_path + ".tmp"
     with open(tmp_path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)

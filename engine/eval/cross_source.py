@@ -5,7 +5,9 @@ use; the question is how it does on photographs and generators it never saw. `un
 any number of named sources,
 
     --real NAME=DIR        real images: every image under DIR (recursively)
-    --real-sources DIR     one real source per subfolder of DIR, named after it
+    --real NAME            eval's held-out real images (--data)
+    --real-sources DIR     one real source per subfolder of DIR, named after it, and their union,
+                           named after DIR (each subfolder contributes up to max_images)
     --fake NAME=DIR        generated images of another model: every image under DIR
     --fake NAME            the checkpoint's own generator (the images eval generates anyway)
 
@@ -48,10 +50,14 @@ class Source:
 
 @dataclass
 class CrossSourceSpec:
-    """The sources of a cross-source evaluation, as parsed and checked from the command line."""
+    """The sources of a cross-source evaluation, as parsed and checked from the command line.
+
+    groups: {name: member real-source names}, one per --real-sources DIR (named after DIR): their
+    scores pooled, reported as one more real source."""
 
     real: list[Source]
     fake: list[Source]
+    groups: dict[str, list[str]]
 
 
 def _check_name(name: str, option: str, given: str) -> str:
@@ -67,10 +73,8 @@ def _check_folder(folder: str, option: str, given: str) -> str:
     return folder
 
 
-def _parse(value: str, option: str, allow_own: bool) -> Source:
+def _parse(value: str, option: str) -> Source:
     if "=" not in value:
-        if not allow_own:
-            raise ConfigError(f"{option} {value!r}: expected NAME=DIR")
         return Source(_check_name(value, option, value), None)
     name, folder = value.split("=", 1)
     if not folder:
@@ -99,22 +103,27 @@ def parse_sources(real: list[str] | None, fake: list[str] | None,
     real, fake, real_sources = real or [], fake or [], real_sources or []
     if not (real or fake or real_sources):
         return None
-    reals = [_parse(v, "--real", allow_own=False) for v in real]
+    reals = [_parse(v, "--real") for v in real]
+    groups = {}
     for root in real_sources:
-        reals.extend(_subfolder_sources(root))
-    fakes = [_parse(v, "--fake", allow_own=True) for v in fake]
+        members = _subfolder_sources(root)
+        reals.extend(members)
+        groups[_check_name(os.path.basename(os.path.normpath(root)), "--real-sources", root)] = [
+            m.name for m in members]
+    fakes = [_parse(v, "--fake") for v in fake]
     if not reals:
         reals = [Source(DEFAULT_REAL, None)]
     if not fakes:
         fakes = [Source(DEFAULT_FAKE, None)]
-    for kind, sources in (("real", reals), ("fake", fakes)):
-        names = [s.name for s in sources]
+    for kind, names in (("real", [s.name for s in reals] + list(groups)), ("fake", [s.name for s in fakes])):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ConfigError(f"--{kind}: source name(s) {twice} given more than once")
     if sum(s.folder is None for s in fakes) > 1:
         raise ConfigError("--fake: the checkpoint's own generator (a NAME without =DIR) given more than once")
-    return CrossSourceSpec(reals, fakes)
+    if sum(s.folder is None for s in reals) > 1:
+        raise ConfigError("--real: eval's held-out real images (a NAME without =DIR) given more than once")
+    return CrossSourceSpec(reals, fakes, groups)
 
 
 def load_folder_images(folder: str, image_size: int, max_images: int,

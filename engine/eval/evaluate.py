@@ -12,6 +12,7 @@ same config and seed (`fid_init`), the baseline the demo's FID target is measure
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 from ..data import load_eval_images
 from ..model import UniGenDet, euler_sample
-from ..train.checkpoint import checkpoint_config, load_weights, resolve_checkpoint
+from ..train.checkpoint import checkpoint_config, checkpoint_vae_loader, load_weights, resolve_checkpoint
 from .fid import InceptionFeatures, fid_from_features, kid_from_features
 from ..grid import save_grid
 from .cross_source import CrossSourceSpec, cross_source_metrics, load_folder_images, render_cross_source
@@ -32,12 +33,16 @@ EVAL_SEED = 1_000_003  # noise stream for evaluation images; training never draw
 def load_model(ckpt: str | Path, which: str | None = None, device="cpu") -> tuple[UniGenDet, object, Path]:
     """(model in eval mode, its config, the resolved step folder) from a step or run folder.
 
-    which: "ema" or "model" weights; None follows the checkpoint config's eval.use_ema.
+    which: "ema" or "model" weights; None follows the checkpoint config's eval.use_ema. A latent
+    model gets its VAE (model.vae) attached, loaded and checked against the checkpoint's record when
+    it first generates.
     """
     step_dir = resolve_checkpoint(ckpt)
     cfg = checkpoint_config(step_dir)
     model = UniGenDet(cfg.model)
     load_weights(step_dir, model, which or ("ema" if cfg.eval.use_ema else "model"))
+    if cfg.model.vae:
+        model.attach_vae(checkpoint_vae_loader(step_dir, cfg.model.vae, device))
     return model.to(device).eval(), cfg, step_dir
 
 
@@ -134,6 +139,8 @@ def evaluate(ckpt: str | Path, data_dir: str | Path | None = None, out_dir: str 
     if with_init:  # the untrained model of the same config and seed: the baseline of the FID target
         torch.manual_seed(cfg.train.seed)
         init = UniGenDet(cfg.model).to(device).eval()
+        if init.latent:  # the same VAE decodes the untrained generator's latents
+            init.attach_vae(lambda: model.vae)
         init_fakes = generate(init, n, ev.sampler_steps, ev.batch_size, device, shift=ev.timestep_shift)
         init_gen = generation_metrics(inception, real_feats, init_fakes)
         metrics.update({f"{k}_init": v for k, v in init_gen.items()})
@@ -160,6 +167,9 @@ def _cross_source(model, spec: CrossSourceSpec, p_data: np.ndarray, p_generated:
     real = {s.name: scores(s, p_data) for s in spec.real}
     fake = {s.name: scores(s, p_generated) for s in spec.fake}
     folders = {s.name: s.folder for s in spec.real + spec.fake}
+    for group, members in spec.groups.items():  # a --real-sources folder: its subfolders pooled
+        real[group] = np.concatenate([real[m] for m in members])
+        folders[group] = os.path.dirname(folders[members[0]])
     folders.update({s.name: "(eval data)" for s in spec.real if s.folder is None})
     folders.update({s.name: "(own generator)" for s in spec.fake if s.folder is None})
     return cross_source_metrics(real, fake, folders)
