@@ -85,7 +85,20 @@ class ModelConfig:
     image_size: int = num(32, ge=1)
     """Image side S (pixels); in a training config it is taken from `data.image_size`."""
     patch_size: int = num(4, ge=1)
-    """Patch side p: each stream has N = (S/p)^2 image tokens."""
+    """Patch side p of the detector stream (and of the generator stream in pixel space): N = (S/p)^2 tokens."""
+    vae: str = ""
+    """Latent space: a diffusers AutoencoderKL folder (SD-VAE, SDXL-VAE, FLUX-VAE; needs the vae extra,
+    pip install ".[vae]"), loaded frozen from disk only. The generator then works on its normalised latents
+    and everything the detector sees is decoded pixels. '' = pixel space."""
+    latent_patch_size: int = num(2, ge=1)
+    """With model.vae: patch side on the latent grid, so the generator stream has ((S/f)/p_lat)^2 tokens
+    (f = the VAE's downsampling factor); equal to the detector's grid when f * latent_patch_size = patch_size."""
+    latent_channels: int = num(0, ge=0)
+    """With model.vae: the VAE's latent channels; 0 = read from its config.json (the resolved value is saved
+    with the run, so a checkpoint rebuilds its model without the VAE folder)."""
+    latent_downsample: int = num(0, ge=0)
+    """With model.vae: the VAE's downsampling factor f = 2^(len(block_out_channels) - 1); 0 = read from its
+    config.json (saved resolved, as latent_channels)."""
     width: int = num(128, ge=1)
     """Model width C."""
     depth: int = num(4, ge=1)
@@ -600,6 +613,8 @@ def validate(cfg: Config, source: str = "config", origins: dict[str, str] | None
                           "longer chooses the Inception network (its code would run); remove the key and pass "
                           "`unigendet eval --inception PATH` instead")
     m.image_size = d.image_size  # the model is built for the images the loader makes
+    if m.vae and not (m.latent_channels and m.latent_downsample):
+        _resolve_vae_geometry(m, blame)
     check_model(m, source, blame)
     if cfg.loss.lambda_att > 0 and not (m.g2d and m.d2g and mmsa_layer_set(m)):
         raise ConfigError(f"{blame('loss.lambda_att', 'model.g2d', 'model.d2g', 'model.mmsa_layers')}: "
@@ -668,6 +683,47 @@ def check_model(m: ModelConfig, source: str = "ModelConfig", blame: Any = None) 
     if m.projector_act not in ("silu", "gelu"):
         raise ConfigError(f"{b('model.projector_act')}: model.projector_act = {_show(m.projector_act)} is not one "
                           "of ('silu', 'gelu')")
+    if m.vae:
+        _check_latent_model(m, b)
+
+
+def _resolve_vae_geometry(m: ModelConfig, blame: Any) -> None:
+    """Fill model.latent_channels / latent_downsample (when 0) from the VAE folder's config.json."""
+    from .vae import VAEError, read_vae_geometry
+
+    try:
+        channels, downsample = read_vae_geometry(m.vae)
+    except VAEError as e:
+        raise ConfigError(f"{blame('model.vae')}: model.vae: {e}") from None
+    m.latent_channels = m.latent_channels or channels
+    m.latent_downsample = m.latent_downsample or downsample
+
+
+def _check_latent_model(m: ModelConfig, b: Any) -> None:
+    """The latent path's shape rules: integer latent and token grids, no cross-stream reads."""
+    if not (m.latent_channels and m.latent_downsample):
+        raise ConfigError(f"{b('model.latent_channels', 'model.latent_downsample')}: with model.vae, "
+                          "model.latent_channels and model.latent_downsample must be set (0 = read from the VAE, "
+                          "which validate() does for a config file)")
+    side = m.latent_downsample * m.latent_patch_size
+    if m.image_size % side:
+        raise ConfigError(f"{b('model.image_size', 'model.latent_patch_size', 'model.latent_downsample')}: image size "
+                          f"{m.image_size} is not a multiple of the VAE's downsampling factor "
+                          f"{m.latent_downsample} x model.latent_patch_size {m.latent_patch_size} = {side}, so the "
+                          "latent grid does not split into whole patches")
+    # the cross-stream reads need each sample in the other stream's modality: the detector's pixels
+    # of a noisy latent in every sampler step (g2d), the latents of every tested image (d2g)
+    if m.g2d or m.d2g:
+        raise ConfigError(f"{b('model.vae', 'model.g2d', 'model.d2g')}: model.vae (latent generator) needs "
+                          f"model.g2d = false and model.d2g = false (got g2d={m.g2d}, d2g={m.d2g}): the streams "
+                          "read different modalities, so neither can read the other's tokens of the same sample")
+
+
+def gen_grid(m: ModelConfig) -> int:
+    """Side of the generator stream's token grid: (S / p) in pixel space, (S / f) / p_lat with model.vae."""
+    if m.vae:
+        return m.image_size // m.latent_downsample // m.latent_patch_size
+    return m.image_size // m.patch_size
 
 
 def mmsa_layer_set(m: ModelConfig) -> frozenset[int]:

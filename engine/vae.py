@@ -144,6 +144,20 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu") -> FrozenVAE:
     return FrozenVAE(autoencoder, path).to(device)
 
 
+def read_vae_geometry(path: str | Path) -> tuple[int, int]:
+    """(latent channels, downsampling factor) from the folder's config.json, without diffusers."""
+    import json
+
+    path = Path(path)
+    _check_folder(path)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        channels, blocks = int(config["latent_channels"]), config["block_out_channels"]
+        return channels, 2 ** (len(blocks) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VAEError(f"{path / 'config.json'}: not an AutoencoderKL config ({type(e).__name__}: {e})") from None
+
+
 def weight_files(path: str | Path) -> list[Path]:
     """The folder's weight files (top level), sorted by name."""
     return sorted(p for p in Path(path).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))

@@ -9,7 +9,8 @@ from torch import Tensor, nn
 
 
 def patchify(x: Tensor, p: int) -> Tensor:
-    """(B, 3, S, S) -> (B, N, 3*p*p) with N = (S/p)^2, tokens in row-major grid order."""
+    """(B, K, S, S) -> (B, N, K*p*p) with N = (S/p)^2, tokens in row-major grid order (K = 3 for pixels,
+    the VAE's latent channels for latents)."""
     B, C, S, _ = x.shape
     g = S // p
     x = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # (B, g, g, C, p, p)
@@ -17,11 +18,23 @@ def patchify(x: Tensor, p: int) -> Tensor:
 
 
 def unpatchify(tokens: Tensor, p: int, channels: int = 3) -> Tensor:
-    """(B, N, 3*p*p) -> (B, 3, S, S); inverse of `patchify`."""
+    """(B, N, K*p*p) -> (B, K, S, S) with K = channels; inverse of `patchify`."""
     B, N, _ = tokens.shape
     g = math.isqrt(N)
     x = tokens.reshape(B, g, g, channels, p, p).permute(0, 3, 1, 4, 2, 5)  # (B, C, g, p, g, p)
     return x.reshape(B, channels, g * p, g * p)
+
+
+def resize_token_grid(tokens: Tensor, grid: int) -> Tensor:
+    """(B, g*g, C) tokens of a square grid -> (B, grid*grid, C), resized bilinearly (align_corners=False,
+    as REPA-style alignment does when the teacher's grid is not the student's)."""
+    B, N, C = tokens.shape
+    g = math.isqrt(N)
+    if g == grid:
+        return tokens
+    x = tokens.transpose(1, 2).reshape(B, C, g, g)  # (B, C, g, g)
+    x = F.interpolate(x.float(), size=(grid, grid), mode="bilinear", align_corners=False).to(tokens.dtype)
+    return x.flatten(2).transpose(1, 2)  # (B, grid*grid, C)
 
 
 def sincos_embedding(values: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -52,12 +65,15 @@ class TimestepEmbedder(nn.Module):
 
 
 class GenStreamEmbed(nn.Module):
-    """G stream: patchify(x_t) -> Linear(3p^2, C) + timestep_embed(t) + class_embed(y) + pos_embed."""
+    """G stream: patchify(x_t) -> Linear(Kp^2, C) + timestep_embed(t) + class_embed(y) + pos_embed.
 
-    def __init__(self, image_size: int, patch: int, width: int, num_classes: int):
+    x_t is an image (K = 3, side = the image size) or a VAE latent (K = latent channels, side = the
+    latent grid)."""
+
+    def __init__(self, image_size: int, patch: int, width: int, num_classes: int, channels: int = 3):
         super().__init__()
         self.patch = patch
-        self.proj = nn.Linear(3 * patch * patch, width)
+        self.proj = nn.Linear(channels * patch * patch, width)
         self.time = TimestepEmbedder(width)
         # index num_classes is the "no class" token used for unconditional / dropped labels
         self.classes = nn.Embedding(num_classes + 1, width) if num_classes > 0 else None
@@ -65,7 +81,7 @@ class GenStreamEmbed(nn.Module):
         self.register_buffer("pos", sincos_pos_embed_2d(image_size // patch, width), persistent=False)
 
     def forward(self, x_t: Tensor, t: Tensor, class_ids: Tensor | None = None) -> Tensor:
-        """x_t: (B, 3, S, S), t: (B,), class_ids: (B,) with -1 = none -> (B, N, C)."""
+        """x_t: (B, K, S, S), t: (B,), class_ids: (B,) with -1 = none -> (B, N, C)."""
         h = self.proj(patchify(x_t, self.patch))
         h = h + self.pos.to(h.dtype)  # h's dtype, not x_t's: under autocast the stream is bf16 from here on
         cond = self.time(t)  # (B, C)

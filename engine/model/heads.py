@@ -9,19 +9,20 @@ from .embeddings import unpatchify
 
 
 class GeneratorHead(nn.Module):
-    """Final norm -> Linear(C, 3p^2) -> unpatchify: the predicted velocity v_hat (B, 3, S, S)."""
+    """Final norm -> Linear(C, Kp^2) -> unpatchify: the predicted velocity v_hat (B, K, S, S) (K = 3 for
+    pixels, the VAE's latent channels for latents)."""
 
-    def __init__(self, width: int, patch: int, eps: float):
+    def __init__(self, width: int, patch: int, eps: float, channels: int = 3):
         super().__init__()
-        self.patch, self.eps = patch, eps
+        self.patch, self.eps, self.channels = patch, eps, channels
         self.norm = nn.Parameter(torch.ones(width))
-        self.proj = nn.Linear(width, 3 * patch * patch)
+        self.proj = nn.Linear(width, channels * patch * patch)
         nn.init.zeros_(self.proj.weight)  # v_hat = 0 at init: training starts from a neutral field
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor, res: Tensor | None) -> Tensor:
         h, _ = ops.fused_add_rmsnorm(x, res, self.norm, self.eps)  # (B, N, C)
-        return unpatchify(self.proj(h), self.patch)
+        return unpatchify(self.proj(h), self.patch, self.channels)
 
 
 class DetectorHead(nn.Module):

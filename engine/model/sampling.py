@@ -32,6 +32,9 @@ def euler_sample(model, n: int, *, steps: int = 8, seed: int | None = None, gene
                  device=None, dtype=torch.float32, shift: float = 1.0) -> Tensor:
     """-> (n, 3, S, S) images in [-1, 1] from `model` (a UniGenDet).
 
+    A latent model (model.vae) integrates in its latent space and decodes each chunk with its
+    attached VAE, so callers get images either way.
+
     Noise comes from `generator` or a fresh one seeded with `seed`. With class_ids (n,) and
     cfg_scale != 1, classifier-free guidance mixes conditional and unconditional velocities.
     shift: timestep shift of the grid (`timestep_grid`); 1 = uniform steps.
@@ -41,12 +44,12 @@ def euler_sample(model, n: int, *, steps: int = 8, seed: int | None = None, gene
     if generator is None:
         generator = torch.Generator(device=device)
         generator.manual_seed(0 if seed is None else seed)
-    S = model.cfg.image_size
+    shape = model.x_shape  # (K, s, s): the image, or the VAE latent
     batch_size = batch_size or n
     chunks = []
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)
-        x = torch.randn(m, 3, S, S, generator=generator, device=device, dtype=torch.float32)
+        x = torch.randn(m, *shape, generator=generator, device=device, dtype=torch.float32)
         ids = None if class_ids is None else class_ids[start:start + m].to(device)
         for i in range(steps):
             t, t_next = ts[i], ts[i + 1]
@@ -56,5 +59,5 @@ def euler_sample(model, n: int, *, steps: int = 8, seed: int | None = None, gene
                 v_u = model("gen", x.to(dtype), tt, torch.full_like(ids, -1)).velocity.float()
                 v = v_u + cfg_scale * (v - v_u)
             x = x + (t_next - t) * v
-        chunks.append(x.clamp(-1, 1))
+        chunks.append(model.to_pixels(x).float().clamp(-1, 1))
     return torch.cat(chunks)

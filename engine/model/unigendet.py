@@ -2,6 +2,8 @@
 
 Two kinds of pass, both through the same MoT layers and MMSA joint attention:
 - generation sample: G = tokens of x_t; D = the detector's view of x_t when g2d is on, else absent.
+  x_t is an image, or with model.vae a normalised VAE latent (then g2d and d2g are off: the detector
+  stream reads pixels only, and `vae` decodes what the generator makes).
 - detection sample:  G = the image's tokens at t = 0 (when d2g lets D read them, else absent);
                      D = the image's tokens, then registers; the CLS register feeds the detector head.
 """
@@ -12,15 +14,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig, check_model, mmsa_layer_set
+from ..config import ModelConfig, check_model, gen_grid, mmsa_layer_set
 from ..ops import axial_rope_tables
 from .block import AttentionStats, MoTBlock, StreamState
-from .embeddings import DetStreamEmbed, GenStreamEmbed
+from .embeddings import DetStreamEmbed, GenStreamEmbed, resize_token_grid
 from .heads import DetectorHead, GeneratorHead
 
 
 class GenOutput(NamedTuple):
-    velocity: Tensor        # (B, 3, S, S) predicted v_hat
+    velocity: Tensor        # (B, K, s, s) predicted v_hat (pixels: K = 3, s = S; latents: the VAE's grid)
     hidden: Tensor | None   # (B, N, C) G hidden state after layer `capture_layer`, if asked
 
 
@@ -41,24 +43,31 @@ class UniGenDet(nn.Module):
         self.cfg = cfg
         C, p = cfg.width, cfg.patch_size
         ffn = int(cfg.mlp_ratio * C + 7) // 8 * 8
-        self.gen_embed = GenStreamEmbed(cfg.image_size, p, C, cfg.num_classes)
+        # what the generator stream denoises, (K, s, s): the image, or the VAE latent with model.vae
+        self.latent = bool(cfg.vae)
+        channels, side, gen_patch = ((cfg.latent_channels, cfg.image_size // cfg.latent_downsample,
+                                      cfg.latent_patch_size) if self.latent else (3, cfg.image_size, p))
+        self.x_shape = (channels, side, side)
+        self.gen_grid, self.det_grid = gen_grid(cfg), cfg.image_size // p  # token grid sides of G and D
+        self._vae = None  # the FrozenVAE (or a loader of it), `attach_vae`; never a submodule
+        self.gen_embed = GenStreamEmbed(side, gen_patch, C, cfg.num_classes, channels)
         self.det_embed = DetStreamEmbed(cfg.image_size, p, C, cfg.registers)
         # with shared experts a learned stream embedding tells the streams apart
         self.stream_embed = nn.Parameter(torch.zeros(2, C)) if cfg.experts == "shared" else None
         self.blocks = nn.ModuleList(
             MoTBlock(C, cfg.heads, cfg.kv_heads, ffn, cfg.experts, cfg.norm_eps) for _ in range(cfg.depth)
         )
-        self.gen_head = GeneratorHead(C, p, cfg.norm_eps)
+        self.gen_head = GeneratorHead(C, gen_patch, cfg.norm_eps, channels)
         self.det_head = DetectorHead(C, cfg.norm_eps, cls_index=(cfg.image_size // p) ** 2)
         # image tokens of a detection sample as (offset, count): G rows [0, N); D rows [0, N), registers after
-        self.g_image_tokens = (0, (cfg.image_size // p) ** 2)
+        self.g_image_tokens = (0, self.gen_grid ** 2)
         self.d_image_tokens = (0, (cfg.image_size // p) ** 2)
         # DIGA projector P: generator hidden -> detector feature space
         hidden = cfg.projector_hidden or 4 * C  # 0 = 4 C
         act = nn.GELU() if cfg.projector_act == "gelu" else nn.SiLU()
         self.projector = nn.Sequential(nn.Linear(C, hidden), act, nn.Linear(hidden, C))
-        grid, hd = cfg.image_size // p, C // cfg.heads
-        for s, registers in (("g", 0), ("d", cfg.registers)):
+        hd = C // cfg.heads
+        for s, grid, registers in (("g", self.gen_grid, 0), ("d", self.det_grid, cfg.registers)):
             cos, sin = axial_rope_tables(grid, hd, cfg.rope_base, suffix=registers)  # (N + R, D/2)
             self.register_buffer(f"rope_cos_{s}", cos, persistent=False)
             self.register_buffer(f"rope_sin_{s}", sin, persistent=False)
@@ -72,6 +81,37 @@ class UniGenDet(nn.Module):
         self.skip_unused = True
         self.apply(_init_linear)
         nn.init.zeros_(self.gen_head.proj.weight)
+
+    # ------------------------------------------------------------------ latent space
+
+    def attach_vae(self, vae) -> None:
+        """The frozen VAE of a latent model (model.vae): a `FrozenVAE`, or a zero-argument function that
+        loads it on first use (detection never needs it). Kept out of the modules and state dict."""
+        if not self.latent:
+            raise ValueError("attach_vae: this model works in pixel space (model.vae is empty)")
+        self._vae = vae
+
+    @property
+    def vae(self):
+        """The attached FrozenVAE (loaded now if a loader was attached); None in pixel space."""
+        if not self.latent:
+            return None
+        if self._vae is None:
+            raise ValueError(f"this model generates latents of the VAE {self.cfg.vae!r}; attach it first "
+                             "(model.attach_vae(unigendet.vae.load_vae(path)))")
+        if callable(self._vae) and not hasattr(self._vae, "decode"):
+            self._vae = self._vae()
+        return self._vae
+
+    def to_pixels(self, x: Tensor) -> Tensor:
+        """What the generator stream makes, (B, K, s, s), as images (B, 3, S, S) the detector reads:
+        decoded latents with model.vae (differentiable w.r.t. x), else x itself."""
+        return self.vae.decode(x) if self.latent else x
+
+    def teacher_on_gen_grid(self, hidden: Tensor) -> Tensor:
+        """Detector features (B, N_D, C) on the generator's token grid (B, N_G, C): token i with token i
+        when the grids are equal, else resized bilinearly."""
+        return resize_token_grid(hidden, self.gen_grid)
 
     # ------------------------------------------------------------------ parameter ownership
 
@@ -135,7 +175,7 @@ class UniGenDet(nn.Module):
 
     def generation_pass(self, x_t: Tensor, t: Tensor, class_ids: Tensor | None = None,
                         capture_layer: int | None = None, constant_detector: bool = False) -> GenOutput:
-        """x_t: (B, 3, S, S), t: (B,) in [0, 1], class_ids: (B,) or None -> GenOutput.
+        """x_t: (B, K, s, s) (`x_shape`), t: (B,) in [0, 1], class_ids: (B,) or None -> GenOutput.
 
         constant_detector: the detector-owned weights the pass reads with g2d (detector embedding
         and expert) are used as constants, so no gradient of the output reaches them; the values

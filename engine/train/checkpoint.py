@@ -5,6 +5,8 @@ Layout (docs/design.md §8): `run/checkpoints/step_NNNNNNN/` with
 - `trainer_state.pt`: optimizer, scheduler, RNG, data position, fake pool — tensors and plain
   Python values only, read back with `torch.load(weights_only=True)`;
 - `config.toml`: the resolved config, so a step folder is self-contained for generate / detect / eval.
+A latent model's weights files also record its VAE in their metadata (`vae_path`, `vae_sha256`, see
+`check_vae`): resume and eval refuse another VAE.
 A checkpoint is written into a temporary folder, fsynced, then renamed into place: a folder named
 `step_*` is always complete. Only folders holding nothing but those files are ever deleted (old
 checkpoints, temporary folders and partial step folders of a killed run); a folder that also holds
@@ -57,17 +59,18 @@ def _state_dict(weights: Weights) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: Weights, ema_model: Weights, trainer_state: dict,
-                    cfg: Config, keep_last: int = 3) -> Path:
+                    cfg: Config, keep_last: int = 3, vae: dict[str, str] | None = None) -> Path:
     """Write run_dir/checkpoints/step_{step:07d} atomically; keep the newest `keep_last`.
 
-    model / ema_model: the modules, or their full state dicts (gathered from FSDP shards)."""
+    model / ema_model: the modules, or their full state dicts (gathered from FSDP shards); vae: the
+    latent model's VAE as {"vae_path": ..., "vae_sha256": ...} (`vae_record`), kept in the metadata."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     remove_stale(run_dir)  # temporary folders of a run killed while saving: never a checkpoint
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}_{secrets.token_hex(4)}"
     tmp.mkdir()
-    meta = {"format_version": FORMAT_VERSION, "step": str(step)}
+    meta = {"format_version": FORMAT_VERSION, "step": str(step), **(vae or {})}
     save_file(_state_dict(model), tmp / "model.safetensors", metadata=meta)
     save_file(_state_dict(ema_model), tmp / "ema.safetensors", metadata=meta)
     torch.save({"format_version": FORMAT_VERSION, "step": step, **trainer_state}, tmp / "trainer_state.pt")
@@ -225,3 +228,49 @@ def checkpoint_config(ckpt: Path) -> Config:
         return load_config(path)
     except ConfigError as e:  # its message names the file already when the file itself is at fault
         raise CheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+
+
+def vae_record(path: str | Path) -> dict[str, str]:
+    """What a checkpoint records of a latent model's VAE: its folder and `vae_fingerprint`."""
+    from ..vae import vae_fingerprint
+
+    return {"vae_path": str(path), "vae_sha256": vae_fingerprint(path)}
+
+
+def checkpoint_vae(ckpt: Path) -> dict[str, str]:
+    """The VAE recorded in a step folder's weights metadata ({} for a pixel-space checkpoint)."""
+    from safetensors import safe_open
+
+    path = Path(ckpt) / "model.safetensors"
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return {k: meta[k] for k in ("vae_path", "vae_sha256") if k in meta}
+
+
+def check_vae(ckpt: Path, current: dict[str, str]) -> None:
+    """Refuse to go on with another VAE than the one the checkpoint's generator was trained with
+    (`current`: `vae_record` of the VAE about to be used)."""
+    recorded = checkpoint_vae(ckpt)
+    if not recorded:
+        raise CheckpointError(f"{ckpt}: records no VAE (a pixel-space checkpoint, or one written before VAEs were "
+                              f"recorded), but model.vae = {current['vae_path']}")
+    if recorded["vae_sha256"] != current["vae_sha256"]:
+        raise CheckpointError(f"{ckpt}: trained with the VAE {recorded['vae_path']} (sha256 "
+                              f"{recorded['vae_sha256'][:16]}...), but the VAE now is {current['vae_path']} (sha256 "
+                              f"{current['vae_sha256'][:16]}...); use the same VAE weights")
+
+
+def checkpoint_vae_loader(ckpt: Path, vae_path: str, device):
+    """A zero-argument function that loads the latent model's VAE from `vae_path` (the checkpoint's
+    model.vae) onto `device`, after checking it is the one the checkpoint records (`check_vae`); for
+    `UniGenDet.attach_vae`, so that only what generates loads it (detection never does)."""
+    def load():
+        from ..vae import load_vae
+
+        check_vae(ckpt, vae_record(vae_path))
+        return load_vae(vae_path, device)
+
+    return load

@@ -13,6 +13,11 @@ with constant weights (its gradient reaches x0_hat only), and when the phase als
 while the generation pass reads it (joint mode with g2d), x0_hat comes from a second generation pass
 with the detector-owned weights held constant (same values; the gradient reaches the generator's and
 shared weights only). L_flow and L_align keep their gradients to the detector expert there.
+
+Latent space (model.vae): the generator's x0 is the batch's VAE latent, the detector still reads
+pixels. L_auth scores decode(x0_hat): the gradient flows through the frozen decoder (whose weights
+never get one) to the generator. L_align's teacher is the detector's features of the real pixels,
+resized onto the generator's token grid when the grids differ.
 """
 from __future__ import annotations
 
@@ -77,14 +82,16 @@ def frozen_detection_logit(model: nn.Module, images: Tensor) -> Tensor:
 
 def authenticity_logit(model: nn.Module, phase: Phase, x_t: Tensor, t: Tensor, class_ids: Tensor | None,
                        velocity: Tensor) -> Tensor:
-    """The detector's logit (B,) of x0_hat = x_t - t v_hat, differentiable w.r.t. the generator only.
+    """The detector's logit (B,) of x0_hat = x_t - t v_hat (decoded first in latent space: the image
+    the detector would see), differentiable w.r.t. the generator only.
 
-    velocity: v_hat (B, 3, S, S) of the step's generation pass. When the phase trains detector-owned
+    velocity: v_hat (B, K, s, s) of the step's generation pass. When the phase trains detector-owned
     weights and that pass read them (g2d), v_hat is recomputed with those weights held constant, so
     L_auth's gradient cannot reach the detector through v_hat either."""
     if phase.trains_detector and unwrap(model).cfg.g2d:
         velocity = model("gen", x_t, t, class_ids, constant_detector=True).velocity
-    return frozen_detection_logit(model, one_step_estimate(x_t, t, velocity))
+    core = unwrap(model)
+    return frozen_detection_logit(model, core.to_pixels(one_step_estimate(x_t, t, velocity)))
 
 
 def drop_labels(class_ids: Tensor, p: float, generator: Gen) -> Tensor:
@@ -96,11 +103,13 @@ def drop_labels(class_ids: Tensor, p: float, generator: Gen) -> Tensor:
 
 
 def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, class_ids: Tensor,
-               fakes: Tensor | None, loss_cfg: LossConfig, generator: Gen, augment=None) -> LossTerms:
+               fakes: Tensor | None, loss_cfg: LossConfig, generator: Gen, latents: Tensor | None = None,
+               augment=None) -> LossTerms:
     """Loss of one step of `phase`.
 
     images: (B, 3, S, S) in [-1, 1]; is_fake: (B,) 1 for external fakes; class_ids: (B,) (-1 = none);
-    fakes: (F, 3, S, S) images from the fake pool (det phases).
+    fakes: (F, 3, S, S) images from the fake pool (det phases); latents: (B, K, s, s) normalised VAE
+    latents of `images` (latent models, generating phases), the generator's x0.
     augment: detector-input augmentation (detector_augment.DetectorAugment) applied to the det pass's
     whole batch, real and generated rows alike; None = off.
     """
@@ -116,7 +125,9 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
         real = (is_fake < 0.5).float()  # (B,)
         kept = real.sum().clamp_min(1.0)
         row_weights = real / kept  # (B,), sums to 1 when the batch holds a real image
-        x0, B = images, images.shape[0]
+        if core.latent and latents is None:
+            raise ValueError("phase_loss: a latent model's generating phase needs the batch's latents")
+        x0, B = (latents if core.latent else images), images.shape[0]
         ids = drop_labels(class_ids, mcfg.class_dropout, generator)
         ids = ids if mcfg.num_classes > 0 else None
         x_t, t, eps = sample_flow_inputs(x0, generator)
@@ -125,7 +136,8 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
         flow = flow_loss(out.velocity, x0, eps, row_weights)
         if w_align > 0:
             with torch.no_grad():  # sg(h_D^l(x0)): the real image as a detection sample
-                teacher = model("det", x0, capture_layer=layer, features_only=True).hidden.flatten(0, 1)  # (B*N, C)
+                teacher = model("det", images, capture_layer=layer, features_only=True).hidden  # (B, N_D, C)
+                teacher = core.teacher_on_gen_grid(teacher).flatten(0, 1)  # (B*N_G, C)
             student = core.projector(out.hidden).flatten(0, 1)  # (B*N, C)
             keep = real.repeat_interleave(student.shape[0] // B).unsqueeze(1) > 0  # (B*N, 1)
             teacher = torch.where(keep, teacher, student.detach().to(teacher.dtype))  # fake rows: 1 - cos = 0

@@ -25,10 +25,11 @@ from ..data import build_loader
 from ..model import UniGenDet, euler_sample
 from ..phase_modes import mode_uses_fake_pool, phase_at
 from .detector_augment import build_detector_augment
-from .checkpoint import (CheckpointError, checkpoint_config, list_checkpoints, load_trainer_state, load_weights,
-                         remove_stale, resolve_checkpoint, save_checkpoint)
+from .checkpoint import (CheckpointError, check_vae, checkpoint_config, list_checkpoints, load_trainer_state,
+                         load_weights, remove_stale, resolve_checkpoint, save_checkpoint, vae_record)
 from .fake_pool import FakePool
 from .graphs import DeviceSums, StaticBatch, StepGraphs
+from .latent_inputs import LatentInputs
 from .loggers import RunLoggers, sample_grid
 from .optim import EMA, build_optimizer, device_lrs, lr_multiplier
 from .phases import phase_loss, set_trainable
@@ -161,11 +162,17 @@ class Trainer:
                                 f"{self.loader.num_classes} class folders")
         torch.manual_seed(cfg.train.seed)  # model init is a function of the seed
         self.model = UniGenDet(cfg.model).to(self.device)
+        self.vae, self.vae_record, self.latent_inputs = self._load_vae()
         if cfg.train.init_from:  # a resumed run overwrites these with its own checkpoint below
             init = resolve_checkpoint(cfg.train.init_from)
+            if self.vae is not None:
+                check_vae(init, self.vae_record)
             load_weights(init, self.model, "model")
             log(f"initialised weights from {init}")
         self.ema = EMA(self.model, cfg.optim.ema_decay)
+        if self.vae is not None:  # after the EMA's deep copy: one VAE, shared, never copied
+            self.model.attach_vae(self.vae)
+            self.ema.model.attach_vae(self.vae)
         if self.fsdp:  # the model and its EMA are sharded alike, so the EMA update is local to each shard
             param_dtype = getattr(torch, cfg.train.fsdp_param_dtype)
             shard_model(self.model, self.device, param_dtype)
@@ -221,6 +228,20 @@ class Trainer:
         self.dist.barrier()
         self._data_iter = iter(self.loader)
 
+    def _load_vae(self):
+        """(FrozenVAE, its checkpoint record, LatentInputs) of a latent model; Nones in pixel space."""
+        m = self.cfg.model
+        if not m.vae:
+            return None, None, None
+        from ..vae import load_vae
+
+        vae = load_vae(m.vae, self.device)
+        if (vae.latent_channels, vae.downsample) != (m.latent_channels, m.latent_downsample):
+            raise TrainingError(f"{m.vae}: the VAE has {vae.latent_channels} latent channels and downsamples by "
+                                f"{vae.downsample}, but model.latent_channels = {m.latent_channels} and "
+                                f"model.latent_downsample = {m.latent_downsample}; set them to 0 (read from the VAE)")
+        return vae, vae_record(m.vae), LatentInputs(vae, self.cfg.train.seed, self.dist.rank)
+
     # ------------------------------------------------------------------ one step
 
     def refill_pool(self, n: int) -> None:
@@ -261,6 +282,8 @@ class Trainer:
             if hasattr(self.loader, "write_into"):  # DALI: later batches decode straight into the buffer
                 self.loader.write_into(self.inputs.images)
         self.inputs.load(batch)
+        if self.latent_inputs is not None and phase.generates:  # outside any graph: a host-seeded draw
+            self.latent_inputs.load(batch, self.inputs.images, self.step_idx)
         set_trainable(self.model, phase)
         self.model.train()
         parts = self.graphs.run(phase.name, lambda: self._phase_step(phase))
@@ -275,8 +298,9 @@ class Trainer:
         cfg, x = self.cfg, self.inputs
         fakes = self.pool.sample(len(x.images), self.draws) if phase.uses_fake_pool else None
         with self.autocast:
+            latents = self.latent_inputs.buffer if self.latent_inputs is not None and phase.generates else None
             terms = phase_loss(self.step_model, phase, x.images, x.is_fake, x.class_ids, fakes, cfg.loss, self.draws,
-                               augment=self.det_augment)
+                               latents, augment=self.det_augment)
         self.optimizer.zero_grad(set_to_none=True)  # inside a capture: fresh gradients from the graph's pool
         if self.grad_buckets is not None:
             self.grad_buckets.begin()
@@ -440,7 +464,7 @@ class Trainer:
         state = self._state(keep=main)
         if main:
             path = save_checkpoint(self.out_dir, self.step_idx, weights, ema_weights, state, self.cfg,
-                                   keep_last=self.cfg.train.keep_last)
+                                   keep_last=self.cfg.train.keep_last, vae=self.vae_record)
             self.log(f"saved checkpoint {path}")
             self.loggers.flush()  # the logs reach disk with each checkpoint
         self.dist.barrier()
@@ -454,9 +478,12 @@ class Trainer:
         ckpt = ckpts[-1]
         saved = load_trainer_state(ckpt)
         old = to_dict(checkpoint_config(ckpt))["model"]
-        diff = {k: (old[k], v) for k, v in to_dict(self.cfg)["model"].items() if old.get(k) != v}
+        # the VAE may have moved: its weights (check_vae, below) decide, not its path
+        diff = {k: (old.get(k), v) for k, v in to_dict(self.cfg)["model"].items() if old.get(k) != v and k != "vae"}
         if diff:
             raise CheckpointError(f"{ckpt}: model config differs from the run's ({diff}); cannot resume")
+        if self.vae is not None:
+            check_vae(ckpt, self.vae_record)
         load_weights(ckpt, self.model, "model")
         load_weights(ckpt, self.ema.model, "ema")
         self.optimizer.load_state_dict(saved["optimizer"])
