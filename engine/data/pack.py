@@ -21,12 +21,13 @@ import json
 import os
 import tarfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from ..vae import FrozenVAE, load_vae, vae_fingerprint
 from .batch import DataError
-from .check import check_index
+from .check import check_index, default_workers
 from .images import crop_resize, decode_rgb
 from .index import FolderIndex
 from .latents import LATENT_CROP, LATENT_EXT, moments_to_bytes
@@ -87,13 +88,17 @@ def pack_folder(
     order = torch.randperm(len(index), generator=torch.Generator().manual_seed(seed)).tolist()
     os.makedirs(out, exist_ok=True)
     shards = []
-    for start in range(0, len(order), samples_per_shard):
-        name = f"shard-{len(shards):06d}"
-        positions = order[start : start + samples_per_shard]
-        latents = LatentWriter(encoder, image_size, start, len(order), encode_progress) if encoder else None
-        _write_shard(index, positions, first_key=start, tar_path=os.path.join(out, name + ".tar"), latents=latents)
-        _write_dali_index(os.path.join(out, name + ".tar"), os.path.join(out, name + ".idx"))
-        shards.append({"tar": name + ".tar", "index": name + ".idx", "samples": len(positions)})
+    # with --vae: `workers` threads decode and crop the images the encoder reads (PIL releases the GIL)
+    with ThreadPoolExecutor(default_workers() if workers is None else max(1, int(workers))) as pool:
+        for start in range(0, len(order), samples_per_shard):
+            name = f"shard-{len(shards):06d}"
+            positions = order[start : start + samples_per_shard]
+            latents = (LatentWriter(encoder, image_size, pool, start, len(order), encode_progress)
+                       if encoder else None)
+            _write_shard(index, positions, first_key=start, tar_path=os.path.join(out, name + ".tar"),
+                         latents=latents)
+            _write_dali_index(os.path.join(out, name + ".tar"), os.path.join(out, name + ".idx"))
+            shards.append({"tar": name + ".tar", "index": name + ".idx", "samples": len(positions)})
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -143,16 +148,18 @@ class LatentWriter:
     """Encodes the images of one shard, a chunk at a time (memory stays bounded by the chunk), and
     reports the images encoded so far in the whole pack."""
 
-    def __init__(self, encoder: FrozenVAE, image_size: int, done: int, total: int,
+    def __init__(self, encoder: FrozenVAE, image_size: int, pool: ThreadPoolExecutor, done: int, total: int,
                  progress: Callable[[int, int], None] | None):
-        self.encoder, self.image_size = encoder, image_size
+        self.encoder, self.image_size, self.pool = encoder, image_size, pool
         self.done, self.total, self.progress = done, total, progress
+
+    def _crop(self, data: bytes, name: str) -> torch.Tensor:
+        return crop_resize(decode_rgb(data, name), self.image_size, None)  # (3, S, S) in [-1, 1]
 
     def members(self, names: list[str], encoded: list[bytes]) -> list[bytes]:
         """The KEY.latent.safetensors bytes of each image (`encoded`, file `names`): its center crop at
         `image_size` (the pixels the loaders give with data.crop = "center", unflipped) through the encoder."""
-        images = torch.stack([crop_resize(decode_rgb(data, name), self.image_size, None)
-                              for data, name in zip(encoded, names)])  # (b, 3, S, S) in [-1, 1]
+        images = torch.stack(list(self.pool.map(self._crop, encoded, names)))  # (b, 3, S, S) in [-1, 1]
         moments = self.encoder.encode_moments(images)  # (b, 2C, S/f, S/f) float32
         self.done += len(names)
         if self.progress:
