@@ -205,3 +205,20 @@ def test_cli_pack_without_diffusers_names_the_extra(tmp_path, vae_dir, capsys, m
     err = capsys.readouterr().err
     assert "diffusers" in err and f'pip install ".[{VAE_EXTRA}]"' in err
     assert not (tmp_path / "shards").exists()  # nothing decoded or written before the VAE loads
+
+
+def test_quarantine_and_resume_keep_each_sample_with_its_moments(packed, vae_dir):
+    """Dropping samples (a quarantine list) keeps every image with its own member, and a restored loader
+    continues with the next batch's moments."""
+    _, shards, _ = packed
+    full = scan_data(shards)
+    part = full.subset([5, 0, 9])
+    for k, i in enumerate([5, 0, 9]):
+        assert part.read_bytes(k) == full.read_bytes(i) and part.read_latent_bytes(k) == full.read_latent_bytes(i)
+    straight = _take(latent_loader(shards, vae_dir), 5)
+    first = latent_loader(shards, vae_dir)
+    _take(first, 3)
+    resumed = latent_loader(shards, vae_dir)
+    resumed.load_state_dict(first.state_dict())
+    for a, b in zip(straight[3:], _take(resumed, 2)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.latent_moments, b.latent_moments)
