@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
@@ -222,3 +223,32 @@ def test_quarantine_and_resume_keep_each_sample_with_its_moments(packed, vae_dir
     resumed.load_state_dict(first.state_dict())
     for a, b in zip(straight[3:], _take(resumed, 2)):
         assert torch.equal(a.images, b.images) and torch.equal(a.latent_moments, b.latent_moments)
+
+
+@pytest.mark.skipif(dali_reason() is not None, reason=f"{dali_reason()}")
+def test_latent_members_are_in_dalis_index(packed):
+    """The .idx files of a latent pack equal DALI's wds2idx output, and fn.readers.webdataset reads the
+    moments members by their extension."""
+    from nvidia.dali import fn, pipeline_def, types
+    from wds2idx import IndexCreator
+
+    _, shards, manifest = packed
+    tars = [os.path.join(shards, s["tar"]) for s in manifest["shards"]]
+    idxs = [os.path.join(shards, s["index"]) for s in manifest["shards"]]
+    for tar, idx in zip(tars, idxs):
+        with IndexCreator(tar, idx + ".ref", verbose=False) as creator:
+            creator.create_index()
+        reference = open(idx + ".ref").read()
+        os.remove(idx + ".ref")
+        assert reference == open(idx).read()
+
+    @pipeline_def(batch_size=7, num_threads=1, device_id=None)
+    def read_latents():
+        return fn.readers.webdataset(paths=tars, index_paths=idxs, ext=["latent.safetensors"],
+                                     missing_component_behavior="error", random_shuffle=False, dtypes=[types.UINT8])
+
+    pipe = read_latents()
+    pipe.build()
+    index = scan_data(shards)
+    got = [np.array(out[k]).tobytes() for _ in range(2) for (out,) in [pipe.run()] for k in range(7)]
+    assert got == [index.read_latent_bytes(i) for i in range(14)]
