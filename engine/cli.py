@@ -46,6 +46,8 @@ def _version(module: str) -> str:
 
 
 def cmd_info(args) -> int:
+    if getattr(args, "config", None):
+        return cmd_info_config(args.config, args.world_size)
     import torch
 
     from . import __version__, ops
@@ -72,6 +74,20 @@ def cmd_info(args) -> int:
         print(f"  {op}")
         for name, why in row.items():
             print(f"    {name:<10} {why}")
+    return 0
+
+
+def cmd_info_config(name: str, world_size: int | None) -> int:
+    """`unigendet info --config NAME`: the run's estimate, one line per quantity."""
+    from .config import ConfigError, load_config
+    from .train.estimate import estimate
+
+    if world_size is not None and world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world_size}")
+    cfg = load_config(name)
+    print(f"{name}: estimate (engine/train/estimate.py)")
+    for line in estimate(cfg, world_size=world_size).lines():
+        print(f"  {line}")
     return 0
 
 
@@ -374,7 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="unigendet", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("info", help="versions, devices, and which op backends run here (and why not)")
+    info = sub.add_parser("info", help="versions, devices, and which op backends run here (and why not); with "
+                          "--config NAME: that run's parameters, tokens, FLOPs and memory per GPU")
+    info.add_argument("--config", default=None, help="a config name in engine/configs/ or a .toml path: print the "
+                      "run's size estimate (engine/train/estimate.py) instead of the versions")
+    info.add_argument("--world-size", type=int, default=None,
+                      help="GPUs the estimate shards over (default: 8 with train.fsdp, else 1)")
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     demo = data.add_parser("demo", help="write the embedded demo dataset (train/ and val/)")

@@ -36,7 +36,7 @@ from .phases import phase_loss, set_trainable
 from ..rng import ShardedGenerator
 from .distributed import GradientBuckets, init_distributed
 from .fsdp import full, gather_state, shard_model, shard_optimizer_state
-from .throughput import device_peak_flops, tokens_per_sample, train_flops_per_sample
+from .throughput import device_peak_flops, tokens_per_sample, train_flops_per_sample, vae_geometry, vae_step_flops
 
 
 class TrainingError(RuntimeError):
@@ -204,6 +204,10 @@ class Trainer:
         self._tokens_per_sample = tokens_per_sample(cfg.model)
         self._flops_per_sample = train_flops_per_sample(cfg.model)
         self._peak_flops = device_peak_flops(self.device)  # None on CPU: no MFU
+        # the VAE's FLOPs per sample, apart from the model's (decode always; encode unless the first
+        # batch brings packed latents, set in step())
+        self._vae_flops = vae_step_flops(cfg, vae_geometry(cfg.model))
+        self._vae_flops_per_sample = self._vae_flops["vae_decode"] + self._vae_flops["vae_encode"]
         # bf16 autocast on GPU; its weight-cast cache must be off while capturing CUDA graphs
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not self.cuda_graphs)
                          if self.device.type == "cuda" else contextlib.nullcontext())
@@ -279,6 +283,8 @@ class Trainer:
         batch = next(self._data_iter)
         if self.inputs is None:
             self.inputs = StaticBatch(batch, self.device)
+            if getattr(batch, "latent_moments", None) is not None:  # packed latents: the step never encodes
+                self._vae_flops_per_sample = self._vae_flops["vae_decode"]
             if hasattr(self.loader, "write_into"):  # DALI: later batches decode straight into the buffer
                 self.loader.write_into(self.inputs.images)
         self.inputs.load(batch)
@@ -328,6 +334,17 @@ class Trainer:
         self._skipped.add_(found_inf)
         self.sums.add(phase.name, terms.parts)
         return terms.parts
+
+    def _utilisation(self, rate: float) -> dict[str, float]:
+        """`mfu`: the model's FLOPs / s over the device's bf16 peak; with a VAE also `mfu_vae` (its
+        encode / decode FLOPs) and `mfu_with_vae` (both). Empty where the peak is unknown (CPU)."""
+        if not self._peak_flops:
+            return {}
+        out = {"mfu": rate * self._flops_per_sample / self._peak_flops}
+        if self._vae_flops_per_sample:
+            out["mfu_vae"] = rate * self._vae_flops_per_sample / self._peak_flops
+            out["mfu_with_vae"] = out["mfu"] + out["mfu_vae"]
+        return out
 
     @property
     def skipped_steps(self) -> int:
@@ -397,7 +414,7 @@ class Trainer:
                 last = {"step": self.step_idx, "phase": phase, "lr": float(self.scheduler.get_last_lr()[0]),
                         "samples_per_s": rate, "tokens_per_s": rate * self._tokens_per_sample,
                         "step_ms": 1e3 * elapsed / max(self.step_idx - steps0, 1),
-                        **({"mfu": rate * self._flops_per_sample / self._peak_flops} if self._peak_flops else {}),
+                        **self._utilisation(rate),
                         "skipped_steps": self.skipped_steps,
                         **dict(zip(means, values.tolist()))}
                 if self.dist.is_main:
