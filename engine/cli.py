@@ -345,11 +345,13 @@ def cmd_eval(args, overrides: list[str]) -> int:
 
 def cmd_ablations(args, overrides: list[str]) -> int:
     from .eval.ablations import render_table, run_ablations
+    from .eval.cross_source import parse_sources
 
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",") if args.variants else None
+    cross = parse_sources(args.real, args.fake, args.real_sources)
     result = run_ablations(args.config, overrides, args.out or "runs/ablations", seeds, variants=variants,
-                           data_dir=args.data, runs_dir=args.runs_dir)
+                           data_dir=args.data, runs_dir=args.runs_dir, cross=cross)
     print(render_table(result))
     return 0
 
@@ -525,7 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "auth_only, separate) on --config's budget; extra --section.key=value override it")
     e.add_argument("--config", default="tiny_cpu", help="with --ablations: the base config")
     e.add_argument("--seeds", default="0,1,2", help="with --ablations: comma-separated seeds")
-    e.add_argument("--variants", default="", help="with --ablations: a comma-separated subset")
+    e.add_argument("--variants", default="", help="with --ablations: comma-separated variants or sets: method "
+                                                  "(the default), generalisation (full and the [augment] switches)")
     e.add_argument("--runs-dir", default=None,
                    help="with --ablations: where the run folders go (default --out); finished rows are "
                         "kept in OUT/rows/ and reused")

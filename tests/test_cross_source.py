@@ -154,3 +154,34 @@ def test_demo_writes_heldout_sources_never_trained_on(demo_root):
             assert img.format == "JPEG" and img.mode == "RGB" and img.size == (manifest["size"],) * 2
     spec = parse_sources(None, None, [str(demo_root / HELDOUT_DIR)])
     assert [s.name for s in spec.real] == sorted(sources) and spec.groups == {HELDOUT_DIR: sorted(sources)}
+
+
+def test_generalisation_ablation_rows_hold_cross_source_columns(demo_root, tmp_path):
+    """`eval --ablations --variants generalisation` runs full and the [augment] switches; with
+    cross-source sources every row holds fpr[REAL] and auc[REAL|FAKE], subfolders pooled."""
+    from unigendet.config import load_config
+    from unigendet.eval.ablations import VARIANT_SETS, expand_variants
+
+    assert expand_variants(["generalisation"]) == VARIANT_SETS["generalisation"]
+    assert expand_variants(["full", "method"])[:2] == ["full", "no_mmsa"]
+    assert expand_variants(None) == VARIANT_SETS["method"]
+    with pytest.raises(ConfigError, match="unknown ablation variant"):
+        expand_variants(["aug_nope"])
+    out = tmp_path / "abl"
+    held = tmp_path / "held"
+    train = sorted((demo_root / "train" / "real").iterdir())
+    _folder(held, "one", train[:4])
+    _folder(held, "two", train[4:8])
+    args = ["eval", "--ablations", "--config", "tiny_cpu", "--seeds", "0", "--variants", "aug_jpeg",
+            "--out", str(out), "--data", str(demo_root / "val"), "--real", "val", "--real-sources", str(held),
+            "--fake", "own", f"--data.root={demo_root / 'train'}", "--train.steps=2", "--train.save_every=2",
+            "--model.width=32", "--model.depth=2", "--model.heads=2", "--model.kv_heads=1", "--model.align_layer=1",
+            "--train.batch_size=8", "--phases.pool_size=16", "--phases.refill_count=8", "--phases.sampler_steps=2",
+            "--train.progress=false", "--eval.num_images=8", "--eval.sampler_steps=2", "--eval.batch_size=8"]
+    assert main(args) == 0
+    result = json.loads((out / "ablations.json").read_text())
+    row = result["runs"]["aug_jpeg"][0]
+    assert {"fpr[val]", "fpr[held]", "auc[val|own]", "auc[held|own]"} <= set(row)
+    assert not any("one" in k or "two" in k for k in row)  # members appear pooled only
+    assert load_config(out / "aug_jpeg_seed0" / "config.toml").augment.jpeg_p == 0.5
+    assert "fpr[held]" in (out / "ablations.md").read_text()
