@@ -135,7 +135,11 @@ class UniGenDet(nn.Module):
         """The last layer <= end (1-based) where `reader`'s queries read the other stream's keys; 0: none."""
         if not self.mask["g2d" if reader == "g" else "d2g"]:
             return 0
-        return max((i for i in self.mmsa_layers if i <= end), default=0)
+        last = 0  # a plain loop: torch.compile cannot trace max() over a generator with default=
+        for i in self.mmsa_layers:
+            if i <= end:
+                last = max(last, i)
+        return last
 
     def _needs_stream(self, reader: str, end: int) -> bool:
         """Whether a pass that uses only `reader`'s output (through layer `end`) needs the other stream."""
