@@ -18,6 +18,7 @@ config without the section.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,20 +48,22 @@ def build_detector_augment(cfg: AugmentConfig) -> DetectorAugment | None:
     return DetectorAugment(cfg) if augment_enabled(cfg) else None
 
 
-def _dct_matrix(device) -> Tensor:
-    """The orthonormal 8-point DCT-II matrix D (8, 8): coefficients = D @ block @ D.T."""
-    k = torch.arange(8, device=device, dtype=torch.float32)
-    d = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16) * math.sqrt(2 / 8)
+@functools.cache
+def _jpeg_constants(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(DCT matrix D (8, 8), luma and chroma base tables (1, 8, 8)) on `device`, made once: the
+    first (eager) steps create them, so a captured CUDA graph copies nothing from the host."""
+    k = torch.arange(8, dtype=torch.float64)
+    d = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16) * math.sqrt(2 / 8)  # orthonormal DCT-II
     d[0] /= math.sqrt(2)
-    return d
+    tables = [torch.tensor(t, dtype=torch.float32).view(1, 8, 8).to(device) for t in (_LUMA_Q, _CHROMA_Q)]
+    return d.float().to(device), *tables
 
 
-def _quant_tables(quality: Tensor, base: tuple[int, ...]) -> Tensor:
-    """libjpeg's quality scaling: quality (N,) in [1, 100] -> tables (N, 8, 8)."""
+def _quant_tables(quality: Tensor, base: Tensor) -> Tensor:
+    """libjpeg's quality scaling: quality (N,) in [1, 100], base (1, 8, 8) -> tables (N, 8, 8)."""
     q = quality.float()
     scale = torch.where(q < 50, 5000 / q, 200 - 2 * q)  # (N,)
-    table = torch.tensor(base, device=q.device, dtype=torch.float32).view(1, 8, 8)
-    return torch.floor((table * scale.view(-1, 1, 1) + 50) / 100).clamp(1, 255)
+    return torch.floor((base * scale.view(-1, 1, 1) + 50) / 100).clamp(1, 255)
 
 
 def _blockwise(planes: Tensor, tables: Tensor, dct: Tensor) -> Tensor:
@@ -90,9 +93,9 @@ def jpeg_round_trip(x: Tensor, quality: Tensor) -> Tensor:
     cb = -0.168736 * r - 0.331264 * g + 0.5 * b + 128
     cr = 0.5 * r - 0.418688 * g - 0.081312 * b + 128
     chroma = F.avg_pool2d(torch.stack([cb, cr], 1), 2)  # (N, 2, H'/2, W'/2)
-    dct = _dct_matrix(x.device)
-    y = _blockwise(y - 128, _quant_tables(quality, _LUMA_Q), dct) + 128
-    c_tab = _quant_tables(quality, _CHROMA_Q).repeat_interleave(2, 0)  # (2N, 8, 8): Cb, Cr per row
+    dct, luma, chroma_base = _jpeg_constants(x.device)
+    y = _blockwise(y - 128, _quant_tables(quality, luma), dct) + 128
+    c_tab = _quant_tables(quality, chroma_base).repeat_interleave(2, 0)  # (2N, 8, 8): Cb, Cr per row
     chroma = _blockwise(chroma.flatten(0, 1) - 128, c_tab, dct).view_as(chroma) + 128
     cb, cr = chroma.repeat_interleave(2, 2).repeat_interleave(2, 3).unbind(1)
     out = torch.stack([y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128),
@@ -143,12 +146,20 @@ class DetectorAugment:
     def __init__(self, cfg: AugmentConfig):
         self.cfg = cfg
         self.blur_radius = math.ceil(3 * cfg.blur_sigma[1])
+        self._probabilities: dict[torch.device, Tensor] = {}  # (4,) per device, made on the first call
+
+    def probabilities(self, device: torch.device) -> Tensor:
+        """(crop_p, jitter_p, blur_p, jpeg_p) on `device`, made once (no host copy inside a CUDA graph)."""
+        if device not in self._probabilities:
+            c = self.cfg
+            self._probabilities[device] = torch.tensor([c.crop_p, c.jitter_p, c.blur_p, c.jpeg_p]).to(device)
+        return self._probabilities[device]
 
     def __call__(self, images: Tensor, generator: Gen) -> Tensor:
         cfg = self.cfg
         N = images.shape[0]
         u = batch_rand((N, _DRAWS), generator, device=images.device)  # (N, 12)
-        apply = u[:, :4] < torch.tensor([cfg.crop_p, cfg.jitter_p, cfg.blur_p, cfg.jpeg_p], device=images.device)
+        apply = u[:, :4] < self.probabilities(images.device)  # (N, 4)
         with torch.autocast(images.device.type, enabled=False):  # JPEG rounding needs float32
             x = images.float()
             if cfg.crop_p > 0:
