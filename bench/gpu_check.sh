@@ -33,8 +33,9 @@
 #   bench_train_step: reference, fused, +cuda_graphs      100       70
 #                                                            sum:  ~455
 #   test_ops_loss, test_ops_attention (gpu-marked, then the rest): whatever is left (each compiles
-#     dozens of Triton variants, fp32 ones 5-30 s each); bench_data where DALI is installed; the train
-#     step with torch.compile only when >= 240 s are left.
+#     dozens of Triton variants, fp32 ones 5-30 s each); bench_data where DALI is installed; the latent
+#     base_256 step split (limit 120, expected ~60) when >= 150 s are left; the train step with
+#     torch.compile only when >= 240 s are left.
 # The benchmarks rewrite their tables after every measured case, so a stage cut by its limit keeps what
 # finished. The tables land in bench/results/<device>/ as with `unigendet bench`; after every stage they
 # are also packed into OUT_DIR/results.tar.gz, beside OUT_DIR/gpu_check.log and build_ext.log, so that
@@ -162,6 +163,15 @@ if "$PYBIN" -c "import nvidia.dali" 2>/dev/null; then
         --sizes 256 --batches 100 --rounds 3
 else
     echo "== bench_data: NOT RUN (nvidia-dali is not installed on this machine)"
+fi
+# The latent base_256 step with its split (VAE encode / decode, sampler, model, optimizer), with time to spare:
+# a random VAE of the FLUX VAE's shape, so it needs diffusers (its row says so where it is missing).
+LEFT=$(( DEADLINE - $(date +%s) ))
+if (( LEFT >= 150 )); then
+    stage "bench_train_step --latent (base_256, the VAE's share)" 120 "$PYBIN" -m bench.bench_train_step \
+        --device cuda --latent --steps 20 --warmup 5
+else
+    echo "== bench_train_step --latent: SKIPPED (${LEFT}s left; needs 150)"
 fi
 # Only with time to spare (inductor compiles each phase of the model for minutes); its own table, so that
 # a run cut short never replaces bench_train_step's.

@@ -184,3 +184,26 @@ def test_trainer_reports_the_vae_share_apart_from_the_model_mfu(demo, tmp_path):
     flops = estimate(cfg).flops
     assert got["mfu_vae"] == pytest.approx(100.0 * (flops["vae_decode"] + flops["vae_encode"]) / 1e12)
     assert got["mfu_with_vae"] == pytest.approx(got["mfu"] + got["mfu_vae"])
+
+
+def test_latent_bench_splits_the_step_and_says_why_base_256_is_not_measured(tmp_path, monkeypatch):
+    """`bench_train_step --latent` on the CPU: the tiny latent row's parts (VAE encode, decode forward
+    and backward, refill sampler, optimizer, model) add up to its step, the VAE's part is measured,
+    and the GPU-only base_256 row says why it has no numbers."""
+    pytest.importorskip("diffusers")
+    import bench.common
+    from bench import bench_train_step
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    rows = bench_train_step.main(["--device", "cpu", "--latent", "--steps", "2", "--warmup", "1",
+                                  "--model.depth=2", "--model.align_layer=1", "--train.batch_size=4",
+                                  "--phases.refill_every=1", "--phases.refill_count=4", "--phases.pool_size=4",
+                                  "--phases.max_fake_age=0", "--phases.sampler_steps=1"])
+    tiny, base = rows
+    assert tiny["config"] == "tiny_latent_cpu" and base == {"config": "base_256", "note": "needs a CUDA device"}
+    parts = [tiny[f"{p}_ms"] for p in ("vae_encode", "vae_decode_fwd", "vae_decode_bwd", "refill_model",
+                                       "optimizer", "model")]
+    assert sum(parts) == pytest.approx(tiny["ms_per_step"])
+    assert all(p > 0 for p in parts)  # every step encodes, decodes (L_auth, refill) and steps AdamW
+    assert 0 < tiny["vae_share"] < 1
+    assert (next(tmp_path.iterdir()) / "bench_train_step_latent.csv").exists()
