@@ -5,10 +5,11 @@
 
 Each provider builds a Trainer on the embedded demo data (written once to a temporary folder); the
 trainers step round-robin and each `Trainer.step()` is timed (phase alternation, fake-pool refills,
-forward, backward, fused AdamW, EMA, device-side non-finite check) after warm-up steps; the pool refill cost is part of the step, as in
-training. Images load inside the timed step on a CPU (data.num_workers = 0: loader processes would
-compete with the compute threads); on a GPU the config's loader workers prepare them ahead, as in
-training. The table is rewritten after every timed round (--name: its file name). Providers:
+forward, backward, fused AdamW, EMA, device-side non-finite check) after warm-up steps; the pool
+refill cost is part of the step, as in training. Images load inside the timed step on a CPU
+(data.num_workers = 0: loader processes would compete with the compute threads); on a GPU the
+config's loader workers prepare them ahead, as in training. The table is rewritten after every timed
+round (--name: its file name). Providers:
   reference          every op on the eager reference (`ops.backend = reference`)
   reference+compile  the same with `train.compile = true` (warm-up steps cover each phase's compile)
   fused              `ops.backend = auto`: the extension (CPU, CUDA), the Triton kernels (CUDA only) and the
