@@ -66,7 +66,9 @@ class Estimate:
                f"{_count(p['det_expert'])}, shared {_count(p['shared'])}, embeddings/heads/projector "
                f"{_count(p['embeddings_heads'])})" + (f"; frozen VAE {_count(p['vae'])}" if p["vae"] else ""),
                f"tokens per stream: generator {self.tokens[0]}, detector {self.tokens[1]} (with registers)",
-               f"FLOPs per sample (fwd+bwd, phases averaged, refill included): model {_flops(f['model'])}"
+               f"FLOPs per sample (fwd+bwd, phases averaged, refill included): model {_flops(f['model'])} ("
+               + ", ".join(f"{k.removeprefix('model_')} {_flops(v)}" for k, v in f.items() if k.startswith("model_"))
+               + f", refill {_flops(f['refill'])})"
                + (f"; VAE decode {_flops(f['vae_decode'])}, encode {_flops(f['vae_encode'])} (on-the-fly only)"
                   if self.vae_source else ""),
                f"memory per GPU ({self.dtype}, world_size {self.world_size}): {_bytes(m['total'])} = "
