@@ -1,11 +1,13 @@
 """Benchmark `mmsa_attention`: forward, backward, forward+backward; ms, TFLOP/s, peak memory.
 
     python -m bench.bench_attention --device cuda     # the GPU table (bench/results/<gpu>/bench_attention.*)
-    python -m bench.bench_attention --device cpu      # one tiny shape: proves the script runs
+    python -m bench.bench_attention --device cpu      # the CPU table: the tiny_cpu training shape, fp32
 
 Providers:
   ours        the Triton kernels (`backend="triton"`); on CPU through the Triton interpreter
   eager       `ops.reference.mmsa_attention_ref` (per stream-pair scores, fp32 softmax)
+  sdpa        the CPU backend (`backend="sdpa"`): PyTorch's fused CPU flash-attention kernel per stream
+              block, merged by log-sum-exps (CPU only)
   sdpa_dense  the published UniGenDet way: concatenate the streams, build the dense boolean mask,
               SDPA (`ops.reference.mmsa_attention_dense`; concatenation and mask are timed)
   flex        torch.compile(flex_attention) on pre-concatenated (B, H, T, D) inputs with the MMSA
@@ -33,7 +35,11 @@ from bench.common import (add_ratio_to, bench_device, device_name, markdown_tabl
 # (name, B, Tg, Td, H, Hkv, D); the published shape (the one the goals name) first, so that a run cut short by a
 # time limit has it (the table is rewritten after every measurement)
 CUDA_SHAPES = [("published", 1, 4096, 4096, 28, 4, 128), ("B4-T1024-H16-D64", 4, 1024, 1024, 16, 16, 64)]
-CPU_SHAPES = [("tiny", 1, 48, 64, 4, 2, 32)]
+# CPU: the tiny_cpu training step's attention (32 px images, patch 4: 64 G tokens, + 4 registers on D;
+# width 96, 4 heads of 24, 2 KV heads), the same at twice the batch (the pool refill's), a longer sequence
+CPU_SHAPES = [("tiny_cpu", 16, 64, 68, 4, 2, 24), ("tiny_cpu-refill", 32, 64, 68, 4, 2, 24),
+              ("B2-T256-H4-D32", 2, 256, 260, 4, 2, 32)]
+CPU_PROVIDERS = "eager,sdpa,sdpa_dense,flex"  # `ours` (Triton) runs on the interpreter there: not a speed
 LAYOUTS = {"bidirectional": dict(g2d=True, d2g=True), "published": dict(g2d=False, d2g=True)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -78,6 +84,10 @@ def provider(name: str, inputs, layout: dict, device):
         return (lambda: list(ops.mmsa_attention(*inputs, backend="triton", **layout))), inputs
     if name == "eager":
         return (lambda: list(mmsa_attention_ref(*inputs, **layout))), inputs
+    if name == "sdpa":
+        if device.type != "cpu":
+            raise SystemError("the sdpa backend is CPU only")
+        return (lambda: list(ops.mmsa_attention(*inputs, backend="sdpa", **layout))), inputs
     if name == "sdpa_dense":
         return (lambda: list(mmsa_attention_dense(*inputs, **layout))), inputs
     B, Tg, H, D = inputs[0].shape
@@ -133,7 +143,8 @@ def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
     ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    ap.add_argument("--providers", default="ours,eager,sdpa_dense,flex,fa2")
+    ap.add_argument("--providers", default=None, help=f"default: ours,eager,sdpa_dense,flex,fa2 on CUDA, "
+                    f"{CPU_PROVIDERS} on CPU")
     ap.add_argument("--layouts", default="published,bidirectional")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--shapes", default="", help="B:Tg:Td:H:Hkv:D,... (default: the device's shape set)")
@@ -143,21 +154,23 @@ def main(argv=None) -> list[dict]:
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     shapes = ([("custom",) + tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")] if args.shapes
               else (CUDA_SHAPES if device.type == "cuda" else CPU_SHAPES))
-    providers = [p for p in args.providers.split(",") if p]
+    providers = [p for p in (args.providers or ("ours,eager,sdpa_dense,flex,fa2" if device.type == "cuda"
+                                                 else CPU_PROVIDERS)).split(",") if p]
+    base = "ours" if "ours" in providers else "eager"  # the ratio column's baseline
     modes = [m for m in args.modes.split(",") if m]
-    timing = {} if device.type == "cuda" else {"warmup": 1, "reps": 3}
+    timing = {} if device.type == "cuda" else {"warmup": 2, "reps": 10}
     dev = device_name(device)
     print(f"device: {dev}; dtype {dtype}; torch {torch.__version__}")
-    if device.type == "cpu":
-        print("CPU: `ours` runs on the Triton interpreter (correct, not fast): these numbers only show the "
+    if device.type == "cpu" and "ours" in providers:
+        print("CPU: `ours` runs on the Triton interpreter (correct, not fast): its numbers only show the "
               "script works")
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
     rows, skipped = [], []
 
     def save():  # after every measurement: a run cut short keeps what finished
-        add_ratio_to(rows, "ours", ("shape", "B", "Tg", "Td", "H", "Hkv", "D", "layout", "dtype", "mode"),
-                     "x_vs_ours")
+        add_ratio_to(rows, base, ("shape", "B", "Tg", "Td", "H", "Hkv", "D", "layout", "dtype", "mode"),
+                     f"x_vs_{base}")
         if not args.no_save:
             return write_results("bench_attention", rows, device, plot=("TFLOP/s", ["shape", "layout", "mode"]))
 
@@ -201,7 +214,7 @@ def main(argv=None) -> list[dict]:
                     torch.cuda.empty_cache()
             del inputs
     cols = ["shape", "B", "Tg", "Td", "H", "Hkv", "D", "layout", "dtype", "provider", "mode", "ms", "TFLOP/s",
-            "peak_MiB", "x_vs_ours"]
+            "peak_MiB", f"x_vs_{base}"]
     print(markdown_table(rows, cols, title=f"mmsa_attention on {dev}"))
     for s in skipped:
         print(f"skipped: {s}")

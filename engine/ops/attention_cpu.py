@@ -1,19 +1,20 @@
-"""The "sdpa" backend of `mmsa_attention`: PyTorch's fused CPU flash-attention kernel per stream block.
+"""The "sdpa" backend of `mmsa_attention`: PyTorch's fused CPU flash-attention kernel, one call.
 
-The reference materialises every score matrix, masks it with `masked_fill` and concatenates the blocks.
-Here each query stream runs the flash CPU kernel (`aten._scaled_dot_product_flash_attention_for_cpu`,
-which never materialises the scores and returns each row's log-sum-exp) once per key stream it may read,
-and the blocks are merged by their log-sum-exps:
+The reference materialises every score matrix per (query stream, key stream) block, masks it with
+`masked_fill` and concatenates the blocks. Here the present query streams and the key streams they
+read are concatenated ([G; D]) and one call of the flash CPU kernel
+(`aten._scaled_dot_product_flash_attention_for_cpu`, which never materialises the scores and returns
+each row's log-sum-exp) runs them under an additive block mask: -inf on a switched-off cross block,
+above the diagonal of a causal stream's own block and on keys past len_*. One call over [G; D] beat
+one call per (query stream, key stream) block merged by log-sum-exps on the tiny_cpu shapes (the
+kernel's fixed cost per call, its backward most, dominates there; docs/profile.md); the price is the
+scores of switched-off blocks, computed and masked (a quarter of the pairs with one switch off).
 
-    L = logsumexp_i lse_i,   O = sum_i exp(lse_i - L) * O_i
-
-The kernel's lse output has no gradient in autograd, so the merge is one `autograd.Function` whose
-backward calls the kernel's own backward per block with the *merged* O and L: that backward recomputes
-P = exp(S - L) and D = rowsum(dO * O), which with the merged O and L are exactly the probabilities and
-the softmax correction of the joint softmax; so each block's (dq, dk, dv) is exact and dq sums over
-blocks. The gradient through the returned lse (the L_MMSA loss reads it) adds dlse_i * P_ij to dS_ij;
-it is folded into the same backward call by one extra head-dim column: q and k get a 0 (scores
-unchanged), v gets a 1 and O a 0, and dO gets dlse, so dP_ij gains dlse_i while D does not.
+The kernel's lse output has no gradient in autograd, so the call is an `autograd.Function` whose
+backward is the kernel's own backward (it recomputes P = exp(S - L) from the saved lse and D =
+rowsum(dO * O)). The gradient through the returned lse (the L_MMSA loss reads it) adds dlse_i * P_ij
+to dS_ij; it is folded into the same backward call by one extra head-dim column: q and k get a 0
+(scores unchanged), v gets a 1 and O a 0, and dO gets dlse, so dP_ij gains dlse_i while D does not.
 
 Inputs are computed in fp32 (fp64 stays fp64), like the reference: one rounding to q's dtype at the end.
 """
@@ -41,54 +42,32 @@ def _pad_column(x: Tensor, value: float) -> Tensor:
     return F.pad(x, (0, 1), value=value)
 
 
-class _BlockAttention(torch.autograd.Function):
-    """Softmax over the union of up to two key blocks for one query stream.
+class _MaskedAttention(torch.autograd.Function):
+    """Softmax attention with an additive key mask, returning the per-row lse with its gradient.
 
-    q: (B, H, Tq, D); each block (k, v): (B, H, Tk, D) (kv already expanded to H heads), with its own
-    causal flag and additive key bias (B, 1, 1, Tk) or None. Returns O (B, H, Tq, D) and L (B, H, Tq).
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D); bias: (B or 1, 1, Tq, Tk) additive (0 / -inf) or None.
+    Returns O (B, H, Tq, D) and L (B, H, Tq) (natural log, the dtype of q).
     """
 
     @staticmethod
-    def forward(ctx, q, k1, v1, k2, v2, bias1, bias2, causal1: bool, scale: float):
-        blocks = [(k1, v1, bias1, causal1)] + ([(k2, v2, bias2, False)] if k2 is not None else [])
-        outs, lses = [], []
-        for k, v, bias, causal in blocks:
-            o, lse = _flash_fwd(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)  # (B,H,Tq,D), (B,H,Tq)
-            outs.append(o)
-            lses.append(lse)
-        if len(blocks) == 1:
-            out, lse = outs[0], lses[0]
-        else:
-            lse = torch.logaddexp(lses[0], lses[1])  # (B, H, Tq)
-            out = outs[0] * torch.exp(lses[0] - lse)[..., None] + outs[1] * torch.exp(lses[1] - lse)[..., None]
-        ctx.save_for_backward(q, k1, v1, k2, v2, bias1, bias2, out, lse)
-        ctx.causal1, ctx.scale = causal1, scale
+    def forward(ctx, q, k, v, bias, scale: float):
+        out, lse = _flash_fwd(q, k, v, 0.0, False, attn_mask=bias, scale=scale)  # (B,H,Tq,D), (B,H,Tq)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.scale = scale
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k1, v1, k2, v2, bias1, bias2, out, lse = ctx.saved_tensors
-        if d_out is None:
-            d_out = torch.zeros_like(out)
-        d_out = d_out.contiguous()
-        if d_lse is not None:  # the extra column of the module docstring
-            d_out = torch.cat([d_out, d_lse.to(d_out.dtype)[..., None]], -1)
-            out = _pad_column(out, 0.0)
-            q = _pad_column(q, 0.0)
-        extra = d_lse is not None
-        blocks = [(k1, v1, bias1, ctx.causal1)] + ([(k2, v2, bias2, False)] if k2 is not None else [])
-        dq, dkv = None, []
-        for k, v, bias, causal in blocks:
-            if extra:
-                k, v = _pad_column(k, 0.0), _pad_column(v, 1.0)
-            gq, gk, gv = _flash_bwd(d_out, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=ctx.scale)
-            if extra:
-                gq, gk, gv = gq[..., :-1], gk[..., :-1], gv[..., :-1]
-            dq = gq if dq is None else dq + gq
-            dkv += [gk, gv]
-        if len(dkv) == 2:
-            dkv += [None, None]
-        return dq, *dkv, None, None, None, None
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
+        if d_lse is None:
+            dq, dk, dv = _flash_bwd(d_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=ctx.scale)
+            return dq, dk, dv, None, None
+        # the extra column of the module docstring: q, k get 0 (scores unchanged), v gets 1, O gets 0
+        d_out = torch.cat([d_out, d_lse.to(d_out.dtype)[..., None]], -1)
+        q, k, out, v = _pad_column(q, 0.0), _pad_column(k, 0.0), _pad_column(out, 0.0), _pad_column(v, 1.0)
+        dq, dk, dv = _flash_bwd(d_out, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=ctx.scale)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None
 
 
 def _expand_heads(x: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
@@ -97,35 +76,66 @@ def _expand_heads(x: Tensor, heads: int, dtype: torch.dtype) -> Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def _mmsa_bias(queries: list, keys: list, reads: dict, causal: dict, lens: dict, batch: int,
+               dtype: torch.dtype, device) -> Tensor | None:
+    """Additive (B or 1, 1, sum Tq, sum Tk) mask over the concatenated query and key streams (0: may
+    read, -inf: may not); None when every query reads every key. queries / keys: [(stream, T)]."""
+    per_sample = any(lens[o] is not None for o, _ in keys)
+    blocked = any(s != o and not reads[(s, o)] for s, _ in queries for o, _ in keys)
+    if not (per_sample or blocked or any(causal[s] for s, _ in queries if s in dict(keys))):
+        return None  # decided from the arguments alone: no host read of a tensor (torch.compile traces it)
+    ok = torch.ones(batch if per_sample else 1, 1, sum(t for _, t in queries), sum(t for _, t in keys),
+                    dtype=torch.bool, device=device)
+    r0 = 0
+    for s, tq in queries:
+        c0 = 0
+        for o, tk in keys:
+            block = ok[:, :, r0:r0 + tq, c0:c0 + tk]  # (B or 1, 1, Tq, Tk) view
+            if s != o and not reads[(s, o)]:
+                block.fill_(False)
+            else:
+                if s == o and causal[s]:
+                    block &= torch.ones(tq, tk, dtype=torch.bool, device=device).tril()
+                if lens[o] is not None:
+                    block &= (torch.arange(tk, device=device)[None, :] < lens[o][:, None])[:, None, None, :]
+            c0 += tk
+        r0 += tq
+    return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
+
+
 def mmsa_attention_sdpa(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: bool = True,
                         g_causal: bool = False, d_causal: bool = False, len_g: Tensor | None = None,
                         len_d: Tensor | None = None, scale: float | None = None, return_lse: bool = False):
     """Same contract as `mmsa_attention_ref` (shapes, switches, key-only and absent streams, lse)."""
-    streams = {"g": (q_g, k_g, v_g, g_causal, len_g), "d": (q_d, k_d, v_d, d_causal, len_d)}
+    qs = {"g": q_g, "d": q_d}
+    kvs = {"g": (k_g, v_g), "d": (k_d, v_d)}
+    lens = {"g": len_g, "d": len_d}
     reads = {("g", "d"): g2d, ("d", "g"): d2g}
+    queries = [s for s in "gd" if qs[s] is not None]
+    # the key streams some query stream reads (its own always; the other's as the switches say)
+    keys = [o for o in "gd" if kvs[o][0] is not None and any(s == o or reads[(s, o)] for s in queries)]
+    q0 = qs[queries[0]]
+    B, _, H, D = q0.shape
+    acc = torch.promote_types(q0.dtype, torch.float32)
+    sc = D ** -0.5 if scale is None else scale
+    q = torch.cat([qs[s].to(acc).transpose(1, 2) for s in queries], 2)  # (B, H, sum Tq, D)
+    k = torch.cat([_expand_heads(kvs[o][0], H, acc) for o in keys], 2)  # (B, H, sum Tk, D)
+    v = torch.cat([_expand_heads(kvs[o][1], H, acc) for o in keys], 2)
+    bias = _mmsa_bias([(s, qs[s].shape[1]) for s in queries], [(o, kvs[o][0].shape[1]) for o in keys], reads,
+                      {"g": g_causal, "d": d_causal}, lens, B, acc, q0.device)
+    out, lse = _MaskedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias, sc)
     outs: dict[str, Tensor | None] = {"g": None, "d": None}
     lses: dict[str, Tensor | None] = {"g": None, "d": None}
-    for s, other in (("g", "d"), ("d", "g")):
-        q, k, v, causal, lens = streams[s]
-        if q is None:
-            continue
-        B, Tq, H, D = q.shape
-        acc = torch.promote_types(q.dtype, torch.float32)
-        sc = D ** -0.5 if scale is None else scale
-        qf = q.to(acc).transpose(1, 2)  # (B, H, Tq, D)
-        k1, v1 = _expand_heads(k, H, acc), _expand_heads(v, H, acc)  # (B, H, Tq, D)
-        bias1 = _key_bias(lens, Tq, acc)
-        _, k_o, v_o, _, lens_o = streams[other]
-        k2 = v2 = bias2 = None
-        if reads[(s, other)] and k_o is not None and v_o is not None:
-            k2, v2 = _expand_heads(k_o, H, acc), _expand_heads(v_o, H, acc)  # (B, H, To, D)
-            bias2 = _key_bias(lens_o, k2.shape[2], acc)
-        out, lse = _BlockAttention.apply(qf, k1, v1, k2, v2, bias1, bias2, causal, sc)
-        if lens is not None:  # padded query rows output 0
-            row_ok = torch.arange(Tq, device=q.device)[None, :] < lens[:, None]  # (B, Tq)
-            out = out * row_ok[:, None, :, None]
-        outs[s] = out.transpose(1, 2).to(q.dtype)  # (B, Tq, H, D)
-        lses[s] = lse
+    r0 = 0
+    for s in queries:
+        tq = qs[s].shape[1]
+        o_s = out[:, :, r0:r0 + tq]  # (B, H, Tq, D)
+        if lens[s] is not None:  # padded query rows output 0
+            row_ok = torch.arange(tq, device=q0.device)[None, :] < lens[s][:, None]  # (B, Tq)
+            o_s = o_s * row_ok[:, None, :, None]
+        outs[s] = o_s.transpose(1, 2).to(qs[s].dtype)  # (B, Tq, H, D)
+        lses[s] = lse[:, :, r0:r0 + tq]
+        r0 += tq
     if return_lse:
         return outs["g"], outs["d"], lses["g"], lses["d"]
     return outs["g"], outs["d"]
