@@ -167,12 +167,13 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--providers", default=",".join(PROVIDERS), help=f"subset of {', '.join(PROVIDERS)}")
     ap.add_argument("--name", default="bench_train_step", help="the table's name under bench/results/<device>/")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default min(4, cores))")
     ap.add_argument("--latent", action="store_true", help="the latent rows with their time split instead "
                     "(tiny_latent_cpu on a CPU, base_256 on a GPU; table bench_train_step_latent)")
     args, overrides = ap.parse_known_args(argv)  # the rest: --section.key=value config overrides
     device = bench_device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
     config = args.config or ("small_gpu" if device.type == "cuda" else "tiny_cpu")
     with tempfile.TemporaryDirectory() as tmp:
         write_demo_dataset(Path(tmp) / "demo", seed=0)

@@ -11,7 +11,7 @@
 #    CUDA-graph tests of the trainer and the train-step benchmark;
 # 3. then, as far as the time allows, the Triton op tests (each kernel compiled for the real device),
 #    the loader benchmark (DALI nvJPEG vs PIL) where nvidia-dali is installed, and the train step with
-#    torch.compile (its own table, bench_train_step_compile).
+#    torch.compile, on the reference and on the fused ops (its own table, bench_train_step_compile).
 #
 # Time budget: GPU_CHECK_BUDGET seconds (default 520; a lent machine's call is cut at about 560). Each
 # stage runs under `timeout` with min(its limit, what is left), and is skipped with a line saying so when
@@ -178,7 +178,7 @@ fi
 LEFT=$(( DEADLINE - $(date +%s) ))
 if (( LEFT >= 240 )); then
     stage "bench_train_step with compile" 300 "$PYBIN" -m bench.bench_train_step --device cuda --steps 20 \
-        --providers reference,reference+compile --name bench_train_step_compile
+        --providers reference,reference+compile,fused,fused+compile --name bench_train_step_compile
 else
     echo "== bench_train_step with compile: SKIPPED (${LEFT}s left; needs 240)"
 fi
