@@ -123,3 +123,14 @@ def test_backend_selection():
     with pytest.raises(ops.BackendError, match="CPU tensors only"):
         backends.select("mmsa_attention", "sdpa", *meta)
     assert backends.BACKEND_NAMES.index("sdpa") < backends.BACKEND_NAMES.index("reference")
+
+
+@pytest.mark.parametrize("g2d,d2g", [(False, True), (True, False), (False, False)])
+def test_a_stream_that_does_not_read_the_other_does_not_depend_on_it(g2d, d2g):
+    """As in the reference: with a switch off, the reading stream's output has no autograd path to the
+    other stream's keys and values (None gradients, not zeros)."""
+    x = [t.float().requires_grad_() for t in _inputs(2, 5, 6, 2, 1, 8, seed=9)]
+    o_g, o_d = mmsa_attention_sdpa(*x, g2d=g2d, d2g=d2g)
+    for out, other_kv, reads in ((o_g, x[4:6], g2d), (o_d, x[1:3], d2g)):
+        grads = torch.autograd.grad(out.sum(), other_kv, retain_graph=True, allow_unused=True)
+        assert all((g is not None) == reads for g in grads)

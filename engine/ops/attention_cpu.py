@@ -5,10 +5,11 @@ The reference materialises every score matrix per (query stream, key stream) blo
 read are concatenated ([G; D]) and one call of the flash CPU kernel
 (`aten._scaled_dot_product_flash_attention_for_cpu`, which never materialises the scores and returns
 each row's log-sum-exp) runs them under an additive block mask: -inf on a switched-off cross block,
-above the diagonal of a causal stream's own block and on keys past len_*. One call over [G; D] beat
-one call per (query stream, key stream) block merged by log-sum-exps on the tiny_cpu shapes (the
-kernel's fixed cost per call, its backward most, dominates there; docs/profile.md); the price is the
-scores of switched-off blocks, computed and masked (a quarter of the pairs with one switch off).
+above the diagonal of a causal stream's own block and on keys past len_*. With a switch off, each
+query stream gets its own call over the keys it reads (so its output depends on nothing else, in
+autograd too). One call over [G; D] beat one call per (query stream, key stream) block merged by
+log-sum-exps on the tiny_cpu shapes (the kernel's fixed cost per call, its backward most, dominates
+there; docs/profile.md).
 
 The kernel's lse output has no gradient in autograd, so the call is an `autograd.Function` whose
 backward is the kernel's own backward (it recomputes P = exp(S - L) from the saved lse and D =
@@ -111,31 +112,35 @@ def mmsa_attention_sdpa(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: 
     kvs = {"g": (k_g, v_g), "d": (k_d, v_d)}
     lens = {"g": len_g, "d": len_d}
     reads = {("g", "d"): g2d, ("d", "g"): d2g}
-    queries = [s for s in "gd" if qs[s] is not None]
-    # the key streams some query stream reads (its own always; the other's as the switches say)
-    keys = [o for o in "gd" if kvs[o][0] is not None and any(s == o or reads[(s, o)] for s in queries)]
-    q0 = qs[queries[0]]
+    present = [s for s in "gd" if qs[s] is not None]
+    q0 = qs[present[0]]
     B, _, H, D = q0.shape
     acc = torch.promote_types(q0.dtype, torch.float32)
     sc = D ** -0.5 if scale is None else scale
-    q = torch.cat([qs[s].to(acc).transpose(1, 2) for s in queries], 2)  # (B, H, sum Tq, D)
-    k = torch.cat([_expand_heads(kvs[o][0], H, acc) for o in keys], 2)  # (B, H, sum Tk, D)
-    v = torch.cat([_expand_heads(kvs[o][1], H, acc) for o in keys], 2)
-    bias = _mmsa_bias([(s, qs[s].shape[1]) for s in queries], [(o, kvs[o][0].shape[1]) for o in keys], reads,
-                      {"g": g_causal, "d": d_causal}, lens, B, acc, q0.device)
-    out, lse = _MaskedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias, sc)
+    has_keys = [o for o in "gd" if kvs[o][0] is not None]
+    # One call for both query streams when each reads the other's keys; else one call per query stream,
+    # so that a stream's output depends (in autograd too) only on the keys it reads, as in the reference
+    joint = len(present) == 2 and g2d and d2g
     outs: dict[str, Tensor | None] = {"g": None, "d": None}
     lses: dict[str, Tensor | None] = {"g": None, "d": None}
-    r0 = 0
-    for s in queries:
-        tq = qs[s].shape[1]
-        o_s = out[:, :, r0:r0 + tq]  # (B, H, Tq, D)
-        if lens[s] is not None:  # padded query rows output 0
-            row_ok = torch.arange(tq, device=q0.device)[None, :] < lens[s][:, None]  # (B, Tq)
-            o_s = o_s * row_ok[:, None, :, None]
-        outs[s] = o_s.transpose(1, 2).to(qs[s].dtype)  # (B, Tq, H, D)
-        lses[s] = lse[:, :, r0:r0 + tq]
-        r0 += tq
+    for queries in ([present] if joint else [[s] for s in present]):
+        keys = [o for o in has_keys if any(s == o or reads[(s, o)] for s in queries)]
+        q = torch.cat([qs[s].to(acc).transpose(1, 2) for s in queries], 2)  # (B, H, sum Tq, D)
+        k = torch.cat([_expand_heads(kvs[o][0], H, acc) for o in keys], 2)  # (B, H, sum Tk, D)
+        v = torch.cat([_expand_heads(kvs[o][1], H, acc) for o in keys], 2)
+        bias = _mmsa_bias([(s, qs[s].shape[1]) for s in queries], [(o, kvs[o][0].shape[1]) for o in keys],
+                          reads, {"g": g_causal, "d": d_causal}, lens, B, acc, q0.device)
+        out, lse = _MaskedAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias, sc)
+        r0 = 0
+        for s in queries:
+            tq = qs[s].shape[1]
+            o_s = out[:, :, r0:r0 + tq]  # (B, H, Tq, D)
+            if lens[s] is not None:  # padded query rows output 0
+                row_ok = torch.arange(tq, device=q0.device)[None, :] < lens[s][:, None]  # (B, Tq)
+                o_s = o_s * row_ok[:, None, :, None]
+            outs[s] = o_s.transpose(1, 2).to(qs[s].dtype)  # (B, Tq, H, D)
+            lses[s] = lse[:, :, r0:r0 + tq]
+            r0 += tq
     if return_lse:
         return outs["g"], outs["d"], lses["g"], lses["d"]
     return outs["g"], outs["d"]
