@@ -13,7 +13,7 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -69,7 +69,8 @@ def measure_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: 
     return statistics.median(times)
 
 
-def measure_interleaved_ms(fns: dict[str, Callable[[], object]], *, warmup: int = 3, reps: int = 10) -> dict[str, float]:
+def measure_interleaved_ms(fns: dict[str, Callable[[], object]], *, warmup: int = 3,
+                           reps: int = 10) -> dict[str, float]:
     """CPU: median milliseconds of each fn, timed round-robin (one call of each per round) so that
     the slow drift of a shared machine affects every provider alike."""
     for _ in range(warmup):

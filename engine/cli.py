@@ -436,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--help-config", action="store_true", help="list every config key with its meaning")
 
     def add_ckpt(sp, required=True):
-        sp.add_argument("--ckpt", required=required, help="a checkpoint step folder or a run folder (newest checkpoint)")
+        sp.add_argument("--ckpt", required=required,
+                        help="a checkpoint step folder or a run folder (newest checkpoint)")
         sp.add_argument("--device", default="cpu")
 
     g = sub.add_parser("generate", help="sample images into a PNG grid, or into a folder of PNGs with a manifest "

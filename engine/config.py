@@ -663,7 +663,8 @@ def check_model(m: ModelConfig, source: str = "ModelConfig", blame: Any = None) 
                           "of 4 (2-D axial RoPE)")
     if m.mlp_ratio * m.width < 1:
         raise ConfigError(f"{b('model.mlp_ratio', 'model.width')}: model.mlp_ratio * model.width = "
-                          f"{m.mlp_ratio * m.width:g} must be >= 1 (the SwiGLU hidden size, rounded to a multiple of 8)")
+                          f"{m.mlp_ratio * m.width:g} must be >= 1 "
+                          "(the SwiGLU hidden size, rounded to a multiple of 8)")
     if m.align_layer > m.depth:
         raise ConfigError(f"{b('model.align_layer', 'model.depth')}: model.align_layer {m.align_layer} must be in "
                           f"[1, model.depth={m.depth}]")
@@ -739,7 +740,8 @@ def mmsa_layer_set(m: ModelConfig) -> frozenset[int]:
 def to_dict(cfg: Config) -> dict:
     out = {}
     for sec in fields(Config):
-        out[sec.name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(getattr(cfg, sec.name)).items()}
+        values = dataclasses.asdict(getattr(cfg, sec.name))
+        out[sec.name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
     return out
 
 

@@ -22,7 +22,8 @@ def ops_demo() -> None:
     # the published layout: the detector reads the generator's tokens, never the reverse
     o_g, o_d = ugd.ops.mmsa_attention(q_g, k_g, v_g, q_d, k_d, v_d, g2d=False, d2g=True,
                                       len_d=torch.tensor([50, 41]))
-    print(f"mmsa_attention: o_g {tuple(o_g.shape)}, o_d {tuple(o_d.shape)}; backends {ugd.ops.available_backends()['mmsa_attention']}")
+    backends = ugd.ops.available_backends()["mmsa_attention"]
+    print(f"mmsa_attention: o_g {tuple(o_g.shape)}, o_d {tuple(o_d.shape)}; backends {backends}")
 
 
 def main() -> None:

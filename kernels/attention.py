@@ -39,7 +39,6 @@ Head dims: multiples of 16 in [16, 256] (tiles are padded to a power of two, e.g
 """
 import contextlib
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -539,7 +538,7 @@ def _(q_g, k_g, v_g, q_d, k_d, v_d, len_g, len_d, g2d, d2g, g_causal, d_causal, 
 
 
 @torch.library.custom_op("unigendet::mmsa_attention_bwd", mutates_args=())
-def mmsa_attention_bwd(do_g: Tensor, do_d: Tensor, dlse_g: Optional[Tensor], dlse_d: Optional[Tensor],
+def mmsa_attention_bwd(do_g: Tensor, do_d: Tensor, dlse_g: Tensor | None, dlse_d: Tensor | None,
                        q_g: Tensor, k_g: Tensor, v_g: Tensor, q_d: Tensor, k_d: Tensor, v_d: Tensor,
                        o_g: Tensor, o_d: Tensor, lse_g: Tensor, lse_d: Tensor, len_g: Tensor, len_d: Tensor,
                        g2d: bool, d2g: bool, g_causal: bool, d_causal: bool,
@@ -582,15 +581,15 @@ mmsa_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public entry
 
 
-def _lens(lens: Optional[Tensor], B: int, T: int, device) -> Tensor:
+def _lens(lens: Tensor | None, B: int, T: int, device) -> Tensor:
     if lens is None:
         return torch.full((B,), T, dtype=torch.int32, device=device)
     return lens.to(device=device, dtype=torch.int32)
 
 
 def mmsa_attention_triton(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: bool = True,
-                          g_causal: bool = False, d_causal: bool = False, len_g: Optional[Tensor] = None,
-                          len_d: Optional[Tensor] = None, scale: Optional[float] = None,
+                          g_causal: bool = False, d_causal: bool = False, len_g: Tensor | None = None,
+                          len_d: Tensor | None = None, scale: float | None = None,
                           return_lse: bool = False, deterministic: bool = True):
     """MMSA with the Triton kernels; same contract as `ops.reference.mmsa_attention_ref`.
 

@@ -27,7 +27,6 @@ reads key head h // (H / Hkv) by pointer arithmetic; lse (B, H, T) fp32 from the
 - Precision: as the attention kernels: fp32 accumulation, 16-bit dot operands on the GPU, IEEE
   fp32 dots for fp32 inputs; under the CPU interpreter the loaded tiles are converted to fp32.
 """
-from typing import Optional
 
 import torch
 import triton
@@ -282,7 +281,8 @@ def mmsa_consistency_fwd(q_g: Tensor, k_g: Tensor, q_d: Tensor, k_d: Tensor, lse
 def _(q_g, k_g, q_d, k_d, lse_g, lse_d, len_g, len_d, n_tokens, g_offset, d_offset, scale):
     B, _, H, _ = q_g.shape
     f32 = dict(dtype=torch.float32)
-    return q_g.new_empty((), **f32), q_g.new_empty((2, B, H, n_tokens), **f32), q_g.new_empty((2, B, H, n_tokens), **f32)
+    rows = (2, B, H, n_tokens)
+    return q_g.new_empty((), **f32), q_g.new_empty(rows, **f32), q_g.new_empty(rows, **f32)
 
 
 def _dq(q, k, lse_c, w, coef, len_k, q_off: int, scale: float) -> Tensor:
@@ -362,8 +362,8 @@ mmsa_consistency_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def mmsa_consistency_loss_triton(q_g: Tensor, k_g: Tensor, q_d: Tensor, k_d: Tensor, lse_g: Tensor, lse_d: Tensor,
                                  *, n_tokens: int, d_offset: int, g_offset: int = 0,
-                                 len_g: Optional[Tensor] = None, len_d: Optional[Tensor] = None,
-                                 scale: Optional[float] = None) -> Tensor:
+                                 len_g: Tensor | None = None, len_d: Tensor | None = None,
+                                 scale: float | None = None) -> Tensor:
     """The `triton` backend of `ops.mmsa_consistency_loss` (same arguments and semantics as the
     reference). Returns a 0-d fp32 tensor, differentiable w.r.t. q_g, k_g, q_d, k_d, lse_g, lse_d."""
     B, Tg, _, D = q_g.shape

@@ -229,8 +229,8 @@ def test_names_that_are_not_utf8_or_hold_line_breaks_round_trip(tmp_path, capsys
     from unigendet.data import read_quarantine, scan_folder
 
     root = _good_root(tmp_path / "names")
-    weird = [b"real/caf\xe9.png", "real/form\x0cfeed.png".encode(), "fake/line\u2028sep.png".encode(),
-             "fake/tab\tnl\nx.png".encode(), "real/back\\slash\x85.png".encode()]
+    weird = [b"real/caf\xe9.png", b"real/form\x0cfeed.png", "fake/line\u2028sep.png".encode(),
+             b"fake/tab\tnl\nx.png", "real/back\\slash\x85.png".encode()]
     for name in weird:
         with open(os.path.join(os.fsencode(root), name), "wb") as f:
             f.write(b"not an image")
@@ -245,7 +245,7 @@ def test_old_tsv_lists_still_read(tmp_path):
     from unigendet.data import read_quarantine
 
     path = tmp_path / "old.tsv"
-    path.write_bytes("path\treason\tdetail\nreal/a\\tb.png\tcorrupt\tx\nreal/f\x0cg.png\tempty\t0 bytes\n".encode())
+    path.write_bytes(b"path\treason\tdetail\nreal/a\\tb.png\tcorrupt\tx\nreal/f\x0cg.png\tempty\t0 bytes\n")
     assert [b.path for b in read_quarantine(path)] == ["real/a\tb.png", "real/f\x0cg.png"]
 
 

@@ -181,7 +181,7 @@ def _loss_and_grads(m, run, seed=5):
     m.zero_grad(set_to_none=True)
     outs = [o for o in run(m) if o is not None]
     g = torch.Generator().manual_seed(seed)
-    sum(((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs)).backward()
+    sum((o.float() * torch.randn(o.shape, generator=g)).sum() for o in outs).backward()
     grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in m.named_parameters()}
     return [o.detach() for o in outs], grads
 

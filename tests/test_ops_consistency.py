@@ -210,7 +210,8 @@ CASES = {  # (B, N, R, H, Hkv, D, registers first, len_g, len_d, scale)
 def _case(name, dtype=torch.float32, seed=11):
     B, N, R, H, Hkv, D, front, len_g, len_d, scale = CASES[name]
     streams = make_streams(B, N, N + R, H, Hkv, D, seed=seed)
-    lens = dict(len_g=None if len_g is None else torch.tensor(len_g), len_d=None if len_d is None else torch.tensor(len_d))
+    lens = dict(len_g=None if len_g is None else torch.tensor(len_g),
+                len_d=None if len_d is None else torch.tensor(len_d))
     inputs = [x.to(dtype) if i < 4 else x for i, x in enumerate(loss_inputs(streams, scale=scale, **lens))]
     return inputs, dict(n_tokens=N, d_offset=R if front else 0, scale=scale, **lens)
 

@@ -59,7 +59,8 @@ def test_gradcheck_float64():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True)
     s = torch.randn(3, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    y, w, t = torch.rand(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    y, w, t = torch.rand(5, **f64), torch.rand(5, **f64), torch.randn(3, 4, **f64)
     assert torch.autograd.gradcheck(lambda z, s: ops.bce_diga_loss(z, y, w, s, t, backend="reference").total, (z, s))
 
 
@@ -156,7 +157,7 @@ def assert_match_ref(got, want, atol=1e-5, rtol=1e-5):
         if b is None:
             assert a is None, name
         else:
-            torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("N,M,C", [(1, 1, 129), (333, 1037, 129), (17, 5, 1024), (1, 3, 9000)])
@@ -332,8 +333,9 @@ def test_triton_trainer_matches_reference(tiny_overrides, tmp_path, monkeypatch)
             return real_select(op, requested, *args, **kwargs)
 
         monkeypatch.setattr(backends, "select", select)
-        cfg = load_config("tiny_cpu", tiny_overrides + ["--train.steps=3", "--train.save_every=3", "--train.log_every=1",
-                                                        "--phases.mode=joint", f"--train.out_dir={tmp_path / out}"])
+        cfg = load_config("tiny_cpu", tiny_overrides + [
+            "--train.steps=3", "--train.save_every=3", "--train.log_every=1", "--phases.mode=joint",
+            f"--train.out_dir={tmp_path / out}"])
         Trainer(cfg, log=lambda *_: None).train()
         return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
 

@@ -215,7 +215,8 @@ def test_joint_step_detector_gradient_does_not_depend_on_w_auth():
         images, is_fake, ids = batch()
         fakes = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
         cfg = LossConfig(w_auth=w_auth, w_align=0.0)
-        phase_loss(m, PHASES["joint"], images, is_fake, ids, fakes, cfg, torch.Generator().manual_seed(0)).total.backward()
+        terms = phase_loss(m, PHASES["joint"], images, is_fake, ids, fakes, cfg, torch.Generator().manual_seed(0))
+        terms.total.backward()
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}, m
 
     with_auth, m = grads(5.0)

@@ -180,10 +180,13 @@ def render_report(m: dict) -> str:
              f"{m['num_generated']} freshly generated images. Label 1 = generated.", "",
              "| source | AUC | ACC | F1 | EER | real | fake |", "|---|---|---|---|---|---|---|"]
     for name, d in m["detection"].items():
-        lines.append(f"| {name} | {d['auc']:.4f} | {d['acc']:.4f} | {d['f1']:.4f} | {d['eer']:.4f} | {d['n_real']} | {d['n_fake']} |")
-    lines += ["", "| generation | value |", "|---|---|", f"| FID | {m['fid']:.2f} |", f"| KID | {m['kid']:.4f} ± {m['kid_std']:.4f} |"]
+        lines.append(f"| {name} | {d['auc']:.4f} | {d['acc']:.4f} | {d['f1']:.4f} | {d['eer']:.4f} "
+                     f"| {d['n_real']} | {d['n_fake']} |")
+    lines += ["", "| generation | value |", "|---|---|", f"| FID | {m['fid']:.2f} |",
+              f"| KID | {m['kid']:.4f} ± {m['kid_std']:.4f} |"]
     if "fid_init" in m:
-        lines += [f"| FID of the untrained model | {m['fid_init']:.2f} |", f"| FID reduction | {100 * m['fid_reduction']:.1f}% |"]
+        lines += [f"| FID of the untrained model | {m['fid_init']:.2f} |",
+                  f"| FID reduction | {100 * m['fid_reduction']:.1f}% |"]
     if "cross_source" in m:
         lines += [""] + render_cross_source(m["cross_source"])
     lines += ["", "![samples](samples.png) ![calibration](calibration.png)", ""]

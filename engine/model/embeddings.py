@@ -48,7 +48,8 @@ def sincos_embedding(values: Tensor, dim: int, max_period: float = 10000.0) -> T
 def sincos_pos_embed_2d(grid: int, dim: int) -> Tensor:
     """(grid*grid, dim) fixed 2-D position embedding: half the channels encode the row, half the column."""
     pos = torch.arange(grid * grid)
-    return torch.cat([sincos_embedding(pos // grid, dim // 2, 100.0), sincos_embedding(pos % grid, dim // 2, 100.0)], -1)
+    rows, cols = sincos_embedding(pos // grid, dim // 2, 100.0), sincos_embedding(pos % grid, dim // 2, 100.0)
+    return torch.cat([rows, cols], -1)
 
 
 class TimestepEmbedder(nn.Module):

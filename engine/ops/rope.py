@@ -81,8 +81,9 @@ def axial_rope_tables(grid: int, head_dim: int, base: float = 100.0, prefix: int
     """cos, sin of shape (prefix + grid*grid + suffix, head_dim/2) for tokens on a grid x grid patch grid.
 
     Token i (after `prefix` position-less tokens, which get the identity rotation) sits at row
-    i // grid, column i % grid; `suffix` position-less tokens (e.g. registers) follow the grid. The D/2 rotation pairs are split in two halves: the first
-    rotates with the row, the second with the column, each with frequencies base^(-j / (D/4)).
+    i // grid, column i % grid; `suffix` position-less tokens (e.g. registers) follow the grid. The D/2
+    rotation pairs are split in two halves: the first rotates with the row, the second with the column,
+    each with frequencies base^(-j / (D/4)).
     """
     if head_dim % 4:
         raise ValueError(f"axial_rope_tables: head_dim must be a multiple of 4, got {head_dim}")

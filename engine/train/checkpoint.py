@@ -21,7 +21,7 @@ import re
 import secrets
 import warnings
 from pathlib import Path
-from typing import Mapping, Union
+from collections.abc import Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -50,7 +50,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-Weights = Union[nn.Module, Mapping[str, torch.Tensor]]
+Weights = nn.Module | Mapping[str, torch.Tensor]
 
 
 def _state_dict(weights: Weights) -> dict[str, torch.Tensor]:
@@ -134,7 +134,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and all((p / f).is_file() for f in FILES)]
+    found = [p for p in root.iterdir()
+             if p.is_dir() and STEP_DIR.match(p.name) and all((p / f).is_file() for f in FILES)]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
@@ -152,7 +153,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     ckpts = list_checkpoints(p)
     if not ckpts:
-        raise CheckpointError(f"{p}: no complete checkpoint (expected {p}/checkpoints/step_NNNNNNN/ with {', '.join(FILES)})")
+        raise CheckpointError(f"{p}: no complete checkpoint "
+                              f"(expected {p}/checkpoints/step_NNNNNNN/ with {', '.join(FILES)})")
     return ckpts[-1]
 
 

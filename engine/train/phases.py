@@ -34,7 +34,7 @@ from ..rng import Gen, batch_rand
 def unwrap(model: nn.Module) -> nn.Module:
     """The UniGenDet inside a DDP / compile wrapper."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model
 
 

@@ -397,7 +397,7 @@ class Trainer:
         bar.close()
         return last
 
-    def _loop(self, bar, metrics_path: Path, stop: "StopRequest") -> dict:
+    def _loop(self, bar, metrics_path: Path, stop: StopRequest) -> dict:
         cfg = self.cfg.train
         last: dict = {}
         t0, steps0 = time.perf_counter(), self.step_idx
