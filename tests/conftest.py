@@ -118,3 +118,20 @@ def _snapshot_files(folder) -> dict:
 def snapshot():
     """`snapshot(folder)` -> {relative path: (sha1, mtime_ns)}: proves that nothing on disk changed."""
     return _snapshot_files
+
+
+@pytest.fixture(scope="session")
+def vae_dir(tmp_path_factory):
+    """The tiny random AutoencoderKL of tests/tiny_vae.py, saved once per session (needs diffusers)."""
+    pytest.importorskip("diffusers")
+    from tiny_vae import make_tiny_vae
+
+    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def vae(vae_dir):
+    """That VAE loaded through `load_vae`, the path a user's VAE takes."""
+    from unigendet.vae import load_vae
+
+    return load_vae(vae_dir)

@@ -29,11 +29,6 @@ MOMENTS_SHAPE = (2 * TINY_VAE_CHANNELS, S // TINY_VAE_DOWNSAMPLE, S // TINY_VAE_
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    return str(make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny"))
-
-
-@pytest.fixture(scope="module")
 def packed(tmp_path_factory, vae_dir):
     """(image folder, its shards with latents at S px, the manifest): 9 real + 5 fake noise images of
     varied sizes and aspect ratios, 4 samples per shard."""
@@ -187,12 +182,13 @@ def test_damaged_latents_name_the_member(packed, vae_dir, tmp_path):
 def test_cli_pack_with_vae(tmp_path, vae_dir, capsys):
     root = _make_root(tmp_path / "src", n_real=5)
     out = tmp_path / "shards"
-    assert cli_main(["data", "pack", root, "--out", str(out), "--vae", vae_dir, "--image-size", str(S)]) == 0
+    assert cli_main(["data", "pack", root, "--out", str(out), "--vae", str(vae_dir), "--image-size", str(S)]) == 0
     text = capsys.readouterr().out
     assert f"latents: moments {MOMENTS_SHAPE} float16 per image, the center crop at {S} px" in text
     assert f"--model.vae={os.path.abspath(vae_dir)} --data.image_size={S} --data.crop=center" in text
     assert scan_data(out).latents["image_size"] == S
-    assert cli_main(["data", "pack", root, "--out", str(tmp_path / "odd"), "--vae", vae_dir, "--image-size", "15"]) == 2
+    odd = ["data", "pack", root, "--out", str(tmp_path / "odd"), "--vae", str(vae_dir), "--image-size", "15"]
+    assert cli_main(odd) == 2
     assert "--image-size 15 is not a multiple of 2" in capsys.readouterr().err
     assert cli_main(["data", "pack", root, "--out", str(tmp_path / "size"), "--image-size", "16"]) == 2
     assert "give --vae VAE_DIR too" in capsys.readouterr().err
@@ -202,7 +198,7 @@ def test_cli_pack_with_vae(tmp_path, vae_dir, capsys):
 def test_cli_pack_without_diffusers_names_the_extra(tmp_path, vae_dir, capsys, monkeypatch):
     root = _make_root(tmp_path / "src", n_real=3)
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` raises ImportError
-    assert cli_main(["data", "pack", root, "--out", str(tmp_path / "shards"), "--vae", vae_dir]) == 2
+    assert cli_main(["data", "pack", root, "--out", str(tmp_path / "shards"), "--vae", str(vae_dir)]) == 2
     err = capsys.readouterr().err
     assert "diffusers" in err and f'pip install ".[{VAE_EXTRA}]"' in err
     assert not (tmp_path / "shards").exists()  # nothing decoded or written before the VAE loads

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from resume_check import resume_after_kill
 from unigendet.config import AugmentConfig, ConfigError, load_config
 from unigendet.train import Trainer
 from unigendet.train.detector_augment import DetectorAugment, build_detector_augment, jpeg_round_trip
@@ -137,12 +138,6 @@ def test_resume_with_augmentation_is_exact(tiny_overrides, tmp_path):
     straight = _weights_after(tiny_overrides + ON, tmp_path / "a", steps=6)
     first = load_config("tiny_cpu", tiny_overrides + ON + ["--train.steps=6", "--train.save_every=3",
                                                            f"--train.out_dir={tmp_path / 'b'}"])
-    b = Trainer(first, log=lambda *_: None)
-    while b.step_idx < 3:
-        b.step()
-    b.save()
-    del b
-    c = Trainer(first, resume=True, log=lambda *_: None)
-    c.train()
+    c = resume_after_kill(first, kill_at=3)
     for name, value in c.model.state_dict().items():
         assert torch.equal(value, straight[name]), name

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 
-from tiny_vae import make_tiny_vae  # noqa: E402
 from unigendet import ConfigError, load_config  # noqa: E402
 from unigendet.config import ModelConfig  # noqa: E402
 from unigendet.data import Batch  # noqa: E402
@@ -18,20 +17,9 @@ from unigendet.model import UniGenDet, euler_sample  # noqa: E402
 from unigendet.phase_modes import schedule  # noqa: E402
 from unigendet.train.latent_inputs import LatentInputs  # noqa: E402
 from unigendet.train.phases import authenticity_logit, phase_loss, set_trainable  # noqa: E402
-from unigendet.vae import load_vae  # noqa: E402
 
 TINY = dict(image_size=32, patch_size=4, width=32, depth=2, heads=2, kv_heads=1, align_layer=1, projector_hidden=32,
             g2d=False, d2g=False, latent_channels=4, latent_downsample=2)
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def vae(vae_dir):
-    return load_vae(vae_dir)
 
 
 def latent_model(vae, **changes):

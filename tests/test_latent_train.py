@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from resume_check import assert_same_weights, resume_after_kill  # noqa: E402
 from tiny_vae import make_tiny_vae  # noqa: E402
 from unigendet import load_config  # noqa: E402
 from unigendet.cli import main  # noqa: E402
@@ -21,11 +22,6 @@ TINY = ["--model.width=32", "--model.depth=2", "--model.heads=2", "--model.kv_he
         "--model.projector_hidden=32", "--train.batch_size=8", "--phases.pool_size=16", "--phases.refill_count=8",
         "--phases.sampler_steps=2", "--train.progress=false", "--data.num_workers=0", "--train.log_every=2",
         "--optim.warmup_steps=2", "--eval.num_images=8", "--eval.sampler_steps=2", "--eval.batch_size=8"]
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny")
 
 
 def latent_args(demo_root, vae_dir, out, *extra):
@@ -68,18 +64,8 @@ def test_resume_is_exact(demo_root, vae_dir, tmp_path):
                                                     "--train.save_every=6")), log=lambda *_: None)
     a.train()
     first = load_config("tiny_cpu", latent_args(demo_root, vae_dir, tmp_path / "b", *common, "--train.save_every=3"))
-    b = Trainer(first, log=lambda *_: None)
-    while b.step_idx < 3:
-        b.step()
-    b.save()
-    del b
-    c = Trainer(first, resume=True, log=lambda *_: None)
-    assert c.step_idx == 3
-    c.train()
-    for (n, p), q in zip(a.model.named_parameters(), c.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
-    for p, q in zip(a.ema.model.parameters(), c.ema.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    c = resume_after_kill(first, kill_at=3)
+    assert_same_weights(a, c)
     torch.testing.assert_close(a.pool.images, c.pool.images, rtol=0, atol=0)
 
 

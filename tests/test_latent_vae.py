@@ -12,16 +12,6 @@ from tiny_vae import TINY_VAE_CHANNELS, TINY_VAE_DOWNSAMPLE, make_tiny_vae  # no
 from unigendet.vae import VAE_EXTRA, VAEError, load_vae, sample_latents, vae_fingerprint  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def vae(vae_dir):
-    return load_vae(vae_dir)
-
-
 def images(n=2, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, size, size, generator=g) * 2 - 1

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from op_testing import EXT_ONLY
+from resume_check import assert_same_weights, resume_after_kill
 from unigendet import load_config
 from unigendet.model import UniGenDet
 from unigendet.train import Trainer, TrainingError, list_checkpoints, load_weights
@@ -51,18 +52,7 @@ def test_resume_is_exact(tiny_overrides, tmp_path):
     a.train()
     first = load_config("tiny_cpu", tiny_overrides + ["--train.steps=6", "--train.save_every=3",
                                                       f"--train.out_dir={tmp_path / 'b'}"])
-    b = Trainer(first, log=lambda *_: None)
-    while b.step_idx < 3:
-        b.step()
-    b.save()
-    del b  # the process "dies" after step 3's checkpoint
-    c = Trainer(first, resume=True, log=lambda *_: None)
-    assert c.step_idx == 3
-    c.train()
-    for (n, p), q in zip(a.model.named_parameters(), c.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=n)
-    for p, q in zip(a.ema.model.parameters(), c.ema.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert_same_weights(a, resume_after_kill(first, kill_at=3))
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tiny_overrides):
