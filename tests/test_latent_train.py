@@ -15,6 +15,7 @@ from resume_check import assert_same_weights, resume_after_kill  # noqa: E402
 from tiny_vae import make_tiny_vae  # noqa: E402
 from unigendet import load_config  # noqa: E402
 from unigendet.cli import main  # noqa: E402
+from unigendet.data.pack import pack_folder  # noqa: E402
 from unigendet.train import CheckpointError, Trainer, list_checkpoints  # noqa: E402
 
 LATENT = ["--model.latent_patch_size=2", "--model.g2d=false", "--model.d2g=false"]  # 32 px: 8x8 tokens each
@@ -35,6 +36,20 @@ def latent_run(demo_root, vae_dir, tmp_path_factory):
     assert main(["train", "--config", "tiny_cpu", *latent_args(demo_root, vae_dir, run, "--train.steps=4",
                                                               "--train.save_every=2")]) == 0
     return run
+
+
+def test_training_on_packed_latents_never_encodes(demo_root, vae_dir, tmp_path):
+    """Shards packed with the run's VAE: the loader hands the trainer their moments, no batch is encoded."""
+    pack_folder(demo_root / "train", tmp_path / "shards", samples_per_shard=300, vae=vae_dir, image_size=32)
+    args = latent_args(demo_root, vae_dir, tmp_path / "run", "--train.steps=2", "--train.save_every=2",
+                       "--data.crop=center")
+    cfg = load_config("tiny_cpu", [*args, f"--data.root={tmp_path / 'shards'}"])
+    trainer = Trainer(cfg, log=lambda *_: None)
+    assert trainer.loader.latents
+    encodes = []
+    trainer.vae.encode_moments = lambda images: encodes.append(images.shape) or None
+    trainer.train()
+    assert encodes == [] and trainer.step_idx == 2
 
 
 def metrics(run):

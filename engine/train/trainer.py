@@ -34,6 +34,7 @@ from .loggers import RunLoggers, sample_grid
 from .optim import EMA, build_optimizer, device_lrs, lr_multiplier
 from .phases import phase_loss, set_trainable
 from ..rng import ShardedGenerator
+from ..vae import vae_fingerprint
 from .distributed import GradientBuckets, init_distributed
 from .fsdp import full, gather_state, shard_model, shard_optimizer_state
 from .throughput import device_peak_flops, tokens_per_sample, train_flops_per_sample, vae_geometry, vae_step_flops
@@ -148,7 +149,10 @@ class Trainer:
         ops.set_default_backend(cfg.ops.backend)
         self.out_dir = Path(cfg.train.out_dir)
         check_run_dir(self.out_dir)  # before anything is loaded: never write into someone else's folder
+        # a latent run on shards packed with its VAE (data pack --vae) reads their moments: never encodes
+        packed_vae = vae_fingerprint(cfg.model.vae) if cfg.model.vae else None
         self.loader = build_loader(cfg.data.root, cfg.data.image_size, cfg.train.batch_size, seed=cfg.train.seed,
+                                   crop=cfg.data.crop, vae_fingerprint=packed_vae,
                                    crop_scale_min=cfg.data.crop_scale_min, flip=cfg.data.flip,
                                    num_workers=cfg.data.num_workers, loader=cfg.data.loader,
                                    quarantine=cfg.data.quarantine, max_file_mb=cfg.data.max_file_mb,
