@@ -34,7 +34,6 @@ from .loggers import RunLoggers, sample_grid
 from .optim import EMA, build_optimizer, device_lrs, lr_multiplier
 from .phases import phase_loss, set_trainable
 from ..rng import ShardedGenerator
-from ..vae import vae_fingerprint
 from .distributed import GradientBuckets, init_distributed
 from .fsdp import full, gather_state, shard_model, shard_optimizer_state
 from .throughput import device_peak_flops, tokens_per_sample, train_flops_per_sample, vae_geometry, vae_step_flops
@@ -149,8 +148,10 @@ class Trainer:
         ops.set_default_backend(cfg.ops.backend)
         self.out_dir = Path(cfg.train.out_dir)
         check_run_dir(self.out_dir)  # before anything is loaded: never write into someone else's folder
-        # a latent run on shards packed with its VAE (data pack --vae) reads their moments: never encodes
-        packed_vae = vae_fingerprint(cfg.model.vae) if cfg.model.vae else None
+        # the VAE's record (its fingerprint hashes the weights: once per run); a latent run on shards
+        # packed with this VAE (data pack --vae) reads their moments and never encodes
+        self.vae_record = vae_record(cfg.model.vae) if cfg.model.vae else None
+        packed_vae = self.vae_record["vae_sha256"] if self.vae_record else None
         self.loader = build_loader(cfg.data.root, cfg.data.image_size, cfg.train.batch_size, seed=cfg.train.seed,
                                    crop=cfg.data.crop, vae_fingerprint=packed_vae,
                                    crop_scale_min=cfg.data.crop_scale_min, flip=cfg.data.flip,
@@ -166,7 +167,7 @@ class Trainer:
                                 f"{self.loader.num_classes} class folders")
         torch.manual_seed(cfg.train.seed)  # model init is a function of the seed
         self.model = UniGenDet(cfg.model).to(self.device)
-        self.vae, self.vae_record, self.latent_inputs = self._load_vae()
+        self.vae, self.latent_inputs = self._load_vae()
         if cfg.train.init_from:  # a resumed run overwrites these with its own checkpoint below
             init = resolve_checkpoint(cfg.train.init_from)
             if self.vae is not None:
@@ -237,10 +238,10 @@ class Trainer:
         self._data_iter = iter(self.loader)
 
     def _load_vae(self):
-        """(FrozenVAE, its checkpoint record, LatentInputs) of a latent model; Nones in pixel space."""
+        """(FrozenVAE, LatentInputs) of a latent model; Nones in pixel space."""
         m = self.cfg.model
         if not m.vae:
-            return None, None, None
+            return None, None
         from ..vae import load_vae
 
         vae = load_vae(m.vae, self.device)
@@ -248,7 +249,7 @@ class Trainer:
             raise TrainingError(f"{m.vae}: the VAE has {vae.latent_channels} latent channels and downsamples by "
                                 f"{vae.downsample}, but model.latent_channels = {m.latent_channels} and "
                                 f"model.latent_downsample = {m.latent_downsample}; set them to 0 (read from the VAE)")
-        return vae, vae_record(m.vae), LatentInputs(vae, self.cfg.train.seed, self.dist.rank)
+        return vae, LatentInputs(vae, self.cfg.train.seed, self.dist.rank)
 
     # ------------------------------------------------------------------ one step
 
