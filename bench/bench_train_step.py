@@ -147,7 +147,7 @@ def latent_rows(device: torch.device, data_root: Path, tmp: Path, warmup: int, s
         rate = cfg.train.batch_size / ms["step"] * 1e3
         est, peak = estimate(cfg), device_peak_flops(device)
         vae_ms = ms["vae_encode"] + ms["vae_decode_fwd"] + ms["vae_decode_bwd"]
-        vae_flops = est.flops["vae_decode"] + est.flops["vae_encode"]  # the bench data is not packed
+        vae_flops = est.flops["vae_decode"] + est.flops["vae_encode"] + est.flops["vae_encode_detect"]  # not packed
         rows.append({"config": name, "ms_per_step": ms["step"], "samples_per_s": rate,
                      "vae_share": vae_ms / ms["step"], **{f"{k}_ms": v for k, v in ms.items() if k != "step"},
                      "mfu": rate * train_flops_per_sample(cfg.model) / peak if peak else None,

@@ -7,7 +7,10 @@
 Explicit timers around the calls that matter, installed on the trainer's own instances, so the
 trainer's code keeps no timer and no sync of its own; on a GPU every timer synchronises the device
 (the bench's steps are timed with syncs anyway):
-  vae_encode       FrozenVAE.encode_moments (training images encoded on the fly; 0 with packed latents)
+  vae_encode       FrozenVAE.encode_moments (training images encoded on the fly; 0 with packed latents) and,
+                   with model.d2g, FrozenVAE.encode_latents' forward (the refill's samples, L_auth's
+                   decoded x0_hat, augmented images; the input-gradient backward through the encoder
+                   of L_auth runs inside the frozen detector's forward and counts as model)
   vae_decode_fwd   FrozenVAE.decode (L_auth's decode(x0_hat) and the refill's samples)
   vae_decode_bwd   the backward through the decoder: from the gradient reaching the decoded images
                    to the gradient reaching the latents (tensor hooks; autograd runs the decoder's
@@ -37,6 +40,7 @@ class StepSplit:
         if vae is None:
             raise ValueError("StepSplit: the trainer has no VAE (model.vae is empty)")
         vae.encode_moments = self._timed("vae_encode", vae.encode_moments)
+        vae.encode_latents = self._encode_latents(vae.encode_latents)
         vae.decode = self._decode(vae.decode)
         trainer.optimizer.step = self._timed("optimizer", trainer.optimizer.step)
         trainer.ema.update = self._timed("optimizer", trainer.ema.update)
@@ -76,6 +80,17 @@ class StepSplit:
                 images.register_hook(self._start_backward)
                 latents.register_hook(self._stop_backward)
             return images
+        return wrapper
+
+    def _encode_latents(self, encode):
+        def wrapper(images):
+            t0 = self._now()
+            latents = encode(images)
+            seconds = self._now() - t0
+            self._add("vae_encode", seconds)
+            if not torch.is_grad_enabled():  # the refill's encode (no grad): VAE time, not sampler time
+                self.ms["refill_model"] -= seconds * 1e3
+            return latents
         return wrapper
 
     def _start_backward(self, grad):

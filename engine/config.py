@@ -365,12 +365,12 @@ def _check_latent_model(m: ModelConfig, b: Any) -> None:
                           f"{m.image_size} is not a multiple of the VAE's downsampling factor "
                           f"{m.latent_downsample} x model.latent_patch_size {m.latent_patch_size} = {side}, so the "
                           "latent grid does not split into whole patches")
-    # the cross-stream reads need each sample in the other stream's modality: the detector's pixels
-    # of a noisy latent in every sampler step (g2d), the latents of every tested image (d2g)
-    if m.g2d or m.d2g:
-        raise ConfigError(f"{b('model.vae', 'model.g2d', 'model.d2g')}: model.vae (latent generator) needs "
-                          f"model.g2d = false and model.d2g = false (got g2d={m.g2d}, d2g={m.d2g}): the streams "
-                          "read different modalities, so neither can read the other's tokens of the same sample")
+    # g2d would need the detector's pixels of a noisy latent in every generation pass and sampler step
+    # (a decode each); d2g reads the posterior means of the tested pixels (the published layout)
+    if m.g2d:
+        raise ConfigError(f"{b('model.vae', 'model.g2d')}: model.vae (latent generator) needs model.g2d = false: "
+                          "the detector stream reads pixels, so a generation pass over a noisy latent has no "
+                          "detector tokens to read (model.d2g, the published layout, is supported)")
 
 
 def gen_grid(m: ModelConfig) -> int:

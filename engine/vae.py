@@ -4,9 +4,12 @@ FLUX-VAE), loaded from disk only, never trained.
     vae = load_vae("vaes/flux")                     # frozen, eval mode; bf16 on CUDA, fp32 on CPU
     moments = vae.encode_moments(images)            # (B, 2C, h, w) fp32: posterior mean, log-variance
     latents = vae.sample_latents(moments, gen)      # (B, C, h, w) normalised: (z - shift) * scale
+    means = vae.encode_latents(images)              # (B, C, h, w) normalised posterior means
     images = vae.decode(latents)                    # (B, 3, H, W), differentiable w.r.t. the latents
 
-The generator stream works on normalised latents; everything the detector sees is decoded pixels.
+The generator stream works on normalised latents; the detector stream reads pixels (decoded ones for
+generated images), and with model.d2g a detection sample's generator stream reads the posterior means
+of those same pixels.
 diffusers is imported only by `load_vae` (the `vae` extra), so the pixel path never needs it. This
 module imports nothing else of the package: the data layer and the trainer both use it.
 """
@@ -91,6 +94,20 @@ class FrozenVAE:
             raise VAEError(f"{self.path}: latent moments must be (B, {2 * self.latent_channels}, h, w) for this "
                            f"VAE ({self.latent_channels} latent channels), got {tuple(moments.shape)}")
         return sample_latents(moments, generator, self.scaling_factor, self.shift_factor)
+
+    def mean_latents(self, moments: Tensor) -> Tensor:
+        """(B, 2C, h, w) moments -> (B, C, h, w) the normalised posterior means (no sampling noise): the
+        latents a detection sample's generator stream reads (model.d2g)."""
+        mean = moments.float()[:, : self.latent_channels]
+        return (mean - self.shift_factor) * self.scaling_factor
+
+    def encode_latents(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) fp32 normalised posterior means. Differentiable
+        w.r.t. the images (the detection pass of L_auth encodes decode(x0_hat)); the weights never get a
+        gradient."""
+        self._check_pixels(images)
+        mean = self.module.encode(images.to(self.dtype)).latent_dist.mean.float()
+        return (mean - self.shift_factor) * self.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
         """(B, C, h, w) normalised latents -> (B, 3, h*f, w*f) fp32 images, about [-1, 1] (not clamped:

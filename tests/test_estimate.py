@@ -163,11 +163,18 @@ def test_vae_flops_per_sample_follow_the_phases(tmp_path):
     dec, enc = vae_decode_flops(geometry, 32), vae_encode_flops(geometry, 32)
     refill = alternate.phases.refill_count / (alternate.phases.refill_every * alternate.train.batch_size)
     assert vae_step_flops(alternate, geometry) == pytest.approx({"vae_decode": dec * (0.5 * 2 + refill),
-                                                                 "vae_encode": 0.5 * enc})
+                                                                 "vae_encode": 0.5 * enc, "vae_encode_detect": 0.0})
     diga = load_config("tiny_cpu", [*latent, "--phases.mode=diga", "--loss.w_auth=0"])
-    assert vae_step_flops(diga, geometry) == {"vae_decode": 0.0, "vae_encode": enc}
+    assert vae_step_flops(diga, geometry) == {"vae_decode": 0.0, "vae_encode": enc, "vae_encode_detect": 0.0}
     assert vae_step_flops(load_config("tiny_cpu"), vae_geometry(load_config("tiny_cpu").model)) == \
-        {"vae_decode": 0.0, "vae_encode": 0.0}
+        {"vae_decode": 0.0, "vae_encode": 0.0, "vae_encode_detect": 0.0}
+    # d2g: every step encodes its batch (the det phase's detection passes read the means too), and the
+    # refill's samples, L_auth's decoded x0_hat (forward + input gradient) and augmented inputs are encoded
+    d2g = load_config("tiny_cpu", [*latent[:2], "--model.d2g=true"])
+    assert vae_step_flops(d2g, geometry) == pytest.approx({"vae_decode": dec * (0.5 * 2 + refill), "vae_encode": enc,
+                                                           "vae_encode_detect": enc * (refill + 0.5 * 2)})
+    augmented = load_config("tiny_cpu", [*latent[:2], "--model.d2g=true", "--augment.jpeg_p=0.5"])
+    assert vae_step_flops(augmented, geometry)["vae_encode_detect"] == pytest.approx(enc * (refill + 0.5 * 2 + 0.5 * 2))
 
 
 def test_trainer_reports_the_vae_share_apart_from_the_model_mfu(demo, tmp_path):
@@ -182,7 +189,8 @@ def test_trainer_reports_the_vae_share_apart_from_the_model_mfu(demo, tmp_path):
     trainer._peak_flops = 1e12
     got = trainer._utilisation(100.0)
     flops = estimate(cfg).flops
-    assert got["mfu_vae"] == pytest.approx(100.0 * (flops["vae_decode"] + flops["vae_encode"]) / 1e12)
+    assert got["mfu_vae"] == pytest.approx(100.0 * (flops["vae_decode"] + flops["vae_encode"]
+                                                    + flops["vae_encode_detect"]) / 1e12)
     assert got["mfu_with_vae"] == pytest.approx(got["mfu"] + got["mfu_vae"])
 
 

@@ -39,8 +39,9 @@ def test_config_reads_the_vae_geometry_and_checks_the_grids(vae_dir, tmp_path):
     latent = [f"--model.vae={vae_dir}", "--model.g2d=false", "--model.d2g=false"]
     m = load_config("tiny_cpu", latent).model
     assert (m.latent_channels, m.latent_downsample, m.latent_patch_size) == (4, 2, 2)
-    with pytest.raises(ConfigError, match="command line .*model.g2d = false and model.d2g = false"):
+    with pytest.raises(ConfigError, match="command line .*model.vae .latent generator. needs model.g2d = false"):
         load_config("tiny_cpu", [f"--model.vae={vae_dir}"])
+    assert load_config("tiny_cpu", [f"--model.vae={vae_dir}", "--model.g2d=false"]).model.d2g  # the published layout
     with pytest.raises(ConfigError, match="not a multiple of the VAE's downsampling factor 2 x "
                                           "model.latent_patch_size 3 = 6"):
         load_config("tiny_cpu", [*latent, "--model.latent_patch_size=3"])
@@ -91,8 +92,26 @@ def test_teacher_resized_bilinearly_onto_the_generator_grid(vae):
     assert terms.parts["align"] > 0 and model.projector[0].weight.grad is not None
 
 
-def test_authenticity_gradient_flows_through_the_frozen_decoder(vae):
-    model = latent_model(vae)
+def test_detection_with_d2g_reads_the_posterior_means_of_its_pixels(vae):
+    model = latent_model(vae, d2g=True).eval()
+    x = images(3)
+    means = vae.encode_latents(x)  # (3, 4, 16, 16)
+    encoded = model("det", x).logit  # None: the model encodes x itself
+    torch.testing.assert_close(model("det", x, latents=means).logit, encoded)
+    torch.testing.assert_close(means, vae.mean_latents(vae.encode_moments(x)))
+    # the generator stream is read: other latents, another logit
+    assert not torch.allclose(model("det", x, latents=torch.roll(means, 1, 0)).logit, encoded)
+    without = latent_model(vae, d2g=False).eval()
+    torch.testing.assert_close(without("det", x, latents=torch.roll(means, 1, 0)).logit, without("det", x).logit)
+    with pytest.raises(ValueError, match=r"latents must be \(B, 4, 16, 16\), got \(3, 4, 8, 8\)"):
+        model("det", x, latents=means[..., :8, :8])
+
+
+@pytest.mark.parametrize("d2g", [False, True])
+def test_authenticity_gradient_flows_through_the_frozen_decoder(vae, d2g):
+    """With d2g the detector also reads encode(decode(x0_hat)): the gradient then flows through the
+    frozen encoder as well."""
+    model = latent_model(vae, d2g=d2g)
     phase = schedule("joint")[0]  # trains everything: L_auth must still reach the generator only
     set_trainable(model, phase)
     x_t, t = torch.randn(2, 4, 16, 16), torch.tensor([0.3, 0.8])
@@ -119,7 +138,16 @@ def test_packed_moments_give_the_latents_of_on_the_fly_encoding(vae):
     inputs = LatentInputs(vae, seed=3, rank=0)
     plain = Batch(x, torch.zeros(4), torch.full((4,), -1))
     packed = dataclasses.replace(plain, latent_moments=vae.encode_moments(x).half().float())  # stored as fp16
-    on_the_fly = inputs.load(plain, x, step=5).clone()
-    torch.testing.assert_close(inputs.load(packed, x, step=5), on_the_fly, atol=2e-3, rtol=2e-3)
-    assert not torch.equal(inputs.load(plain, x, step=6), on_the_fly)  # fresh noise each step
-    assert torch.equal(inputs.load(plain, x, step=5), on_the_fly)  # a function of the step (resume)
+
+    def load(batch, step):
+        inputs.load(batch, x, step, samples=True, means=True)
+        return inputs.buffer.clone(), inputs.means.clone()
+
+    on_the_fly, means = load(plain, 5)
+    packed_latents, packed_means = load(packed, 5)
+    torch.testing.assert_close(packed_latents, on_the_fly, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(packed_means, means, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(means, vae.encode_latents(x))  # the detection passes' latents: the means
+    assert not torch.equal(load(plain, 6)[0], on_the_fly)  # fresh noise each step
+    assert torch.equal(load(plain, 5)[0], on_the_fly)  # a function of the step (resume)
+    assert torch.equal(load(plain, 6)[1], means)  # the means draw no noise

@@ -18,7 +18,8 @@ from unigendet.cli import main  # noqa: E402
 from unigendet.data.pack import pack_folder  # noqa: E402
 from unigendet.train import CheckpointError, Trainer, list_checkpoints  # noqa: E402
 
-LATENT = ["--model.latent_patch_size=2", "--model.g2d=false", "--model.d2g=false"]  # 32 px: 8x8 tokens each
+# 32 px: 8x8 tokens each; the published layout (the detector reads the latent stream, not the reverse)
+LATENT = ["--model.latent_patch_size=2", "--model.g2d=false", "--model.d2g=true"]
 TINY = ["--model.width=32", "--model.depth=2", "--model.heads=2", "--model.kv_heads=1", "--model.align_layer=1",
         "--model.projector_hidden=32", "--train.batch_size=8", "--phases.pool_size=16", "--phases.refill_count=8",
         "--phases.sampler_steps=2", "--train.progress=false", "--data.num_workers=0", "--train.log_every=2",
@@ -56,12 +57,14 @@ def metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("d2g", [True, False])
 @pytest.mark.parametrize("mode, parts", [("alternate", ("gen/flow", "gen/auth", "gen/align", "det/bce")),
                                          ("joint", ("joint/flow", "joint/auth", "joint/align", "joint/bce")),
                                          ("diga", ("diga/flow", "diga/auth", "diga/align"))])
-def test_every_phase_mode_trains(mode, parts, demo_root, vae_dir, tmp_path):
+def test_every_phase_mode_trains(mode, parts, d2g, demo_root, vae_dir, tmp_path):
     cfg = load_config("tiny_cpu", latent_args(demo_root, vae_dir, tmp_path / "run", "--train.steps=4",
-                                              "--train.save_every=4", f"--phases.mode={mode}"))
+                                              "--train.save_every=4", f"--phases.mode={mode}",
+                                              f"--model.d2g={str(d2g).lower()}"))
     trainer = Trainer(cfg, log=lambda *_: None)
     before = [p.detach().clone() for p in trainer.model.gen_embed.parameters()]
     trainer.train()
@@ -71,6 +74,11 @@ def test_every_phase_mode_trains(mode, parts, demo_root, vae_dir, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.gen_embed.parameters()))
     if mode != "diga":  # the fake pool holds decoded images the detector trained on
         assert trainer.pool.images.shape[1:] == (3, 32, 32) and trainer.pool.count > 0
+        if d2g:  # and beside them the posterior means of those images, which `detect` would encode
+            n = trainer.pool.count
+            torch.testing.assert_close(trainer.pool.latents[:n], trainer.vae.encode_latents(trainer.pool.images[:n]))
+        else:
+            assert trainer.pool.latents is None
 
 
 def test_resume_is_exact(demo_root, vae_dir, tmp_path):
@@ -82,6 +90,7 @@ def test_resume_is_exact(demo_root, vae_dir, tmp_path):
     c = resume_after_kill(first, kill_at=3)
     assert_same_weights(a, c)
     torch.testing.assert_close(a.pool.images, c.pool.images, rtol=0, atol=0)
+    torch.testing.assert_close(a.pool.latents, c.pool.latents, rtol=0, atol=0)
 
 
 def test_checkpoint_records_the_vae_and_refuses_another(latent_run, demo_root, vae_dir, tmp_path, capsys):
@@ -132,14 +141,48 @@ def test_generate_detect_eval_on_a_latent_checkpoint(latent_run, demo_root, tmp_
     assert all(m[k] == m[k] for k in ("det_auc", "fid", "kid", "fid_init"))
 
 
-def test_detect_does_not_need_the_vae(latent_run, demo_root, tmp_path, capsys):
-    """Detection reads pixels only: a latent checkpoint scores images with its VAE folder gone."""
-    run = tmp_path / "run"
-    shutil.copytree(latent_run, run)
-    step = list_checkpoints(run)[-1]
-    text = (step / "config.toml").read_text()
-    (step / "config.toml").write_text(text.replace("vae = \"", f"vae = \"{tmp_path / 'gone'}"))
-    good = sorted((demo_root / "val" / "real").iterdir())[:1]
+def test_export_of_a_latent_detector_keeps_the_encoder_and_matches_detect(latent_run, demo_root, tmp_path, capsys):
+    """With d2g the exported graph encodes the image (the VAE's encoder inside, never its decoder) and
+    scores what `detect` scores."""
+    ort = pytest.importorskip("onnxruntime", reason='onnxruntime is not installed: pip install ".[export]"')
+    pytest.importorskip("onnxscript", reason='onnxscript is not installed: pip install ".[export]"')
+    import numpy as np
+
+    from unigendet.data import load_rgb
+
+    files = sorted((demo_root / "val" / "real").iterdir())[:3]
     capsys.readouterr()
-    assert main(["detect", "--ckpt", str(step), str(good[0]), "--json"]) == 0
-    assert 0 <= json.loads(capsys.readouterr().out)["p_fake"] <= 1
+    assert main(["detect", "--ckpt", str(latent_run), *map(str, files), "--json", "--quiet"]) == 0
+    detect = {json.loads(line)["file"]: json.loads(line)["p_fake"] for line in capsys.readouterr().out.splitlines()}
+    path = tmp_path / "detector.onnx"
+    assert main(["export", "--ckpt", str(latent_run), "--out", str(path)]) == 0
+    import onnx
+
+    weights = [w.name for w in onnx.load(str(path)).graph.initializer]
+    assert any(n.startswith("encoder.encoder.") for n in weights) and not any("decoder" in n for n in weights)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for f in files:
+        (p,) = session.run(["p_fake"], {"images": np.asarray(load_rgb(f))[None]})[0]
+        assert abs(float(p) - detect[str(f)]) <= 1e-4, f
+
+
+def test_detect_needs_the_vae_only_with_d2g(latent_run, demo_root, vae_dir, tmp_path, capsys):
+    """Without d2g detection reads pixels only: a latent checkpoint scores images with its VAE folder
+    gone. With d2g it encodes them, so the missing VAE is a one-line error naming it."""
+    no_d2g = tmp_path / "no_d2g"
+    assert main(["train", "--config", "tiny_cpu", *latent_args(demo_root, vae_dir, no_d2g, "--train.steps=2",
+                                                              "--train.save_every=2", "--model.d2g=false")]) == 0
+    good = sorted((demo_root / "val" / "real").iterdir())[:1]
+    for run, works in ((no_d2g, True), (latent_run, False)):
+        copy = tmp_path / f"copy_{run.name}"
+        shutil.copytree(run, copy)
+        step = list_checkpoints(copy)[-1]
+        text = (step / "config.toml").read_text()
+        (step / "config.toml").write_text(text.replace("vae = \"", f"vae = \"{tmp_path / 'gone'}"))
+        capsys.readouterr()
+        code = main(["detect", "--ckpt", str(step), str(good[0]), "--json"])
+        out, err = capsys.readouterr()
+        if works:
+            assert code == 0 and 0 <= json.loads(out)["p_fake"] <= 1
+        else:
+            assert code != 0 and str(tmp_path / "gone") in err and err.count("\n") == 1, err

@@ -10,6 +10,8 @@ generator stream's keys in the MMSA layers, so it keeps the generator-stream emb
 image and the generator experts up to the last layer whose keys the detector reads. Dropped: the
 generator head, the DIGA projector, the timestep MLP and the class table (at t = 0 with no class
 their output is one constant vector, computed once), and every generator expert after that layer.
+A latent model with d2g reads the posterior means of the image's VAE latent in the generator stream:
+its graph keeps the VAE's encoder (`LatentEncoder`), never the decoder.
 """
 from __future__ import annotations
 
@@ -47,6 +49,25 @@ class CleanImageEmbed(nn.Module):
         return h + self.condition.to(h.dtype)[None, None, :]
 
 
+class LatentEncoder(nn.Module):
+    """The VAE encoder half a latent detector needs: (B, 3, S, S) in [-1, 1] -> (B, K, s, s) normalised
+    posterior means, the values of `FrozenVAE.encode_latents` (diffusers' AutoencoderKL.encode: the
+    encoder, then quant_conv where the VAE has one; the mean is the first half of the moments)."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder = copy.deepcopy(vae.module.encoder).cpu().float()
+        quant = getattr(vae.module, "quant_conv", None)
+        self.quant_conv = None if quant is None else copy.deepcopy(quant).cpu().float()
+        self.channels, self.scale, self.shift = vae.latent_channels, vae.scaling_factor, vae.shift_factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.encoder(x)
+        if self.quant_conv is not None:
+            h = self.quant_conv(h)
+        return (h[:, : self.channels] - self.shift) * self.scale
+
+
 def generator_layers_read(model: UniGenDet) -> int:
     """How many leading layers of the generator stream the detection pass runs: 0 when it reads no
     generator keys (no d2g, or no MMSA layer), else the last layer whose keys the detector reads."""
@@ -58,7 +79,11 @@ def generator_layers_read(model: UniGenDet) -> int:
 def detector_only(model: UniGenDet) -> UniGenDet:
     """A CPU copy of `model` holding only what its detection pass reads (module docstring); its
     `detection_pass` gives the same logits."""
-    det = copy.deepcopy(model).cpu().eval()
+    vae, model._vae = model._vae, None  # the VAE (or its loader) is never copied: see LatentEncoder
+    try:
+        det = copy.deepcopy(model).cpu().eval()
+    finally:
+        model._vae = vae
     det.skip_unused = True  # run the generator stream only as far as the detector reads it
     det.gen_head = None
     det.projector = None
@@ -87,8 +112,12 @@ class DetectorForExport(nn.Module):
         self.vertical_first_when_tall = vertical_first_when_tall
         self.detector = detector_only(model)
         self.dtype = next(self.detector.parameters()).dtype
+        reads_latents = model.latent and generator_layers_read(model) > 0
+        self.encoder = LatentEncoder(model.vae).requires_grad_(False) if reads_latents else None
 
     def forward(self, images: Tensor) -> Tensor:
         x = center_crop_resize(images, self.image_size, vertical_first_when_tall=self.vertical_first_when_tall)
-        logit = self.detector("det", x.to(self.dtype)).logit  # (B,)
+        x = x.to(self.dtype)
+        latents = None if self.encoder is None else self.encoder(x)  # (B, K, s, s)
+        logit = self.detector("det", x, latents=latents).logit  # (B,)
         return torch.sigmoid(logit.float())

@@ -35,7 +35,7 @@ def load_model(ckpt: str | Path, which: str | None = None, device="cpu") -> tupl
 
     which: "ema" or "model" weights; None follows the checkpoint config's eval.use_ema. A latent
     model gets its VAE (model.vae) attached, loaded and checked against the checkpoint's record when
-    it first generates.
+    it first generates (or, with model.d2g, first detects).
     """
     step_dir = resolve_checkpoint(ckpt)
     cfg = checkpoint_config(step_dir)

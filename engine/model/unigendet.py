@@ -2,9 +2,10 @@
 
 Two kinds of pass, both through the same MoT layers and MMSA joint attention:
 - generation sample: G = tokens of x_t; D = the detector's view of x_t when g2d is on, else absent.
-  x_t is an image, or with model.vae a normalised VAE latent (then g2d and d2g are off: the detector
-  stream reads pixels only, and `vae` decodes what the generator makes).
-- detection sample:  G = the image's tokens at t = 0 (when d2g lets D read them, else absent);
+  x_t is an image, or with model.vae a normalised VAE latent (then g2d is off: the detector stream
+  reads pixels only, and `vae` decodes what the generator makes).
+- detection sample:  G = the image's tokens at t = 0 (when d2g lets D read them, else absent), with
+                     model.vae the tokens of its latent (the VAE's normalised posterior mean);
                      D = the image's tokens, then registers; the CLS register feeds the detector head.
 """
 from __future__ import annotations
@@ -86,7 +87,7 @@ class UniGenDet(nn.Module):
 
     def attach_vae(self, vae) -> None:
         """The frozen VAE of a latent model (model.vae): a `FrozenVAE`, or a zero-argument function that
-        loads it on first use (detection never needs it). Kept out of the modules and state dict."""
+        loads it on first use (detection needs it only with d2g). Kept out of the modules and state dict."""
         if not self.latent:
             raise ValueError("attach_vae: this model works in pixel space (model.vae is empty)")
         self._vae = vae
@@ -107,6 +108,16 @@ class UniGenDet(nn.Module):
         """What the generator stream makes, (B, K, s, s), as images (B, 3, S, S) the detector reads:
         decoded latents with model.vae (differentiable w.r.t. x), else x itself."""
         return self.vae.decode(x) if self.latent else x
+
+    def detector_latents(self, images: Tensor, latents: Tensor | None = None) -> Tensor:
+        """The latents (B, K, s, s) a detection sample's generator stream reads for `images` (B, 3, S, S):
+        `latents` when the caller has them, else the attached VAE's posterior means of the images."""
+        if latents is None:
+            latents = self.vae.encode_latents(images)
+        if latents.shape[1:] != self.x_shape:
+            raise ValueError(f"detection_pass: latents must be (B, {', '.join(map(str, self.x_shape))}), "
+                             f"got {tuple(latents.shape)}")
+        return latents.to(images.dtype)
 
     def teacher_on_gen_grid(self, hidden: Tensor) -> Tensor:
         """Detector features (B, N_D, C) on the generator's token grid (B, N_G, C): token i with token i
@@ -196,8 +207,12 @@ class UniGenDet(nn.Module):
         return GenOutput(self.gen_head(*final["g"]), hidden)
 
     def detection_pass(self, x: Tensor, capture_layer: int | None = None, features_only: bool = False,
-                       return_attention: bool = False) -> DetOutput:
+                       return_attention: bool = False, latents: Tensor | None = None) -> DetOutput:
         """x: (B, 3, S, S) image under test -> DetOutput (logit; final-normed D features if asked).
+
+        latents: (B, K, s, s) the normalised posterior means of x (`FrozenVAE.mean_latents`), which a
+        latent model's generator stream reads with d2g; None = encoded from x now by the attached VAE
+        (differentiable w.r.t. x). Ignored in pixel space and without d2g.
 
         features_only: run only the layers up to `capture_layer` and return logit = None (the DIGA
         teacher pass needs nothing above layer l); return_attention: also return each MMSA layer's
@@ -208,7 +223,8 @@ class UniGenDet(nn.Module):
         end = capture_layer if features_only else len(self.blocks)
         # G = the clean image's tokens (t = 0) for D to read
         if self.cfg.d2g and (return_attention or self._needs_stream("d", end)):
-            states["g"] = (self.gen_embed(x, x.new_zeros(x.shape[0])), None)
+            clean = self.detector_latents(x, latents) if self.latent else x
+            states["g"] = (self.gen_embed(clean, x.new_zeros(x.shape[0])), None)
         attention = [] if return_attention else None
         final, cap = self._backbone(states, capture_layer, stop_early=features_only, attention=attention, used="d")
         hidden = None

@@ -268,7 +268,8 @@ def check_vae(ckpt: Path, current: dict[str, str]) -> None:
 def checkpoint_vae_loader(ckpt: Path, vae_path: str, device):
     """A zero-argument function that loads the latent model's VAE from `vae_path` (the checkpoint's
     model.vae) onto `device`, after checking it is the one the checkpoint records (`check_vae`); for
-    `UniGenDet.attach_vae`, so that only what generates loads it (detection never does)."""
+    `UniGenDet.attach_vae`, so that only what generates or encodes loads it (detection does only with
+    model.d2g)."""
     def load():
         from ..vae import load_vae
 

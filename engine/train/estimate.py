@@ -19,7 +19,8 @@ on the meta device for its parameter count, the VAE's geometry is read from its 
   one with input gradients only once. Norms, RoPE, activations and the loss are left out.
 - the VAE's FLOPs apart: decoding (the refill's samples; L_auth's x0_hat with the gradient through
   the decoder, i.e. forward + input-gradient backward) and encoding (the training images, only when
-  the data is not packed as latents).
+  the data is not packed as latents; with d2g also what the detection passes encode whatever the data,
+  `throughput.vae_step_flops`).
 - memory per GPU, the peak at the end of a phase's forward: fp32 parameters, the previous step's
   gradients (freed only after the forward), AdamW's two fp32 moments and the fp32 EMA copy, all
   divided by world_size under FSDP (plus two all-gathered blocks at train.fsdp_param_dtype); bf16
@@ -27,7 +28,8 @@ on the meta device for its parameter count, the VAE's geometry is read from its 
   the batch buffers; the frozen VAE's weights; and the activations the backward keeps of one
   micro-batch (train.batch_size), per layer and token from the tensors each op saves (fused ops and
   flash attention: no T x T scores), at 2 bytes under bf16 autocast (GPU) or 4 (CPU), plus the
-  transient detector pass of L_auth and, with a VAE, the decoder activations of L_auth's decode.
+  transient detector pass of L_auth and, with a VAE, the decoder activations of L_auth's decode (with
+  d2g also the encoder's of its encode(decode(x0_hat)), transient like its detector pass).
 
 Not counted: the CUDA context and caching-allocator slack (reserve ~10%), NCCL buffers, torch.compile
 or CUDA-graph pools, the loader's workers, the refill's transient sampler memory, the backward's own
@@ -70,7 +72,9 @@ class Estimate:
                + ", ".join(f"{k.removeprefix('model_')} {_flops(v)}" for k, v in f.items() if k.startswith("model_"))
                + f", refill {_flops(f['refill'])})"
                + (f"; VAE decode {_flops(f['vae_decode'])}, encode {_flops(f['vae_encode'])} (on-the-fly only)"
-                  if self.vae_source else ""),
+                  if self.vae_source else "")
+               + (f", encode for d2g's detection passes {_flops(f['vae_encode_detect'])}"
+                  if f.get("vae_encode_detect") else ""),
                f"memory per GPU ({self.dtype}, world_size {self.world_size}): {_bytes(m['total'])} = "
                + ", ".join(f"{k} {_bytes(v)}" for k, v in m.items() if k != "total" and v)]
         if self.first_fill:
@@ -243,6 +247,18 @@ def vae_decode_activation_elements(vae: VaeGeometry, image_size: int) -> float:
     return total
 
 
+def vae_encode_activation_elements(vae: VaeGeometry, image_size: int) -> float:
+    """Elements diffusers' encoder keeps for an input-gradient backward of one image, counted as
+    `vae_decode_activation_elements` (layers_per_block ResnetBlock2Ds per down block)."""
+    chans, side, total = vae.block_out_channels, image_size, 0.0
+    for i, c in enumerate(chans):
+        total += 6.0 * c * side * side * vae.layers_per_block
+        if i < len(chans) - 1:
+            side //= 2
+            total += 2.0 * c * side * side
+    return total + 12.0 * chans[-1] * side * side  # mid block
+
+
 def memory(cfg: Config, vae: VaeGeometry | None, params: dict[str, int], world_size: int,
            bf16: bool) -> dict[str, float]:
     """Bytes per GPU at the peak (the module docstring says what is in it)."""
@@ -265,6 +281,8 @@ def memory(cfg: Config, vae: VaeGeometry | None, params: dict[str, int], world_s
             if backward == 2.0:
                 kept += elems
             elif backward == 1.0:  # L_auth's detector pass: forward + backward inside the gen phase's forward
+                if vae is not None and m.d2g:  # and the encode of decode(x0_hat) it reads
+                    elems += B * vae_encode_activation_elements(vae, S) * act_bytes
                 transient = max(transient, elems)
         if phase.generates and vae is not None and cfg.loss.lambda_dig * cfg.loss.w_auth > 0:
             kept += B * vae_decode_activation_elements(vae, S) * act_bytes
@@ -278,7 +296,10 @@ def memory(cfg: Config, vae: VaeGeometry | None, params: dict[str, int], world_s
         "gathered_blocks": 2.0 * params["block"] * gathered_dtype if t.fsdp else 0.0,
         # autocast's bf16 copies of the weights, saved for the backward (FSDP with bf16 gathers: none)
         "weight_copies": 2.0 * P if bf16 and gathered_dtype == 4 else 0.0,
-        "fake_pool": 4.0 * cfg.phases.pool_size * 3 * S * S if any(p.uses_fake_pool for p in phases) else 0.0,
+        # the images, and with d2g their latents beside them
+        "fake_pool": 4.0 * cfg.phases.pool_size * (3 * S * S + (vae.latent_channels * (S // vae.downsample) ** 2
+                                                                 if vae and m.d2g else 0))
+        if any(p.uses_fake_pool for p in phases) else 0.0,
         "batch": 2 * 4.0 * B * 3 * S * S + (2 * 4.0 * B * 2 * vae.latent_channels * (S // vae.downsample) ** 2
                                               if vae else 0.0),
         "vae": (2.0 if bf16 else 4.0) * params["vae"],

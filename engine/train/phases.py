@@ -17,7 +17,11 @@ shared weights only). L_flow and L_align keep their gradients to the detector ex
 Latent space (model.vae): the generator's x0 is the batch's VAE latent, the detector still reads
 pixels. L_auth scores decode(x0_hat): the gradient flows through the frozen decoder (whose weights
 never get one) to the generator. L_align's teacher is the detector's features of the real pixels,
-resized onto the generator's token grid when the grids differ.
+resized onto the generator's token grid when the grids differ. With model.d2g every detection pass
+also reads the posterior means of its pixels in the generator stream: the step's precomputed means
+of its real images and the pool's stored latents of its fakes (`det_latents`), else encoded from the
+pixels (augmented inputs, and decode(x0_hat) in L_auth, whose gradient then flows through the
+frozen encoder too).
 """
 from __future__ import annotations
 
@@ -104,7 +108,7 @@ def drop_labels(class_ids: Tensor, p: float, generator: Gen) -> Tensor:
 
 def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, class_ids: Tensor,
                fakes: Tensor | None, loss_cfg: LossConfig, generator: Gen, latents: Tensor | None = None,
-               augment=None) -> LossTerms:
+               augment=None, det_latents: tuple[Tensor, Tensor | None] | None = None) -> LossTerms:
     """Loss of one step of `phase`.
 
     images: (B, 3, S, S) in [-1, 1]; is_fake: (B,) 1 for external fakes; class_ids: (B,) (-1 = none);
@@ -112,6 +116,8 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
     latents of `images` (latent models, generating phases), the generator's x0.
     augment: detector-input augmentation (detector_augment.DetectorAugment) applied to the det pass's
     whole batch, real and generated rows alike; None = off.
+    det_latents: (means (B, K, s, s) of `images`, latents (F, K, s, s) of `fakes` or None): what the
+    detection passes' generator stream reads (latent models with d2g); None = encoded from the pixels.
     """
     core = unwrap(model)
     mcfg = core.cfg
@@ -136,7 +142,8 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
         flow = flow_loss(out.velocity, x0, eps, row_weights)
         if w_align > 0:
             with torch.no_grad():  # sg(h_D^l(x0)): the real image as a detection sample
-                teacher = model("det", images, capture_layer=layer, features_only=True).hidden  # (B, N_D, C)
+                teacher = model("det", images, capture_layer=layer, features_only=True,
+                                latents=None if det_latents is None else det_latents[0]).hidden  # (B, N_D, C)
                 teacher = core.teacher_on_gen_grid(teacher).flatten(0, 1)  # (B*N_G, C)
             student = core.projector(out.hidden).flatten(0, 1)  # (B*N, C)
             keep = real.repeat_interleave(student.shape[0] // B).unsqueeze(1) > 0  # (B*N, 1)
@@ -147,16 +154,18 @@ def phase_loss(model: nn.Module, phase: Phase, images: Tensor, is_fake: Tensor, 
             groups.append(BCEGroup("auth", logit, torch.zeros_like(logit), w_auth, row_weights))
     if phase.detects:
         det_images, targets = images, is_fake.float()
+        means = None if det_latents is None else det_latents[0]
         if fakes is not None:
             det_images = torch.cat([images, fakes.to(images.dtype)])
             targets = torch.cat([targets, targets.new_ones(fakes.shape[0])])
+            means = None if means is None or det_latents[1] is None else torch.cat([means, det_latents[1]])
         if augment is not None:  # (B + F, 3, S, S): one call, labels unseen
-            det_images = augment(det_images, generator)
+            det_images, means = augment(det_images, generator), None  # the latents of the augmented pixels
         if loss_cfg.lambda_att > 0:  # L_MMSA: the detection pass also returns each MMSA layer's q, k, lse
-            det = model("det", det_images, return_attention=True)
+            det = model("det", det_images, return_attention=True, latents=means)
             att = mmsa_consistency(det.attention, core.g_image_tokens, core.d_image_tokens)
         else:
-            det = model("det", det_images)
+            det = model("det", det_images, latents=means)
         logit = det.logit
         groups.append(BCEGroup("bce", logit, targets, 1.0))
     if groups or student is not None:

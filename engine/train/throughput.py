@@ -175,18 +175,34 @@ def vae_decode_flops(vae: VaeGeometry, image_size: int) -> float:
 
 
 def vae_step_flops(cfg: Config, vae: VaeGeometry | None) -> dict[str, float]:
-    """The VAE's FLOPs per training sample, averaged over the phase schedule: `vae_decode` = the fake-pool
-    refill's samples (phases.refill_count every phases.refill_every steps) and L_auth's decode(x0_hat)
-    in generating phases (forward + the input-gradient backward through the decoder, 2x the forward);
-    `vae_encode` = encoding the sample's image, which a step does only without packed latents."""
+    """The VAE's FLOPs per training sample, averaged over the phase schedule:
+    `vae_decode` = the fake-pool refill's samples (phases.refill_count every phases.refill_every steps)
+    and L_auth's decode(x0_hat) in generating phases (forward + the input-gradient backward through
+    the decoder, 2x the forward);
+    `vae_encode` = encoding the sample's image in the steps that read its latents (generating phases;
+    with model.d2g also those that detect it), which a step does only without packed latents;
+    `vae_encode_detect` = what d2g's detection passes encode whatever the data: the refill's samples,
+    L_auth's encode(decode(x0_hat)) (forward + input-gradient backward) and, with [augment] on, the
+    det pass's augmented images (the sample and its fake-pool partner)."""
     if vae is None:
-        return {"vae_decode": 0.0, "vae_encode": 0.0}
+        return {"vae_decode": 0.0, "vae_encode": 0.0, "vae_encode_detect": 0.0}
+    from .detector_augment import augment_enabled
+
     S, ph, phases = cfg.model.image_size, cfg.phases, schedule(cfg.phases.mode)
     auth = cfg.loss.lambda_dig * cfg.loss.w_auth > 0
-    generating = sum(1 for p in phases if p.generates) / len(phases)
+    align = cfg.loss.lambda_dig * cfg.loss.w_align > 0
+    d2g = cfg.model.d2g
+
+    def share(test) -> float:
+        return sum(1 for p in phases if test(p)) / len(phases)
+
+    generating, detecting = share(lambda p: p.generates), share(lambda p: p.detects)
+    reads_latents = share(lambda p: p.generates or (d2g and (p.detects or align)))
     refill = ph.refill_count / (ph.refill_every * cfg.train.batch_size) if any(p.uses_fake_pool for p in phases) else 0
+    encode = vae_encode_flops(vae, S)
+    detect = refill + 2.0 * generating * auth + 2.0 * detecting * augment_enabled(cfg.augment) if d2g else 0.0
     return {"vae_decode": vae_decode_flops(vae, S) * (2.0 * generating * auth + refill),
-            "vae_encode": vae_encode_flops(vae, S) * generating}
+            "vae_encode": encode * reads_latents, "vae_encode_detect": encode * detect}
 
 
 def vae_params(vae: VaeGeometry) -> int:

@@ -197,7 +197,11 @@ class Trainer:
         # batch-dimension draws of the global batch, this rank's rows (unigendet.rng); the pool
         # refill draws with self.noise in full on every rank, so all ranks hold the same pool
         self.draws = ShardedGenerator(self.noise, self.dist.rank, self.dist.world_size)
-        self.pool = FakePool(cfg.phases.pool_size, cfg.data.image_size, self.device, max_age=cfg.phases.max_fake_age)
+        # a latent model with d2g: its detection passes read latents beside the pixels, so the pool keeps
+        # the posterior means of its fakes and each detecting step the means of its batch
+        self.detects_with_latents = bool(cfg.model.vae) and cfg.model.d2g
+        self.pool = FakePool(cfg.phases.pool_size, cfg.data.image_size, self.device, max_age=cfg.phases.max_fake_age,
+                             latent_shape=self.model.x_shape if self.detects_with_latents else None)
         self.uses_pool = mode_uses_fake_pool(cfg.phases.mode)  # else no phase of the run reads the pool
         self.det_augment = build_detector_augment(cfg.augment)  # None unless [augment] asks for some
         self.step_idx = 0
@@ -212,7 +216,7 @@ class Trainer:
         # the VAE's FLOPs per sample, apart from the model's (decode always; encode unless the first
         # batch brings packed latents, set in step())
         self._vae_flops = vae_step_flops(cfg, vae_geometry(cfg.model))
-        self._vae_flops_per_sample = self._vae_flops["vae_decode"] + self._vae_flops["vae_encode"]
+        self._vae_flops_per_sample = sum(self._vae_flops.values())
         # bf16 autocast on GPU; its weight-cast cache must be off while capturing CUDA graphs
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not self.cuda_graphs)
                          if self.device.type == "cuda" else contextlib.nullcontext())
@@ -253,6 +257,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
+    def _reads_batch_means(self, phase) -> bool:
+        """Whether `phase` runs a detection pass of the batch's real images: its det terms, or the DIGA
+        teacher of its alignment loss."""
+        return phase.detects or (phase.generates and self.cfg.loss.lambda_dig * self.cfg.loss.w_align > 0)
+
     def refill_pool(self, n: int) -> None:
         """Generate n images with the EMA generator and push them into the fake pool (the regular
         refill of a full pool is one CUDA graph with train.cuda_graphs; the first fill runs eagerly)."""
@@ -272,7 +281,9 @@ class Trainer:
         # training and resumed runs, stay what they were for every existing config
         with self.autocast:
             images = euler_sample(m, n, steps=self.cfg.phases.sampler_steps, generator=self.noise, class_ids=ids)
-        self.pool.add(images)
+            # what `detect` would read of these images: the posterior means of the decoded pixels
+            latents = self.vae.encode_latents(images) if self.detects_with_latents else None
+        self.pool.add(images, latents)
 
     def step(self) -> dict:
         """One optimizer step; returns its phase name and loss parts (device scalars; with CUDA graphs
@@ -289,12 +300,13 @@ class Trainer:
         if self.inputs is None:
             self.inputs = StaticBatch(batch, self.device)
             if getattr(batch, "latent_moments", None) is not None:  # packed latents: the step never encodes
-                self._vae_flops_per_sample = self._vae_flops["vae_decode"]
+                self._vae_flops_per_sample = self._vae_flops["vae_decode"] + self._vae_flops["vae_encode_detect"]
             if hasattr(self.loader, "write_into"):  # DALI: later batches decode straight into the buffer
                 self.loader.write_into(self.inputs.images)
         self.inputs.load(batch)
-        if self.latent_inputs is not None and phase.generates:  # outside any graph: a host-seeded draw
-            self.latent_inputs.load(batch, self.inputs.images, self.step_idx)
+        if self.latent_inputs is not None:  # outside any graph: a host-seeded draw
+            self.latent_inputs.load(batch, self.inputs.images, self.step_idx, samples=phase.generates,
+                                    means=self.detects_with_latents and self._reads_batch_means(phase))
         set_trainable(self.model, phase)
         self.model.train()
         parts = self.graphs.run(phase.name, lambda: self._phase_step(phase))
@@ -307,11 +319,13 @@ class Trainer:
         """Loss, backward, gradient all-reduce and clipping, AdamW, EMA, counters and loss sums of one
         step of `phase`, on the static inputs: nothing here reads the device (CUDA-graph safe)."""
         cfg, x = self.cfg, self.inputs
-        fakes = self.pool.sample(len(x.images), self.draws) if phase.uses_fake_pool else None
+        fakes, fake_latents = self.pool.draw(len(x.images), self.draws) if phase.uses_fake_pool else (None, None)
         with self.autocast:
             latents = self.latent_inputs.buffer if self.latent_inputs is not None and phase.generates else None
+            det_latents = ((self.latent_inputs.means, fake_latents)
+                           if self.detects_with_latents and self._reads_batch_means(phase) else None)
             terms = phase_loss(self.step_model, phase, x.images, x.is_fake, x.class_ids, fakes, cfg.loss, self.draws,
-                               latents, augment=self.det_augment)
+                               latents, augment=self.det_augment, det_latents=det_latents)
         self.optimizer.zero_grad(set_to_none=True)  # inside a capture: fresh gradients from the graph's pool
         if self.grad_buckets is not None:
             self.grad_buckets.begin()
