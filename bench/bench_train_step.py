@@ -93,7 +93,7 @@ def time_steps(cfgs: dict, warmup: int, steps: int, device: torch.device,
 
 # latent rows: name -> (device type it runs on, config, overrides besides the VAE folder)
 LATENT_ROWS = {
-    "tiny_latent_cpu": ("cpu", "tiny_cpu", ["--model.g2d=false", "--model.d2g=false", "--data.crop=center"]),
+    "tiny_latent_cpu": ("cpu", "tiny_cpu", ["--model.g2d=false", "--model.d2g=true", "--data.crop=center"]),
     "base_256": ("cuda", "base_256", ["--model.latent_channels=0", "--model.latent_downsample=0"]),
 }
 LATENT_COLS = ["config", "ms_per_step", "samples_per_s", "vae_share", "vae_encode_ms", "vae_decode_fwd_ms",

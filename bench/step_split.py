@@ -40,8 +40,8 @@ class StepSplit:
         if vae is None:
             raise ValueError("StepSplit: the trainer has no VAE (model.vae is empty)")
         vae.encode_moments = self._timed("vae_encode", vae.encode_moments)
-        vae.encode_latents = self._encode_latents(vae.encode_latents)
-        vae.decode = self._decode(vae.decode)
+        vae.encode_latents = self._vae_call("vae_encode", vae.encode_latents)
+        vae.decode = self._vae_call("vae_decode_fwd", vae.decode, then=self._hook_decoder_backward)
         trainer.optimizer.step = self._timed("optimizer", trainer.optimizer.step)
         trainer.ema.update = self._timed("optimizer", trainer.ema.update)
         trainer._refill = self._timed("refill_model", trainer._refill)
@@ -68,30 +68,25 @@ class StepSplit:
                 self._add(part, self._now() - t0)
         return wrapper
 
-    def _decode(self, decode):
-        def wrapper(latents):
+    def _vae_call(self, part: str, fn, then=None):
+        """fn timed into `part`; a call without grad is the refill's (its time is the VAE's, not the
+        sampler's); then(input, output) runs after (the decoder's backward hooks)."""
+        def wrapper(x):
             t0 = self._now()
-            images = decode(latents)
+            y = fn(x)
             seconds = self._now() - t0
-            self._add("vae_decode_fwd", seconds)
-            if not torch.is_grad_enabled():  # the refill's decode (no grad): VAE time, not sampler time
+            self._add(part, seconds)
+            if not torch.is_grad_enabled():
                 self.ms["refill_model"] -= seconds * 1e3
-            if images.requires_grad and latents.requires_grad:
-                images.register_hook(self._start_backward)
-                latents.register_hook(self._stop_backward)
-            return images
+            if then is not None:
+                then(x, y)
+            return y
         return wrapper
 
-    def _encode_latents(self, encode):
-        def wrapper(images):
-            t0 = self._now()
-            latents = encode(images)
-            seconds = self._now() - t0
-            self._add("vae_encode", seconds)
-            if not torch.is_grad_enabled():  # the refill's encode (no grad): VAE time, not sampler time
-                self.ms["refill_model"] -= seconds * 1e3
-            return latents
-        return wrapper
+    def _hook_decoder_backward(self, latents, images):
+        if images.requires_grad and latents.requires_grad:
+            images.register_hook(self._start_backward)
+            latents.register_hook(self._stop_backward)
 
     def _start_backward(self, grad):
         self._open["bwd"] = self._now()
