@@ -8,6 +8,8 @@ Providers:
   eager       `ops.reference.mmsa_attention_ref` (per stream-pair scores, fp32 softmax)
   sdpa        the CPU backend (`backend="sdpa"`): PyTorch's fused CPU flash-attention kernel per stream
               block, merged by log-sum-exps (CPU only)
+  ext         the C++ CPU kernels (`backend="ext"`, csrc/cpu/attention.h): both streams in one call, scores
+              of a head materialised in a thread-local buffer (CPU only)
   sdpa_dense  the published UniGenDet way: concatenate the streams, build the dense boolean mask,
               SDPA (`ops.reference.mmsa_attention_dense`; concatenation and mask are timed)
   flex        torch.compile(flex_attention) on pre-concatenated (B, H, T, D) inputs with the MMSA
@@ -39,7 +41,7 @@ CUDA_SHAPES = [("published", 1, 4096, 4096, 28, 4, 128), ("B4-T1024-H16-D64", 4,
 # width 96, 4 heads of 24, 2 KV heads), the same at twice the batch (the pool refill's), a longer sequence
 CPU_SHAPES = [("tiny_cpu", 16, 64, 68, 4, 2, 24), ("tiny_cpu-refill", 32, 64, 68, 4, 2, 24),
               ("B2-T256-H4-D32", 2, 256, 260, 4, 2, 32)]
-CPU_PROVIDERS = "eager,sdpa,sdpa_dense,flex"  # `ours` (Triton) runs on the interpreter there: not a speed
+CPU_PROVIDERS = "eager,ext,sdpa,sdpa_dense,flex"  # `ours` (Triton) runs on the interpreter there: not a speed
 LAYOUTS = {"bidirectional": dict(g2d=True, d2g=True), "published": dict(g2d=False, d2g=True)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -88,6 +90,10 @@ def provider(name: str, inputs, layout: dict, device):
         if device.type != "cpu":
             raise SystemError("the sdpa backend is CPU only")
         return (lambda: list(ops.mmsa_attention(*inputs, backend="sdpa", **layout))), inputs
+    if name == "ext":
+        if device.type != "cpu":
+            raise SystemError("the ext attention kernels are CPU only")
+        return (lambda: list(ops.mmsa_attention(*inputs, backend="ext", **layout))), inputs
     if name == "sdpa_dense":
         return (lambda: list(mmsa_attention_dense(*inputs, **layout))), inputs
     B, Tg, H, D = inputs[0].shape

@@ -44,4 +44,15 @@ TORCH_LIBRARY(unigendet, m) {
   m.def("qk_rmsnorm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor q_weight, "
         "Tensor k_weight, Tensor cos, Tensor sin, Tensor q_rstd, Tensor k_rstd) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // mmsa_attention (CPU kernels only): streams g and d, q (B, T, H, D), k and v (B, T, Hkv, D), each None
+  // where absent (k, v without q: a key-only stream), lens (B,) int -> o_g, o_d (q's shape and dtype),
+  // lse_g, lse_d (B, H, T) in the accumulation dtype; an absent stream's outputs are empty (0,) tensors.
+  m.def("mmsa_attention(Tensor? q_g, Tensor? k_g, Tensor? v_g, Tensor? q_d, Tensor? k_d, Tensor? v_d, "
+        "Tensor? len_g, Tensor? len_d, bool g2d, bool d2g, bool g_causal, bool d_causal, float scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // -> grad q_g, k_g, v_g, q_d, k_d, v_d (empty (0,) where absent); grad_o None: zero; grad_lse None: zero.
+  m.def("mmsa_attention_backward(Tensor? grad_o_g, Tensor? grad_o_d, Tensor? grad_lse_g, Tensor? grad_lse_d, "
+        "Tensor? q_g, Tensor? k_g, Tensor? v_g, Tensor? q_d, Tensor? k_d, Tensor? v_d, Tensor o_g, Tensor o_d, "
+        "Tensor lse_g, Tensor lse_d, Tensor? len_g, Tensor? len_d, bool g2d, bool d2g, bool g_causal, "
+        "bool d_causal, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 
@@ -191,6 +192,145 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_rmsnorm_rope_backward_impl(
   std::get<2>(out) = std::get<2>(out).to(q_weight.scalar_type());
   std::get<3>(out) = std::get<3>(out).to(k_weight.scalar_type());
   return out;
+}
+
+// ---------------------------------------------------------------- mmsa_attention
+// Streams g (index 0) and d (index 1): q (B, Tq, H, D) or absent, k and v (B, Tk, Hkv, D) or absent, lens
+// (B,) int. Inputs with unit stride along D are used as they are. Absent outputs are empty (0,) tensors.
+struct MmsaArgs {
+  Tensor q[2], k[2], v[2], lens[2];  // undefined where absent; lens int64 contiguous
+  int64_t B = 0, H = 0, Hkv = 0, D = 0;
+  bool reads[2][2] = {{true, true}, {true, true}}, causal[2] = {false, false};
+  double scale = 1.0;
+};
+
+inline Tensor mmsa_input(const std::optional<Tensor>& t, const Tensor& like, const char* op, const char* name) {
+  if (!t.has_value()) return Tensor();
+  check_activation(*t, like, op, name);
+  TORCH_CHECK(t->dim() == 4, op, ": ", name, " must be (B, T, heads, D), got shape ", t->sizes());
+  return t->stride(3) == 1 ? *t : t->contiguous();
+}
+
+inline MmsaArgs mmsa_args(const std::optional<Tensor>& q_g, const std::optional<Tensor>& k_g,
+                          const std::optional<Tensor>& v_g, const std::optional<Tensor>& q_d,
+                          const std::optional<Tensor>& k_d, const std::optional<Tensor>& v_d,
+                          const std::optional<Tensor>& len_g, const std::optional<Tensor>& len_d, bool g2d, bool d2g,
+                          bool g_causal, bool d_causal, double scale, const char* op) {
+  const std::optional<Tensor>* qs[2] = {&q_g, &q_d};
+  const std::optional<Tensor>* ks[2] = {&k_g, &k_d};
+  const std::optional<Tensor>* vs[2] = {&v_g, &v_d};
+  const std::optional<Tensor>* ls[2] = {&len_g, &len_d};
+  const char* names[2][3] = {{"q_g", "k_g", "v_g"}, {"q_d", "k_d", "v_d"}};
+  TORCH_CHECK(q_g.has_value() || q_d.has_value(), op, ": both streams are absent (q_g and q_d are None)");
+  const Tensor& like = q_g.has_value() ? *q_g : *q_d;
+  MmsaArgs a;
+  a.B = like.size(0);
+  a.H = like.size(2);
+  a.D = like.size(3);
+  for (int s = 0; s < 2; ++s) {
+    a.q[s] = mmsa_input(*qs[s], like, op, names[s][0]);
+    a.k[s] = mmsa_input(*ks[s], like, op, names[s][1]);
+    a.v[s] = mmsa_input(*vs[s], like, op, names[s][2]);
+    TORCH_CHECK(a.k[s].defined() == a.v[s].defined() && (!a.q[s].defined() || a.k[s].defined()), op, ": stream ",
+                names[s][0] + 2, " needs both k and v, and them whenever q is given");
+    if (!a.k[s].defined()) continue;
+    if (a.Hkv == 0) a.Hkv = a.k[s].size(2);
+    TORCH_CHECK(a.k[s].sizes() == a.v[s].sizes() && a.k[s].size(0) == a.B && a.k[s].size(2) == a.Hkv &&
+                    a.k[s].size(3) == a.D,
+                op, ": ", names[s][1], " and ", names[s][2], " must be (B, T, Hkv, D) = (", a.B, ", T, ", a.Hkv, ", ",
+                a.D, "), got ", a.k[s].sizes(), " and ", a.v[s].sizes());
+    if (a.q[s].defined())
+      TORCH_CHECK(a.q[s].size(0) == a.B && a.q[s].size(1) == a.k[s].size(1) && a.q[s].size(2) == a.H &&
+                      a.q[s].size(3) == a.D,
+                  op, ": ", names[s][0], " must be (B, T, H, D) = (", a.B, ", ", a.k[s].size(1), ", ", a.H, ", ", a.D,
+                  "), got ", a.q[s].sizes());
+    if (ls[s]->has_value()) {
+      const Tensor& l = **ls[s];
+      TORCH_CHECK(!l.is_floating_point() && l.dim() == 1 && l.size(0) == a.B, op, ": the lengths of stream ",
+                  names[s][0] + 2, " must be an int tensor of shape (", a.B, ",), got ", l.sizes());
+      a.lens[s] = l.to(at::kCPU, at::kLong).contiguous();
+      const int64_t* p = a.lens[s].const_data_ptr<int64_t>();
+      for (int64_t b = 0; b < a.B; ++b)
+        TORCH_CHECK(p[b] >= 1 && p[b] <= a.k[s].size(1), op, ": the lengths of stream ", names[s][0] + 2,
+                    " must be in [1, ", a.k[s].size(1), "], got ", p[b]);
+    }
+  }
+  TORCH_CHECK(a.Hkv > 0 && a.H % a.Hkv == 0, op, ": H=", a.H, " must be a multiple of Hkv=", a.Hkv);
+  a.reads[0][1] = g2d;
+  a.reads[1][0] = d2g;
+  a.causal[0] = g_causal;
+  a.causal[1] = d_causal;
+  a.scale = scale;
+  return a;
+}
+
+template <typename Run>  // run(const MmsaArgs&, Tensor (&o)[2], Tensor (&lse)[2]) fills the outputs
+std::tuple<Tensor, Tensor, Tensor, Tensor> mmsa_attention_impl(
+    const std::optional<Tensor>& q_g, const std::optional<Tensor>& k_g, const std::optional<Tensor>& v_g,
+    const std::optional<Tensor>& q_d, const std::optional<Tensor>& k_d, const std::optional<Tensor>& v_d,
+    const std::optional<Tensor>& len_g, const std::optional<Tensor>& len_d, bool g2d, bool d2g, bool g_causal,
+    bool d_causal, double scale, Run&& run) {
+  constexpr const char* op = "unigendet::mmsa_attention";
+  const MmsaArgs a = mmsa_args(q_g, k_g, v_g, q_d, k_d, v_d, len_g, len_d, g2d, d2g, g_causal, d_causal, scale, op);
+  const Tensor& like = a.q[0].defined() ? a.q[0] : a.q[1];
+  const auto acc = like.options().dtype(acc_dtype(like.scalar_type()));
+  Tensor o[2], lse[2];
+  for (int s = 0; s < 2; ++s) {
+    const bool present = a.q[s].defined();
+    o[s] = present ? at::empty(a.q[s].sizes(), like.options()) : at::empty({0}, like.options());
+    lse[s] = present ? at::empty({a.B, a.H, a.q[s].size(1)}, acc) : at::empty({0}, acc);
+  }
+  if (a.B > 0 && a.H > 0 && a.D > 0) run(a, o, lse);
+  return {o[0], o[1], lse[0], lse[1]};
+}
+
+// run(const MmsaArgs&, grad_o[2], grad_lse[2] (may be undefined), o[2], lse[2], dq[2], dk[2], dv[2])
+template <typename Run>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mmsa_attention_backward_impl(
+    const std::optional<Tensor>& grad_o_g, const std::optional<Tensor>& grad_o_d,
+    const std::optional<Tensor>& grad_lse_g, const std::optional<Tensor>& grad_lse_d,
+    const std::optional<Tensor>& q_g, const std::optional<Tensor>& k_g, const std::optional<Tensor>& v_g,
+    const std::optional<Tensor>& q_d, const std::optional<Tensor>& k_d, const std::optional<Tensor>& v_d,
+    const Tensor& o_g, const Tensor& o_d, const Tensor& lse_g, const Tensor& lse_d,
+    const std::optional<Tensor>& len_g, const std::optional<Tensor>& len_d, bool g2d, bool d2g, bool g_causal,
+    bool d_causal, double scale, Run&& run) {
+  constexpr const char* op = "unigendet::mmsa_attention_backward";
+  const MmsaArgs a = mmsa_args(q_g, k_g, v_g, q_d, k_d, v_d, len_g, len_d, g2d, d2g, g_causal, d_causal, scale, op);
+  const Tensor& like = a.q[0].defined() ? a.q[0] : a.q[1];
+  const std::optional<Tensor>* gos[2] = {&grad_o_g, &grad_o_d};
+  const std::optional<Tensor>* gls[2] = {&grad_lse_g, &grad_lse_d};
+  const Tensor* os[2] = {&o_g, &o_d};
+  const Tensor* lses[2] = {&lse_g, &lse_d};
+  Tensor go[2], gl[2], o[2], lse[2], dq[2], dk[2], dv[2];
+  for (int s = 0; s < 2; ++s) {
+    if (a.q[s].defined()) {
+      TORCH_CHECK(os[s]->sizes() == a.q[s].sizes() && lses[s]->sizes() == at::IntArrayRef({a.B, a.H, a.q[s].size(1)}),
+                  op, ": the saved output and lse of stream ", s == 0 ? "g" : "d", " do not match its queries");
+      check_activation(*os[s], like, op, "o");
+      o[s] = os[s]->contiguous();
+      lse[s] = lses[s]->to(acc_dtype(like.scalar_type())).contiguous();
+      if (gos[s]->has_value()) {
+        check_activation(**gos[s], like, op, "grad_o");
+        TORCH_CHECK((*gos[s])->sizes() == a.q[s].sizes(), op, ": grad_o shape ", (*gos[s])->sizes(), " != ",
+                    a.q[s].sizes());
+        go[s] = (*gos[s])->contiguous();
+      } else {
+        go[s] = at::zeros(a.q[s].sizes(), like.options());
+      }
+      if (gls[s]->has_value()) {
+        TORCH_CHECK((*gls[s])->sizes() == lse[s].sizes(), op, ": grad_lse shape ", (*gls[s])->sizes(), " != ",
+                    lse[s].sizes());
+        gl[s] = (*gls[s])->to(acc_dtype(like.scalar_type())).contiguous();
+      }
+      dq[s] = at::empty(a.q[s].sizes(), like.options());
+    } else {
+      dq[s] = at::empty({0}, like.options());
+    }
+    dk[s] = a.k[s].defined() ? at::zeros(a.k[s].sizes(), like.options()) : at::empty({0}, like.options());
+    dv[s] = a.k[s].defined() ? at::zeros(a.k[s].sizes(), like.options()) : at::empty({0}, like.options());
+  }
+  if (a.B > 0 && a.H > 0 && a.D > 0) run(a, go, gl, o, lse, dq, dk, dv);
+  return {dq[0], dk[0], dv[0], dq[1], dk[1], dv[1]};
 }
 
 }  // namespace unigendet

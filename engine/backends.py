@@ -11,7 +11,7 @@ Selection for one call:
   4. "auto" takes the first candidate whose check passes.
 Naming a backend that cannot run raises `BackendError` listing the reason for every candidate. A
 process-wide choice (1 or 3, e.g. `ops.backend = "ext"`) applies to the ops that have that backend;
-ops that do not implement it at all (attention has no "ext") choose as for "auto".
+ops that do not implement it at all (swiglu has no "triton") choose as for "auto".
 """
 from __future__ import annotations
 

@@ -14,13 +14,13 @@ def test_available_backends_reports_reasons():
         assert row["reference"] == "ok"
         assert all(isinstance(why, str) and why for why in row.values())
     assert ops.available_backends()["swiglu"] == (["reference"] if NO_EXT else ["ext", "reference"])
-    assert "ext" not in table["mmsa_attention"]  # attention has Triton kernels, no C++ ones
+    assert "sdpa" not in table["swiglu"]  # sdpa is attention's alone
 
 
 def test_named_unavailable_backend_raises_with_reason():
     q = torch.randn(1, 2, 1, 4)
-    with pytest.raises(ops.BackendError, match="'ext' .* is not available: not implemented for this op"):
-        ops.mmsa_attention(q, q, q, None, None, None, backend="ext")
+    with pytest.raises(ops.BackendError, match="'sdpa' .* is not available: not implemented for this op"):
+        ops.swiglu(q, backend="sdpa")
     if not NO_EXT:
         with pytest.raises(ops.BackendError, match="dtype torch.int64 unsupported"):
             ops.swiglu(torch.ones(2, 4, dtype=torch.int64), backend="ext")

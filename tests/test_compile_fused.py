@@ -1,4 +1,4 @@
-"""train.compile with the fused backends: the extension's custom ops and the sdpa attention trace into
+"""train.compile with the fused backends: the extension's custom ops (attention's CPU kernels too) trace into
 the compiled graphs without a graph break, and the compiled steps give the eager steps' losses."""
 import pytest
 import torch
@@ -23,7 +23,7 @@ def test_fused_compiled_steps_match_eager_without_graph_breaks(tiny_overrides, t
     """4 steps (two of each phase, a pool refill first): compiled losses equal eager within rel 1e-3
     (inductor reorders fp32 reductions; the eager steps themselves are deterministic)."""
     x = torch.randn(1, 4, 2, 8)
-    assert backends.select("mmsa_attention", "auto", x, x, x, x, x, x).__name__ == "mmsa_attention_sdpa"
+    assert backends.select("mmsa_attention", "auto", x, x, x, x, x, x).__name__ == "mmsa_attention_ext"
     runs = {}
     for compile_ in (False, True):
         cfg = load_config("tiny_cpu", tiny_overrides + [

@@ -191,7 +191,8 @@ def test_trainer_with_ext_matches_reference(tiny_overrides, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a[key], b[key])
 
 
-BACKBONE_OP_TESTS = ["tests/test_ops_rmsnorm.py", "tests/test_ops_swiglu.py", "tests/test_ops_rope.py"]
+BACKBONE_OP_TESTS = ["tests/test_ops_rmsnorm.py", "tests/test_ops_swiglu.py", "tests/test_ops_rope.py",
+                     "tests/test_ops_attention_ext.py"]
 
 
 def _backbone_op_cases():
@@ -234,7 +235,7 @@ def test_ext_ops_allocate_their_outputs_and_gradients_only(op):
 @EXT_ONLY
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ (the sanitized build and its runtime are GCC's)")
 def test_cpu_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
-    """The op tests of the three backbone ops again, with unigendet._C rebuilt with -fsanitize=address
+    """The op tests of the backbone ops and the CPU attention again, with unigendet._C rebuilt with -fsanitize=address
     (tests/ext_asan.py; about 40 s the first time): no CPU kernel reads or writes outside a tensor's
     bytes on any of their shapes (vector tails, odd widths, strided q / k, every dtype)."""
     from sanitizer import asan_env, asan_reports

@@ -149,7 +149,9 @@ import importlib.util  # noqa: E402
 import warnings  # noqa: E402
 
 from unigendet import backends  # noqa: E402
+from op_testing import NO_EXT  # noqa: E402
 from unigendet.ops.attention_cpu import mmsa_attention_sdpa  # noqa: E402
+from unigendet.ops.attention_ext import mmsa_attention_ext  # noqa: E402
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -354,12 +356,13 @@ def test_triton_backend_selection():
     from unigendet.ops import attention as attn_mod
 
     q, k, v = [x.to(DEV) for x in make_qkv(1, 5, 2, 1, 16)]
-    if DEV == "cpu":  # auto never picks the interpreter (but the fused CPU one); backend="triton" opts in
-        assert backends.select("mmsa_attention", "auto", q, k, v, None, None, None) is mmsa_attention_sdpa
+    if DEV == "cpu":  # auto never picks the interpreter (but a fused CPU one); backend="triton" opts in
+        cpu_impl = mmsa_attention_sdpa if NO_EXT else mmsa_attention_ext
+        assert backends.select("mmsa_attention", "auto", q, k, v, None, None, None) is cpu_impl
     else:  # compiled kernels on CUDA tensors: auto takes them
         assert backends.select("mmsa_attention", "auto", q, k, v, None, None, None) is attn_mod._triton_impl
     assert backends.select("mmsa_attention", "triton", q, k, v, None, None, None) is attn_mod._triton_impl
-    assert ops.available_backends()["mmsa_attention"] == ["triton", "sdpa", "reference"]
+    assert ops.available_backends()["mmsa_attention"] == ["triton"] + ["ext"] * (not NO_EXT) + ["sdpa", "reference"]
     with pytest.raises(ops.BackendError, match="head dim 8"):
         ops.mmsa_attention(*[x.to(DEV) for x in make_qkv(1, 5, 2, 1, 8)], None, None, None, backend="triton")
     with pytest.raises(ops.BackendError, match="dtype torch.float64"):

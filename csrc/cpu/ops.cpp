@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "../op_impl.h"
+#include "attention.h"
 #include "rmsnorm.h"
 #include "rope.h"
 #include "swiglu.h"
@@ -100,8 +101,101 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_rmsnorm_rope_backward(
       });
 }
 
+// mmsa_attention (CPU only: the Triton kernels serve GPUs).
+template <typename T>
+cpu::AttnProblem<T> attn_problem(const MmsaArgs& a) {
+  cpu::AttnProblem<T> p;
+  p.B = a.B;
+  p.H = a.H;
+  p.Hkv = a.Hkv;
+  p.D = a.D;
+  p.scale = a.scale;
+  for (int s = 0; s < 2; ++s) {
+    for (int o = 0; o < 2; ++o) p.reads[s][o] = a.reads[s][o];
+    auto& st = p.s[s];
+    st.causal = a.causal[s];
+    if (a.q[s].defined()) {
+      st.q = a.q[s].const_data_ptr<T>();
+      st.tq = a.q[s].size(1);
+      for (int d = 0; d < 3; ++d) st.q_s[d] = a.q[s].stride(d);
+    }
+    if (a.k[s].defined()) {
+      st.k = a.k[s].const_data_ptr<T>();
+      st.v = a.v[s].const_data_ptr<T>();
+      st.tk = a.k[s].size(1);
+      for (int d = 0; d < 3; ++d) {
+        st.k_s[d] = a.k[s].stride(d);
+        st.v_s[d] = a.v[s].stride(d);
+      }
+    }
+    st.lens = ptr_or_null<int64_t>(a.lens[s]);
+  }
+  return p;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> mmsa_attention(
+    const std::optional<Tensor>& q_g, const std::optional<Tensor>& k_g, const std::optional<Tensor>& v_g,
+    const std::optional<Tensor>& q_d, const std::optional<Tensor>& k_d, const std::optional<Tensor>& v_d,
+    const std::optional<Tensor>& len_g, const std::optional<Tensor>& len_d, bool g2d, bool d2g, bool g_causal,
+    bool d_causal, double scale) {
+  return mmsa_attention_impl(q_g, k_g, v_g, q_d, k_d, v_d, len_g, len_d, g2d, d2g, g_causal, d_causal, scale,
+                             [&](const MmsaArgs& a, Tensor(&o)[2], Tensor(&lse)[2]) {
+    const Tensor& like = a.q[0].defined() ? a.q[0] : a.q[1];
+    UNIGENDET_DISPATCH(like.scalar_type(), "mmsa_attention", [&] {
+      using A = cpu::acc_t<scalar_t>;
+      cpu::AttnProblem<scalar_t> p = attn_problem<scalar_t>(a);
+      for (int s = 0; s < 2; ++s) {
+        if (!a.q[s].defined()) continue;
+        p.s[s].o = o[s].mutable_data_ptr<scalar_t>();
+        p.s[s].lse = lse[s].mutable_data_ptr<A>();
+      }
+      cpu::mmsa_attention_fwd<scalar_t>(p);
+    });
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mmsa_attention_backward(
+    const std::optional<Tensor>& grad_o_g, const std::optional<Tensor>& grad_o_d,
+    const std::optional<Tensor>& grad_lse_g, const std::optional<Tensor>& grad_lse_d,
+    const std::optional<Tensor>& q_g, const std::optional<Tensor>& k_g, const std::optional<Tensor>& v_g,
+    const std::optional<Tensor>& q_d, const std::optional<Tensor>& k_d, const std::optional<Tensor>& v_d,
+    const Tensor& o_g, const Tensor& o_d, const Tensor& lse_g, const Tensor& lse_d,
+    const std::optional<Tensor>& len_g, const std::optional<Tensor>& len_d, bool g2d, bool d2g, bool g_causal,
+    bool d_causal, double scale) {
+  return mmsa_attention_backward_impl(
+      grad_o_g, grad_o_d, grad_lse_g, grad_lse_d, q_g, k_g, v_g, q_d, k_d, v_d, o_g, o_d, lse_g, lse_d, len_g, len_d,
+      g2d, d2g, g_causal, d_causal, scale,
+      [&](const MmsaArgs& a, Tensor(&go)[2], Tensor(&gl)[2], Tensor(&o)[2], Tensor(&lse)[2], Tensor(&dq)[2],
+          Tensor(&dk)[2], Tensor(&dv)[2]) {
+        const Tensor& like = a.q[0].defined() ? a.q[0] : a.q[1];
+        UNIGENDET_DISPATCH(like.scalar_type(), "mmsa_attention_backward", [&] {
+          using A = cpu::acc_t<scalar_t>;
+          cpu::AttnProblem<scalar_t> p = attn_problem<scalar_t>(a);
+          for (int s = 0; s < 2; ++s) {
+            auto& st = p.s[s];
+            if (a.q[s].defined()) {
+              st.o = o[s].mutable_data_ptr<scalar_t>();
+              st.lse = lse[s].mutable_data_ptr<A>();
+              st.dout = go[s].const_data_ptr<scalar_t>();
+              st.dlse = ptr_or_null<A>(gl[s]);
+              st.dq = dq[s].mutable_data_ptr<scalar_t>();
+            }
+            if (a.k[s].defined()) {
+              st.dk = dk[s].mutable_data_ptr<scalar_t>();
+              st.dv = dv[s].mutable_data_ptr<scalar_t>();
+            }
+          }
+          cpu::mmsa_attention_bwd<scalar_t>(p);
+        });
+      });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(unigendet, CPU, m) { UNIGENDET_REGISTER_OPS(m); }
+TORCH_LIBRARY_IMPL(unigendet, CPU, m) {
+  UNIGENDET_REGISTER_OPS(m);
+  m.impl("mmsa_attention", &mmsa_attention);  // CPU only, so not in the macro both devices share
+  m.impl("mmsa_attention_backward", &mmsa_attention_backward);
+}
 
 }  // namespace unigendet

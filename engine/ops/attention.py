@@ -6,6 +6,7 @@ from torch import Tensor
 
 from .. import backends
 from .attention_cpu import mmsa_attention_sdpa
+from .attention_ext import ext_check, mmsa_attention_ext
 from .reference import mmsa_attention_ref
 from .triton_support import auto_reason, triton_reason
 
@@ -53,6 +54,10 @@ def _sdpa_check(*tensors, **_) -> str | None:
 
 
 backends.register(OP, "sdpa", mmsa_attention_sdpa, check=_sdpa_check)
+
+# ----------------------------------------------------------------------------- ext backend (CPU)
+# The C++ kernels (engine/ops/attention_ext.py): ahead of sdpa in auto's order (BACKEND_NAMES).
+backends.register(OP, "ext", mmsa_attention_ext, check=ext_check)
 
 
 def _check_stream(name: str, q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None) -> None:
