@@ -326,8 +326,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> mmsa_attention_backwa
     } else {
       dq[s] = at::empty({0}, like.options());
     }
-    dk[s] = a.k[s].defined() ? at::zeros(a.k[s].sizes(), like.options()) : at::empty({0}, like.options());
-    dv[s] = a.k[s].defined() ? at::zeros(a.k[s].sizes(), like.options()) : at::empty({0}, like.options());
+    // every element of dk and dv is written (zero for keys no row reads)
+    dk[s] = at::empty(a.k[s].defined() ? a.k[s].sizes() : at::IntArrayRef({0}), like.options());
+    dv[s] = at::empty(a.k[s].defined() ? a.k[s].sizes() : at::IntArrayRef({0}), like.options());
   }
   if (a.B > 0 && a.H > 0 && a.D > 0) run(a, go, gl, o, lse, dq, dk, dv);
   return {dq[0], dk[0], dv[0], dq[1], dk[1], dv[1]};
