@@ -57,12 +57,19 @@ struct AttnProblem {
 };
 
 // ------------------------------------------------------------------ micro-kernel
+// The identity epilogue: a product's results are stored as they are.
+struct NoEpilogue {
+  template <typename V>
+  V operator()(int64_t, int64_t, const V& x) const { return x; }
+};
+
 // C (m x n) (+)= A (m x K) . B (K x n): A's element (r, k) at a[r * ars + k * aks] (so A may be read
 // transposed), B row-major with leading dimension ldb, n a multiple of the vector width. MR rows by NV
-// vectors of accumulators stay in registers over the whole K loop.
-template <typename A, int MR, int NV, bool ACC>
+// vectors of accumulators stay in registers over the whole K loop; epi(row, column, x) maps each result
+// vector (row and column relative to the product's C) before it is stored.
+template <typename A, int MR, int NV, bool ACC, typename Epi>
 inline void micro_kernel(const A* a, int64_t ars, int64_t aks, const A* b, int64_t ldb, A* c, int64_t ldc,
-                         int64_t K) {
+                         int64_t K, int64_t row0, int64_t col0, const Epi& epi) {
   using V = at::vec::Vectorized<A>;
   constexpr int64_t W = V::size();
   V acc[MR][NV];
@@ -77,23 +84,23 @@ inline void micro_kernel(const A* a, int64_t ars, int64_t aks, const A* b, int64
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j].store(c + r * ldc + j * W);
+    for (int j = 0; j < NV; ++j) epi(row0 + r, col0 + j * W, acc[r][j]).store(c + r * ldc + j * W);
 }
 
-template <typename A, int MR, bool ACC>
+template <typename A, int MR, bool ACC, typename Epi>
 inline void micro_row(int nv, const A* a, int64_t ars, int64_t aks, const A* b, int64_t ldb, A* c, int64_t ldc,
-                      int64_t K) {
+                      int64_t K, int64_t row0, int64_t col0, const Epi& epi) {
   switch (nv) {
-    case 1: return micro_kernel<A, MR, 1, ACC>(a, ars, aks, b, ldb, c, ldc, K);
-    case 2: return micro_kernel<A, MR, 2, ACC>(a, ars, aks, b, ldb, c, ldc, K);
-    default: return micro_kernel<A, MR, 3, ACC>(a, ars, aks, b, ldb, c, ldc, K);
+    case 1: return micro_kernel<A, MR, 1, ACC>(a, ars, aks, b, ldb, c, ldc, K, row0, col0, epi);
+    case 2: return micro_kernel<A, MR, 2, ACC>(a, ars, aks, b, ldb, c, ldc, K, row0, col0, epi);
+    default: return micro_kernel<A, MR, 3, ACC>(a, ars, aks, b, ldb, c, ldc, K, row0, col0, epi);
   }
 }
 
 // The whole product, tiled by 4 rows x 3 vectors (12 accumulators of the 16 AVX2 registers).
-template <typename A, bool ACC>
+template <typename A, bool ACC, typename Epi = NoEpilogue>
 void gemm(int64_t m, int64_t n, int64_t K, const A* a, int64_t ars, int64_t aks, const A* b, int64_t ldb, A* c,
-          int64_t ldc) {
+          int64_t ldc, const Epi& epi = Epi()) {
   constexpr int64_t W = at::vec::Vectorized<A>::size();
   constexpr int MR = 4, NV = 3;
   const int64_t nvec = n / W;
@@ -102,11 +109,12 @@ void gemm(int64_t m, int64_t n, int64_t K, const A* a, int64_t ars, int64_t aks,
     const A* bj = b + j * W;
     A* cj = c + j * W;
     int64_t r = 0;
-    for (; r + MR <= m; r += MR) micro_row<A, MR, ACC>(nv, a + r * ars, ars, aks, bj, ldb, cj + r * ldc, ldc, K);
+    for (; r + MR <= m; r += MR)
+      micro_row<A, MR, ACC>(nv, a + r * ars, ars, aks, bj, ldb, cj + r * ldc, ldc, K, r, j * W, epi);
     switch (m - r) {
-      case 1: micro_row<A, 1, ACC>(nv, a + r * ars, ars, aks, bj, ldb, cj + r * ldc, ldc, K); break;
-      case 2: micro_row<A, 2, ACC>(nv, a + r * ars, ars, aks, bj, ldb, cj + r * ldc, ldc, K); break;
-      case 3: micro_row<A, 3, ACC>(nv, a + r * ars, ars, aks, bj, ldb, cj + r * ldc, ldc, K); break;
+      case 1: micro_row<A, 1, ACC>(nv, a + r * ars, ars, aks, bj, ldb, cj + r * ldc, ldc, K, r, j * W, epi); break;
+      case 2: micro_row<A, 2, ACC>(nv, a + r * ars, ars, aks, bj, ldb, cj + r * ldc, ldc, K, r, j * W, epi); break;
+      case 3: micro_row<A, 3, ACC>(nv, a + r * ars, ars, aks, bj, ldb, cj + r * ldc, ldc, K, r, j * W, epi); break;
       default: break;
     }
   }
@@ -330,6 +338,7 @@ void mmsa_attention_bwd(const AttnProblem<T>& p) {
     std::vector<A> kt(D * Np), vt(D * Np), kp(Np * Dp), dk(Np * Dp), dv(Np * Dp);
     std::vector<A> qp(M * Dp), dop(M * Dp), op(M * Dp), sb(M * Np), dpb(M * Np), dq(M * Dp);
     std::vector<KeyRanges> ranges(M);
+    std::vector<A> lrow(M), shift(M);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / p.Hkv, hk = t % p.Hkv;
       pack_keys_t(p, g, b, hk, false, kt.data());
@@ -347,31 +356,28 @@ void mmsa_attention_bwd(const AttnProblem<T>& p) {
         pack_rows<T>(p, g, b, h, 0, M, nullptr, false, qp.data());
         pack_rows<T>(p, g, b, h, 0, M, douts, true, dop.data());
         pack_rows<T>(p, g, b, h, 0, M, outs, true, op.data());
-        gemm<A, false>(M, Np, D, qp.data(), Dp, 1, kt.data(), Np, sb.data(), Np);    // S = Q K^T
-        gemm<A, false>(M, Np, D, dop.data(), Dp, 1, vt.data(), Np, dpb.data(), Np);  // dP = dO V^T
-        for (int64_t r = 0; r < M; ++r) {
+        for (int64_t r = 0; r < M; ++r) {  // lse and shift = delta - dlse of each row
           const auto [s, i] = g.row(r);
           const auto& ss = p.s[s];
           const int64_t li = (b * p.H + h) * ss.tq + i;
           V vdelta(A(0));
           for (int64_t d = 0; d < Dp; d += W)
             vdelta = at::vec::fmadd(V::loadu(dop.data() + r * Dp + d), V::loadu(op.data() + r * Dp + d), vdelta);
-          const V shift(hsum(vdelta) - (ss.dlse ? ss.dlse[li] : A(0)));
-          const V vl(ss.lse[li]), vs(scale);
-          const KeyRanges& kr = ranges[r];
-          A* prow = sb.data() + r * Np;
-          A* dsrow = dpb.data() + r * Np;
-          for (int tr = 0; tr < kr.n; ++tr) {
-            for (int64_t c = kr.lo[tr]; c < kr.hi[tr]; c += W) {
-              const int64_t n = std::min<int64_t>(W, kr.hi[tr] - c);
-              const V pv = fast_exp(at::vec::fmsub(V::loadu(prow + c, n), vs, vl));
-              const V ds = pv * (V::loadu(dsrow + c, n) - shift) * vs;
-              pv.store(prow + c, n);
-              ds.store(dsrow + c, n);
-            }
-          }
-          zero_gaps(prow, kr, Np);
-          zero_gaps(dsrow, kr, Np);
+          lrow[r] = ss.lse[li];
+          shift[r] = hsum(vdelta) - (ss.dlse ? ss.dlse[li] : A(0));
+        }
+        // P = exp(scale S - lse), S = Q K^T; then dS = scale P (dP - shift), dP = dO V^T (columns a row does
+        // not read are zeroed after)
+        const V vs(scale);
+        gemm<A, false>(M, Np, D, qp.data(), Dp, 1, kt.data(), Np, sb.data(), Np,
+                       [&](int64_t r, int64_t, const V& x) { return fast_exp(at::vec::fmsub(x, vs, V(lrow[r]))); });
+        gemm<A, false>(M, Np, D, dop.data(), Dp, 1, vt.data(), Np, dpb.data(), Np,
+                       [&](int64_t r, int64_t c, const V& x) {
+                         return V::loadu(sb.data() + r * Np + c) * (x - V(shift[r])) * vs;
+                       });
+        for (int64_t r = 0; r < M; ++r) {
+          zero_gaps(sb.data() + r * Np, ranges[r], Np);
+          zero_gaps(dpb.data() + r * Np, ranges[r], Np);
         }
         gemm<A, true>(Np, Dp, M, sb.data(), 1, Np, dop.data(), Dp, dv.data(), Dp);    // dV += P^T dO
         gemm<A, true>(Np, Dp, M, dpb.data(), 1, Np, qp.data(), Dp, dk.data(), Dp);    // dK += dS^T Q
