@@ -167,8 +167,9 @@ def test_block_ops_under_torch_compile_fullgraph():
 
 @EXT_ONLY
 def test_trainer_with_ext_matches_reference(tiny_overrides, tmp_path):
-    """3 joint steps of the tiny config: ops.backend = ext (norm, swiglu, rope on the extension; the
-    other ops have no ext backend and choose as for auto) logs the losses of ops.backend = reference."""
+    """3 joint steps of the tiny config: ops.backend = ext (norm, swiglu, rope and the CPU attention on the
+    extension; the other ops have no ext backend and choose as for auto) logs the losses of ops.backend =
+    reference."""
     from unigendet import load_config
     from unigendet.train import Trainer
 
