@@ -19,7 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
+#include <utility>
 #include <limits>
 #include <vector>
 
