@@ -10,8 +10,9 @@ Selection for one call:
   3. else the process default set by `set_default_backend` (the `ops.backend` config key);
   4. "auto" takes the first candidate whose check passes.
 Naming a backend that cannot run raises `BackendError` listing the reason for every candidate. A
-process-wide choice (1 or 3, e.g. `ops.backend = "ext"`) applies to the ops that have that backend;
-ops that do not implement it at all (swiglu has no "triton") choose as for "auto".
+process-wide choice (1 or 3, e.g. `ops.backend = "ext"`) applies to the ops that have that backend
+on the inputs' device; ops that do not implement it there (swiglu has no "triton"; attention's "ext"
+serves CPU tensors only, its CUDA kernels being Triton's) choose as for "auto".
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class Candidate:
     impl: Callable
     check: CapabilityCheck  # (*args, **kwargs) -> None if it can run, else a reason
     auto_check: CapabilityCheck | None = None  # extra condition for "auto" (e.g. not the slow interpreter)
+    devices: tuple[str, ...] | None = None  # device types it implements (None: every one)
 
 
 _REGISTRY: dict[str, list[Candidate]] = {}
@@ -50,18 +52,20 @@ _default_backend: BackendChoice = "auto"
 
 
 def register(op: str, name: Backend, impl: Callable, check: CapabilityCheck | None = None,
-             auto_check: CapabilityCheck | None = None) -> None:
+             auto_check: CapabilityCheck | None = None, devices: tuple[str, ...] | None = None) -> None:
     """Add a backend for `op` ("auto" tries an op's backends in the order of BACKEND_NAMES).
 
     check: can this backend run these inputs at all (None = yes, else the reason)?
     auto_check: should "auto" pick it for these inputs (e.g. Triton under the CPU interpreter can
     run, so `backend="triton"` works in tests, but is far too slow for "auto" to choose)?
+    devices: the device types this backend implements the op on (None: all); a process-wide choice
+    of this backend does not apply to inputs on other devices.
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend name {name!r}; expected one of {BACKEND_NAMES}")
     cands = _REGISTRY.setdefault(op, [])
     cands[:] = [c for c in cands if c.name != name]
-    cands.append(Candidate(name, impl, check or (lambda *a, **k: None), auto_check))
+    cands.append(Candidate(name, impl, check or (lambda *a, **k: None), auto_check, devices))
     cands.sort(key=lambda c: BACKEND_NAMES.index(c.name))
 
 
@@ -93,8 +97,9 @@ def select(op: str, backend: BackendChoice, *args: Any, **kwargs: Any) -> Callab
     if not cands:
         raise BackendError(f"no backend registered for op {op!r}")
     name, source = _requested(backend)
-    if source != "backend=" and name in BACKEND_NAMES and all(c.name != name for c in cands):
-        name = "auto"  # a process-wide choice for the ops that have that backend (module docstring)
+    if source != "backend=" and name in BACKEND_NAMES and not any(
+            c.name == name and (c.devices is None or _device_type(args) in c.devices) for c in cands):
+        name = "auto"  # a process-wide choice for the ops that have that backend there (module docstring)
     if name == "auto":
         reasons = []
         for c in cands:
@@ -116,6 +121,14 @@ def select(op: str, backend: BackendChoice, *args: Any, **kwargs: Any) -> Callab
                                f"{_report_line(op)}")
     raise BackendError(f"{op}: backend {name!r} (from {source}) is not available: "
                        f"{_unavailable.get((op, name), 'not implemented for this op')}. {_report_line(op)}")
+
+
+def _device_type(args: tuple) -> str | None:
+    """The device type of the first tensor among an op's inputs (None if it has none)."""
+    for a in args:
+        if hasattr(a, "device"):
+            return a.device.type
+    return None
 
 
 def _report_line(op: str) -> str:

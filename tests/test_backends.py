@@ -82,6 +82,21 @@ def test_candidates_are_tried_in_the_order_of_the_backend_names(toy_op):
         backends.register("toy_op", "cuda", lambda x: x)
 
 
+def test_process_wide_choice_applies_only_on_the_devices_a_backend_implements(toy_op):
+    """attention's ext serves CPU tensors only: `ops.backend = "ext"` must leave CUDA inputs on auto
+    (Triton) rather than fail; a per-call `backend="ext"` still names it and fails with the reason."""
+    backends.register("toy_op", "reference", lambda x: "reference")
+    backends.register("toy_op", "ext", lambda x: "ext", devices=("cuda",),
+                      check=lambda *a, **k: None if a and a[0].device.type == "cuda" else "CUDA tensors only")
+    try:
+        ops.set_default_backend("ext")
+        assert backends.select("toy_op", "auto", torch.zeros(1))(0) == "reference"  # CPU input: auto
+    finally:
+        ops.set_default_backend("auto")
+    with pytest.raises(ops.BackendError, match="CUDA tensors only"):
+        backends.select("toy_op", "ext", torch.zeros(1))
+
+
 def test_auto_check_keeps_slow_backends_opt_in(toy_op):
     backends.register("toy_op", "reference", lambda x: "reference")
     backends.register("toy_op", "triton", lambda x: "triton", auto_check=lambda *a, **k: "interpreter is slow")

@@ -56,8 +56,9 @@ def _sdpa_check(*tensors, **_) -> str | None:
 backends.register(OP, "sdpa", mmsa_attention_sdpa, check=_sdpa_check)
 
 # ----------------------------------------------------------------------------- ext backend (CPU)
-# The C++ kernels (engine/ops/attention_ext.py): ahead of sdpa in auto's order (BACKEND_NAMES).
-backends.register(OP, "ext", mmsa_attention_ext, check=ext_check)
+# The C++ kernels (engine/ops/attention_ext.py): ahead of sdpa in auto's order (BACKEND_NAMES). CPU only:
+# on CUDA the Triton kernels serve, so a process-wide `ops.backend = "ext"` leaves attention on auto there.
+backends.register(OP, "ext", mmsa_attention_ext, check=ext_check, devices=("cpu",))
 
 
 def _check_stream(name: str, q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None) -> None:
