@@ -50,6 +50,11 @@ class DataConfig:
     """Random horizontal flip."""
     num_workers: int = num(2, ge=0)
     """DataLoader worker processes (0 = load in the main process)."""
+    cache_mb: int = num(512, ge=0, le=2**40)
+    """Decoded training images the PIL loader keeps in memory, in MiB per loading process (the main
+    process, or each DataLoader worker): an image is read and decoded once and later epochs crop it
+    from memory; images past the budget are read and decoded every time. 0 = keep none. (The DALI
+    loader decodes in its pipeline every time.)"""
     quarantine: str = ""
     """Quarantine list of unreadable files the loaders skip, as written by `unigendet data check ROOT`
     (TSV: path relative to data.root, reason, detail). '' = ROOT/.unigendet_quarantine.tsv when it

@@ -201,6 +201,24 @@ def test_same_seed_same_batches_any_worker_count(tmp_path):
     assert not torch.equal(other.images, ref[0].images)
 
 
+def test_decoded_cache_reads_each_file_once_and_changes_no_batch(tmp_path):
+    """data.cache_mb: the same batches as without a cache, every file read once over three epochs;
+    past the budget images are read every time."""
+    root = _make_root(tmp_path, n_real=9, n_fake=3)
+    plain = _take(build_loader(root, S, 4, seed=3, num_workers=0, cache_mb=0), 9)  # 3 epochs of 3 batches
+    cached = build_loader(root, S, 4, seed=3, num_workers=0, cache_mb=1)
+    reads = []
+    reader = cached.index.reader
+    cached.index.reader = lambda index, i: reads.append(i) or reader(index, i)
+    _assert_same_batches(plain, _take(cached, 9))
+    assert sorted(reads) == list(range(12))
+    small = FolderDataset(scan_folder(root), S, seed=3, cache_bytes=(20 * 18 + 23 * 23) * 3)  # images 0 and 1
+    for _ in range(2):
+        for i in range(len(small)):
+            small[i]
+    assert sorted(small._decoded) == [0, 1] and small._decoded_bytes == small.cache_bytes
+
+
 def test_augmentation_is_a_function_of_seed_epoch_index(tmp_path):
     index = scan_folder(_make_root(tmp_path, n_real=3))
     data = FolderDataset(index, S, seed=1)

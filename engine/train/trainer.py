@@ -157,6 +157,7 @@ class Trainer:
                                    crop_scale_min=cfg.data.crop_scale_min, flip=cfg.data.flip,
                                    num_workers=cfg.data.num_workers, loader=cfg.data.loader,
                                    quarantine=cfg.data.quarantine, max_file_mb=cfg.data.max_file_mb,
+                                   cache_mb=cfg.data.cache_mb,
                                    rank=self.dist.rank,
                                    world_size=self.dist.world_size, device=str(self.device),
                                    # pinned host batches: the copy into the step's buffers is then

@@ -35,6 +35,7 @@ def build_loader(
     device: str = "cpu",
     max_file_mb: int | None = None,
     vae_fingerprint: str | None = None,
+    cache_mb: int = 0,
 ) -> FolderLoader:
     """The training loader for `data.root`. `loader` (`data.loader`): "pil" (PIL + DataLoader workers),
     "dali" (engine/data/loaders/dali.py: decoding on `device`, nvJPEG on a GPU) or "auto" (DALI on a GPU
@@ -47,7 +48,8 @@ def build_loader(
     `crop` (`data.crop`): "random_resized" or "center". `vae_fingerprint` (`vae_fingerprint(model.vae)`,
     None = a pixel-space run): shards packed with that VAE at `image_size` give batches with
     `latent_moments` (`loader.latents`); shards packed with another VAE or size, or read with a crop
-    other than "center", are refused (engine/data/latents.py).
+    other than "center", are refused (engine/data/latents.py). `cache_mb` (`data.cache_mb`): decoded
+    images the PIL loader keeps in memory per process (DALI decodes in its pipeline every time).
     """
     if loader not in LOADER_NAMES:
         *first, last = (repr(name) for name in LOADER_NAMES)
@@ -60,4 +62,4 @@ def build_loader(
         loader = "dali" if str(device).startswith("cuda") and dali_loader.dali_reason() is None else "pil"
     if loader == "dali":
         return dali_loader.DaliLoader(index, image_size, batch_size, device=str(device), **kwargs)
-    return FolderLoader(index, image_size, batch_size, **kwargs)
+    return FolderLoader(index, image_size, batch_size, cache_mb=cache_mb, **kwargs)

@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..batch import Batch, DataError, collate_samples
@@ -31,6 +32,10 @@ class FolderDataset(Dataset):
     with the epoch set through `set_epoch`. train=False: shorter side resized to S, center crop, no
     flip. An undecodable file raises `DataError` naming it and the `data check` command: files are
     never skipped here (quarantined files are already left out of the index).
+
+    cache_bytes: decoded images kept in memory (per process: each DataLoader worker holds its own),
+    first come first kept until the budget is used; a kept image is never read or decoded again, and
+    gives the same crops as a fresh decode (the transforms never modify it).
     """
 
     def __init__(
@@ -44,6 +49,7 @@ class FolderDataset(Dataset):
         flip: bool = True,
         train: bool = True,
         latents: bool = False,
+        cache_bytes: int = 0,
     ):
         if image_size < 1:
             raise DataError(f"data.image_size must be >= 1, got {image_size}")
@@ -62,6 +68,9 @@ class FolderDataset(Dataset):
         self.train = bool(train)
         self.latents = bool(latents)
         self.epoch = 0
+        self.cache_bytes = int(cache_bytes)
+        self._decoded: dict[int, Image.Image] = {}  # item index -> decoded RGB image
+        self._decoded_bytes = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of `epoch` (call before the epoch's DataLoader starts)."""
@@ -74,15 +83,9 @@ class FolderDataset(Dataset):
         """Item i of the epoch set by `set_epoch`, or of the epoch given as key = (epoch, i) (what
         `FolderLoader`'s persistent workers receive, so they need no per-epoch copy of the dataset)."""
         epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
-        try:
-            img = decode_rgb(self.index.read_bytes(i), self.index.files[i])
-        except DataError as exc:
-            root = self.index.root or os.path.dirname(self.index.files[i])
-            raise DataError(
-                f"bad file in dataset folder {root}: {exc}; run `{check_command(root)}` to list every "
-                "unreadable file in a quarantine list, which the loaders then skip (they never skip "
-                "unlisted files)"
-            ) from None
+        img = self._decoded.get(i)
+        if img is None:
+            img = self._decode(i)
         # String seeds are hashed with SHA-512: stable across processes, runs and Python versions.
         rng = random.Random(f"unigendet/{self.seed}/{epoch}/{i}") if self.train else None
         box, flip = crop_plan(img.width, img.height, rng, crop=self.crop, crop_scale_min=self.crop_scale_min,
@@ -93,6 +96,23 @@ class FolderDataset(Dataset):
             return item
         moments = read_moments(self.index, i)  # (2C, h, w): the moments of the same (center) crop
         return item + (moments.flip(-1) if flip else moments,)  # mirrored with the pixels
+
+    def _decode(self, i: int) -> Image.Image:
+        """Image i read and decoded (kept in memory while the cache budget allows)."""
+        try:
+            img = decode_rgb(self.index.read_bytes(i), self.index.files[i])
+        except DataError as exc:
+            root = self.index.root or os.path.dirname(self.index.files[i])
+            raise DataError(
+                f"bad file in dataset folder {root}: {exc}; run `{check_command(root)}` to list every "
+                "unreadable file in a quarantine list, which the loaders then skip (they never skip "
+                "unlisted files)"
+            ) from None
+        size = img.width * img.height * 3
+        if self._decoded_bytes + size <= self.cache_bytes:
+            self._decoded[i] = img
+            self._decoded_bytes += size
+        return img
 
 
 def read_moments(index: FolderIndex, i: int) -> torch.Tensor:
@@ -132,6 +152,7 @@ class FolderLoader:
         world_size: int = 1,
         pin_memory: bool = False,
         vae_fingerprint: str | None = None,
+        cache_mb: int = 0,
     ):
         if batch_size < 1 or num_workers < 0 or seed < 0:
             raise DataError(
@@ -146,7 +167,7 @@ class FolderLoader:
         if self.latents:
             check_latents_match(index.latents, index.root, vae_fingerprint, int(image_size), crop)
         self.dataset = FolderDataset(index, image_size, seed=seed, crop=crop, crop_scale_min=crop_scale_min,
-                                     flip=flip, latents=self.latents)
+                                     flip=flip, latents=self.latents, cache_bytes=int(cache_mb) * 2**20)
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.rank, self.world_size = int(rank), int(world_size)
