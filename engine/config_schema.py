@@ -214,8 +214,9 @@ class TrainConfig:
     and the fake-pool refill as CUDA graphs after 3 warm-up calls each, then replay them (GPU only;
     an alternative to train.compile)."""
     compile: bool = False
-    """torch.compile the model's forward and backward in each phase step (for comparison with the
-    fused backends; the first steps of each phase pay the compilation)."""
+    """torch.compile the model's forward and backward in each phase step, and the fake-pool refill's
+    sampler passes (for comparison with the fused backends; the first steps of each phase, and the
+    first refill of each size, pay the compilation)."""
     fsdp: bool = False
     """Shard model, AdamW moments and EMA with FSDP2 (`fully_shard` per block, projector and root)
     instead of replicating them, under torchrun with 2+ processes. Checkpoints keep the

@@ -186,6 +186,8 @@ class Trainer:
         # train.compile: the loss computation runs through torch.compile (graphs per phase, since each
         # phase trains other parameters); weights, optimizer and checkpoints stay on self.model.
         self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        # the refill's sampler passes (EMA generator, no grad) compile too: one graph per refill size
+        self.sampler_model = torch.compile(self.ema.model, dynamic=False) if cfg.train.compile else self.ema.model
         self.optimizer = build_optimizer(self.model, cfg.optim, capturable=self.cuda_graphs)
         # data parallel: gradient all-reduce overlapped with the backward pass (inside a CUDA graph,
         # one all-reduce after it, captured with the step; FSDP reduce-scatters on its own)
@@ -274,7 +276,7 @@ class Trainer:
 
     @torch.no_grad()
     def _refill(self, n: int) -> None:
-        m = self.ema.model
+        m = self.sampler_model
         ids = None
         if m.cfg.num_classes > 0:
             ids = torch.randint(0, m.cfg.num_classes, (n,), device=self.device, generator=self.noise)
