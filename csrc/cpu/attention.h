@@ -233,14 +233,52 @@ void pack_rows(const AttnProblem<T>& p, const AttnGeometry<T>& g, int64_t b, int
   }
 }
 
-template <typename A>
-inline at::vec::Vectorized<A> fast_exp(const at::vec::Vectorized<A>& x) {
-  if constexpr (std::is_same_v<A, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
+// 2^t for fp32 lanes, t <= 128 (the softmax arguments are <= 0 up to rounding): t = n + f with n the nearest
+// integer (the 1.5 * 2^23 rounding constant, which also leaves n + 127 in the low bits: the exponent field
+// of 2^n after a shift by 23) and |f| <= 1/2, 2^f by a degree-6 polynomial (fitted for relative error on
+// the interval: under 2 ulp in fp32 arithmetic, against 4 for the Taylor coefficients). t is clamped to [-127, 128]: below,
+// the result is 0 (the smallest normal is 2^-126); 128 gives inf.
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+inline at::vec::Vectorized<float> exp2_f32(const at::vec::Vectorized<float>& x) {
+  const __m256 t = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-127.f)), _mm256_set1_ps(128.f));
+  const __m256 magic = _mm256_set1_ps(12582912.f + 127.f);  // 1.5 * 2^23 + exponent bias
+  const __m256 y = _mm256_add_ps(t, magic);
+  const __m256 f = _mm256_sub_ps(t, _mm256_sub_ps(y, magic));
+  __m256 p = _mm256_set1_ps(1.5345806605182588e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3399930903688073e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618489071726799e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550328642129898e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022646248340607e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931471824645996e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(y), 23));
+  return _mm256_mul_ps(p, two_n);
 }
+#else
+inline at::vec::Vectorized<float> exp2_f32(const at::vec::Vectorized<float>& x) {
+  return (x * at::vec::Vectorized<float>(0.69314718055994531f)).exp_u20();
+}
+#endif
+
+// exp(scale x - m) of a vector of scores x and a row's shift m (the row max, or its lse). fp32: computed as
+// 2^(x c - m'), c = scale log2(e) and m' = m log2(e) folded once (one fma and exp2_f32 per vector); fp64
+// (gradcheck): at::vec's accurate exp of scale x - m.
+template <typename A>
+struct ScaledExp {
+  using V = at::vec::Vectorized<A>;
+  static constexpr bool kBase2 = std::is_same_v<A, float>;
+  static constexpr double kLog2e = 1.4426950408889634;
+  V mul;
+  explicit ScaledExp(double scale) : mul(static_cast<A>(kBase2 ? scale * kLog2e : scale)) {}
+  A shift(A m) const { return static_cast<A>(kBase2 ? m * kLog2e : m); }
+  V operator()(const V& x, const V& shift) const {
+    if constexpr (kBase2) {
+      return exp2_f32(at::vec::fmsub(x, mul, shift));
+    } else {
+      return at::vec::fmsub(x, mul, shift).exp();
+    }
+  }
+};
 
 // ------------------------------------------------------------------ forward
 constexpr int64_t kFwdRows = 32;  // query rows per forward task
@@ -253,6 +291,7 @@ void mmsa_attention_fwd(const AttnProblem<T>& p) {
   const AttnGeometry<T> g(p);
   const int64_t group = p.H / p.Hkv, D = p.D, Np = g.Np, Dp = g.Dp;
   const A scale = static_cast<A>(p.scale);
+  const ScaledExp<A> sexp(p.scale);
   // packed K^T and V per (b, kv head)
   const int64_t per_head = D * Np + Np * Dp;
   std::vector<A> packed(p.B * p.Hkv * per_head);
@@ -282,27 +321,51 @@ void mmsa_attention_fwd(const AttnProblem<T>& p) {
         ranges[r] = kr;
         kmax = std::max(kmax, kr.end());
         A* row = sbuf.data() + r * Np;
-        V vmax(-std::numeric_limits<A>::infinity());
+        // max of scale S over the row's ranges, then e = exp(scale S - max) in place and its sum: full
+        // vectors two at a time (independent chains), a range's last partial vector masked
+        const V vsc(scale), ninf(-std::numeric_limits<A>::infinity());
+        V vmax0(ninf), vmax1(ninf);
         for (int tr = 0; tr < kr.n; ++tr) {
-          for (int64_t c = kr.lo[tr]; c < kr.hi[tr]; c += W) {
-            const int64_t n = std::min<int64_t>(W, kr.hi[tr] - c);
-            V x = V::loadu(row + c, n) * V(scale);
-            if (n < W) x = V::set(V(-std::numeric_limits<A>::infinity()), x, n);
-            vmax = at::vec::maximum(vmax, x);
+          const int64_t hi = kr.hi[tr];
+          int64_t c = kr.lo[tr];
+          for (; c + 2 * W <= hi; c += 2 * W) {
+            vmax0 = at::vec::maximum(vmax0, V::loadu(row + c) * vsc);
+            vmax1 = at::vec::maximum(vmax1, V::loadu(row + c + W) * vsc);
           }
+          if (c + W <= hi) {
+            vmax0 = at::vec::maximum(vmax0, V::loadu(row + c) * vsc);
+            c += W;
+          }
+          if (c < hi) vmax1 = at::vec::maximum(vmax1, V::set(ninf, V::loadu(row + c, hi - c) * vsc, hi - c));
         }
-        const A mx = at::vec::vec_reduce_all<A>([](V& a, V& bb) { return at::vec::maximum(a, bb); }, vmax);
-        V vsum(A(0));
-        const V vmx(mx);
+        const A mx = at::vec::vec_reduce_all<A>([](V& a, V& bb) { return at::vec::maximum(a, bb); },
+                                                at::vec::maximum(vmax0, vmax1));
+        V vsum0(A(0)), vsum1(A(0));
+        const V vmx(sexp.shift(mx));
         for (int tr = 0; tr < kr.n; ++tr) {
-          for (int64_t c = kr.lo[tr]; c < kr.hi[tr]; c += W) {
-            const int64_t n = std::min<int64_t>(W, kr.hi[tr] - c);
-            V e = fast_exp(at::vec::fmsub(V::loadu(row + c, n), V(scale), vmx));
-            if (n < W) e = V::set(V(A(0)), e, n);
+          const int64_t hi = kr.hi[tr];
+          int64_t c = kr.lo[tr];
+          for (; c + 2 * W <= hi; c += 2 * W) {
+            const V e0 = sexp(V::loadu(row + c), vmx), e1 = sexp(V::loadu(row + c + W), vmx);
+            e0.store(row + c);
+            e1.store(row + c + W);
+            vsum0 = vsum0 + e0;
+            vsum1 = vsum1 + e1;
+          }
+          if (c + W <= hi) {
+            const V e = sexp(V::loadu(row + c), vmx);
+            e.store(row + c);
+            vsum0 = vsum0 + e;
+            c += W;
+          }
+          if (c < hi) {
+            const int64_t n = hi - c;
+            const V e = V::set(V(A(0)), sexp(V::loadu(row + c, n), vmx), n);
             e.store(row + c, n);
-            vsum = vsum + e;
+            vsum1 = vsum1 + e;
           }
         }
+        const V vsum = vsum0 + vsum1;
         zero_gaps(row, kr, Np);
         const A sum = hsum(vsum);
         inv[r] = A(1) / sum;
@@ -332,6 +395,7 @@ void mmsa_attention_bwd(const AttnProblem<T>& p) {
   const AttnGeometry<T> g(p);
   const int64_t group = p.H / p.Hkv, D = p.D, Np = g.Np, Dp = g.Dp, M = g.M;
   const A scale = static_cast<A>(p.scale);
+  const ScaledExp<A> sexp(p.scale);
   const T* douts[2] = {p.s[0].dout, p.s[1].dout};
   const T* outs[2] = {p.s[0].o, p.s[1].o};
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -363,14 +427,14 @@ void mmsa_attention_bwd(const AttnProblem<T>& p) {
           V vdelta(A(0));
           for (int64_t d = 0; d < Dp; d += W)
             vdelta = at::vec::fmadd(V::loadu(dop.data() + r * Dp + d), V::loadu(op.data() + r * Dp + d), vdelta);
-          lrow[r] = ss.lse[li];
+          lrow[r] = sexp.shift(ss.lse[li]);
           shift[r] = hsum(vdelta) - (ss.dlse ? ss.dlse[li] : A(0));
         }
         // P = exp(scale S - lse), S = Q K^T; then dS = scale P (dP - shift), dP = dO V^T (columns a row does
         // not read are zeroed after)
         const V vs(scale);
         gemm<A, false>(M, Np, D, qp.data(), Dp, 1, kt.data(), Np, sb.data(), Np,
-                       [&](int64_t r, int64_t, const V& x) { return fast_exp(at::vec::fmsub(x, vs, V(lrow[r]))); });
+                       [&](int64_t r, int64_t, const V& x) { return sexp(x, V(lrow[r])); });
         gemm<A, false>(M, Np, D, dop.data(), Dp, 1, vt.data(), Np, dpb.data(), Np,
                        [&](int64_t r, int64_t c, const V& x) {
                          return V::loadu(sb.data() + r * Np + c) * (x - V(shift[r])) * vs;
