@@ -74,6 +74,9 @@ def cmd_info(args) -> int:
         print(f"  {op}")
         for name, why in row.items():
             print(f"    {name:<10} {why}")
+    from .train.compile_choice import auto_rule
+
+    print(f"train.compile = auto (the default): {auto_rule('cuda' if torch.cuda.is_available() else 'cpu')}")
     return 0
 
 
@@ -88,6 +91,13 @@ def cmd_info_config(name: str, world_size: int | None) -> int:
     print(f"{name}: estimate (engine/train/estimate.py)")
     for line in estimate(cfg, world_size=world_size).lines():
         print(f"  {line}")
+    import torch
+
+    from .train.compile_choice import compile_choice
+
+    device = cfg.train.device if cfg.train.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    compiles, why = compile_choice(cfg.train, device)
+    print(f"compile on {device}: {'on' if compiles else 'off'} ({why})")
     return 0
 
 

@@ -213,10 +213,11 @@ class TrainConfig:
     """Capture each phase's whole step (forward, backward, all-reduce, clipping, AdamW, EMA, loss sums)
     and the fake-pool refill as CUDA graphs after 3 warm-up calls each, then replay them (GPU only;
     an alternative to train.compile)."""
-    compile: bool = False
+    compile: bool | str = "auto"
     """torch.compile the model's forward and backward in each phase step, and the fake-pool refill's
-    sampler passes (for comparison with the fused backends; the first steps of each phase, and the
-    first refill of each size, pay the compilation)."""
+    sampler passes (the first steps of each phase, and the first refill of each size, pay the
+    compilation): true, false, or `auto`: what bench_train_step measured faster over the whole run on
+    this device (engine/train/compile_choice.py; `unigendet info --config NAME` says what it picks)."""
     fsdp: bool = False
     """Shard model, AdamW moments and EMA with FSDP2 (`fully_shard` per block, projector and root)
     instead of replicating them, under torchrun with 2+ processes. Checkpoints keep the
@@ -331,6 +332,7 @@ CHOICES = {
     ("optim", "schedule"): ("cosine", "constant"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "fsdp_param_dtype"): ("float32", "bfloat16"),
+    ("train", "compile"): ("auto", True, False),
     ("ops", "backend"): BACKEND_CHOICES,
 }
 
@@ -362,6 +364,7 @@ def describe() -> str:
         for f in fields(cls):
             default = getattr(cls(), f.name)
             allowed = CHOICES.get((sec.name, f.name))
-            choices = f"  (one of: {', '.join(allowed)})" if allowed else ""
+            shown = (str(a).lower() if isinstance(a, bool) else a for a in allowed or ())
+            choices = f"  (one of: {', '.join(shown)})" if allowed else ""
             lines.append(f"  {f.name} = {default!r}{choices}\n      {docs.get(f.name, '')}")
     return "\n".join(lines)

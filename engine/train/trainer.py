@@ -27,6 +27,7 @@ from ..phase_modes import mode_uses_fake_pool, phase_at
 from .detector_augment import build_detector_augment
 from .checkpoint import (CheckpointError, check_vae, checkpoint_config, list_checkpoints, load_trainer_state,
                          load_weights, remove_stale, resolve_checkpoint, save_checkpoint, vae_record)
+from .compile_choice import compile_choice
 from .fake_pool import FakePool
 from .graphs import DeviceSums, StaticBatch, StepGraphs
 from .latent_inputs import LatentInputs
@@ -119,7 +120,7 @@ def check_modes(train: TrainConfig, device: torch.device, distributed: bool) -> 
     if train.cuda_graphs and device.type != "cuda":
         raise TrainingError(f"train.cuda_graphs = true needs a CUDA device; train.device resolved to "
                             f"{device.type}. Set train.cuda_graphs = false")
-    if train.cuda_graphs and train.compile:
+    if train.cuda_graphs and train.compile is True:
         raise TrainingError("train.cuda_graphs and train.compile are alternatives (compare them in "
                             "bench/bench_train_step.py); set one of them to false")
     if train.fsdp_param_dtype != "float32" and not train.fsdp:
@@ -185,9 +186,11 @@ class Trainer:
             shard_model(self.ema.model, self.device, param_dtype)
         # train.compile: the loss computation runs through torch.compile (graphs per phase, since each
         # phase trains other parameters); weights, optimizer and checkpoints stay on self.model.
-        self.step_model = torch.compile(self.model) if cfg.train.compile else self.model
+        self.compiles, why = compile_choice(cfg.train, self.device.type)
+        self.log(f"compile: {'on' if self.compiles else 'off'} ({why})")
+        self.step_model = torch.compile(self.model) if self.compiles else self.model
         # the refill's sampler passes (EMA generator, no grad) compile too: one graph per refill size
-        self.sampler_model = torch.compile(self.ema.model, dynamic=False) if cfg.train.compile else self.ema.model
+        self.sampler_model = torch.compile(self.ema.model, dynamic=False) if self.compiles else self.ema.model
         self.optimizer = build_optimizer(self.model, cfg.optim, capturable=self.cuda_graphs)
         # data parallel: gradient all-reduce overlapped with the backward pass (inside a CUDA graph,
         # one all-reduce after it, captured with the step; FSDP reduce-scatters on its own)
