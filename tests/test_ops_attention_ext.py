@@ -116,6 +116,16 @@ def test_results_do_not_depend_on_the_thread_count():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+def test_a_nan_query_gives_nan_where_the_reference_does():
+    # the fp32 exp polynomial clamps its argument: a NaN must come through the clamp, not turn into 0 or 1
+    x = [t.float() for t in _inputs(1, 9, 7, 2, 2, 16, seed=11)]
+    x[0][0, 3, 0, 2] = float("nan")
+    for kw in (dict(), dict(d2g=False)):
+        ours, ref = mmsa_attention_ext(*x, **kw), mmsa_attention_ref(*x, **kw)
+        assert all(torch.equal(a.isnan(), b.isnan()) for a, b in zip(ours, ref))
+        assert ours[0].isnan().any()
+
+
 @pytest.mark.parametrize("g2d,d2g", [(False, True), (True, False), (False, False)])
 def test_a_stream_that_does_not_read_the_other_does_not_depend_on_it(g2d, d2g):
     x = [t.float().requires_grad_() for t in _inputs(2, 5, 6, 2, 1, 8, seed=9)]

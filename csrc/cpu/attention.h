@@ -236,11 +236,12 @@ void pack_rows(const AttnProblem<T>& p, const AttnGeometry<T>& g, int64_t b, int
 // 2^t for fp32 lanes, t <= 128 (the softmax arguments are <= 0 up to rounding): t = n + f with n the nearest
 // integer (the 1.5 * 2^23 rounding constant, which also leaves n + 127 in the low bits: the exponent field
 // of 2^n after a shift by 23) and |f| <= 1/2, 2^f by a degree-6 polynomial (fitted for relative error on
-// the interval: under 2 ulp in fp32 arithmetic, against 4 for the Taylor coefficients). t is clamped to [-127, 128]: below,
-// the result is 0 (the smallest normal is 2^-126); 128 gives inf.
+// the interval: under 2 ulp in fp32 arithmetic, against 4 for the Taylor coefficients). t is clamped to
+// [-127, 128]: below, the result is 0 (the smallest normal is 2^-126); 128 gives inf; NaN stays NaN.
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
 inline at::vec::Vectorized<float> exp2_f32(const at::vec::Vectorized<float>& x) {
-  const __m256 t = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-127.f)), _mm256_set1_ps(128.f));
+  // max/min return their second operand when one is NaN: a NaN argument stays NaN
+  const __m256 t = _mm256_min_ps(_mm256_set1_ps(128.f), _mm256_max_ps(_mm256_set1_ps(-127.f), x));
   const __m256 magic = _mm256_set1_ps(12582912.f + 127.f);  // 1.5 * 2^23 + exponent bias
   const __m256 y = _mm256_add_ps(t, magic);
   const __m256 f = _mm256_sub_ps(t, _mm256_sub_ps(y, magic));
