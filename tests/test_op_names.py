@@ -9,6 +9,7 @@ from unigendet.benchrun import BENCH_OPS
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_HELPERS = {"vec_io"}  # csrc/cpu headers shared by the op headers, not ops of their own
+CPU_ONLY = {"attention"}  # extension ops with no CUDA source: on CUDA, attention is the Triton kernel
 WHOLE_RUN_BENCHMARKS = {"train_step", "data"}  # benchmarks of the trainer and the loaders, not of one op
 
 
@@ -40,7 +41,9 @@ def test_every_layer_names_an_op_by_its_module_stem():
     assert {s.removeprefix("test_ops_") for s in stems("tests", "test_ops_*.py")} >= ops_stems
     assert stems("kernels", "*.py") - {"__init__"} <= ops_stems
     cuda = stems("csrc/cuda", "*.cu")
-    assert cuda <= ops_stems and stems("csrc/cpu", "*.h") - CPU_HELPERS == cuda  # CPU and CUDA alike
+    cpu = stems("csrc/cpu", "*.h") - CPU_HELPERS
+    assert cuda <= ops_stems and cpu <= ops_stems and cpu - CPU_ONLY == cuda  # CPU and CUDA alike
+    assert CPU_ONLY <= cpu and not CPU_ONLY & cuda
     bench_scripts = {s.removeprefix("bench_") for s in stems("bench", "bench_*.py")}
     assert bench_scripts == set(BENCH_OPS)
     assert set(BENCH_OPS) - WHOLE_RUN_BENCHMARKS <= ops_stems

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .ext_support import acc_dtype, ext_reason, register_ext_op
 
-OP = "mmsa_attention"
+EXT_OP = "mmsa_attention"  # torch.ops.unigendet.<EXT_OP> and its backward op
 # Scores of one head (all query rows x all key columns) are materialised per thread; above this many the
 # backend refuses (auto then falls back to sdpa, whose flash kernel is linear in memory).
 MAX_SCORES = 1 << 22
@@ -106,5 +106,5 @@ def _backward(ctx, grad_o_g, grad_o_d, grad_lse_g, grad_lse_d):
     return (*(g if x is not None else None for g, x in zip(grads, inputs)), None, None, None, None, None, None, None)
 
 
-if register_ext_op(OP, _fake, _setup_context, _backward):
-    register_ext_op(OP + "_backward", _fake_backward)
+if register_ext_op(EXT_OP, _fake, _setup_context, _backward):
+    register_ext_op(EXT_OP + "_backward", _fake_backward)

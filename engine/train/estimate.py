@@ -28,7 +28,8 @@ on the meta device for its parameter count, the VAE's geometry is read from its 
   the batch buffers; the frozen VAE's weights; and the activations the backward keeps of one
   micro-batch (train.batch_size), per layer and token from the tensors each op saves (fused ops and
   flash attention: no T x T scores), at 2 bytes under bf16 autocast (GPU) or 4 (CPU), plus the
-  transient detector pass of L_auth and, with a VAE, the decoder activations of L_auth's decode (with
+  transient detector pass of L_auth on top of what the passes before it keep (in a joint phase the
+  detection pass comes after it) and, with a VAE, the decoder activations of L_auth's decode (with
   d2g also the encoder's of its encode(decode(x0_hat)), transient like its detector pass).
 
 Not counted: the CUDA context and caching-allocator slack (reserve ~10%), NCCL buffers, torch.compile
@@ -275,18 +276,19 @@ def memory(cfg: Config, vae: VaeGeometry | None, params: dict[str, int], world_s
     B, S = t.batch_size, m.image_size
     acts = 0.0
     for phase in phases:
-        kept, transient = 0.0, 0.0
+        # in the order the phase runs its passes: a transient pass adds to what is kept so far only
+        kept, peak = 0.0, 0.0
         for p, images, backward in phase_passes(cfg, phase):
             elems = images * B * pass_activation_elements(m, p, tokens) * act_bytes
             if backward == 2.0:
                 kept += elems
             elif backward == 1.0:  # L_auth's detector pass: forward + backward inside the gen phase's forward
-                if vae is not None and m.d2g:  # and the encode of decode(x0_hat) it reads
-                    elems += B * vae_encode_activation_elements(vae, S) * act_bytes
-                transient = max(transient, elems)
-        if phase.generates and vae is not None and cfg.loss.lambda_dig * cfg.loss.w_auth > 0:
-            kept += B * vae_decode_activation_elements(vae, S) * act_bytes
-        acts = max(acts, kept + transient)
+                if vae is not None:  # on decode(x0_hat), whose decoder activations stay for the backward
+                    kept += B * vae_decode_activation_elements(vae, S) * act_bytes
+                    if m.d2g:  # and the encode of decode(x0_hat) it reads
+                        elems += B * vae_encode_activation_elements(vae, S) * act_bytes
+                peak = max(peak, kept + elems)
+        acts = max(acts, peak, kept)
     gathered_dtype = 2 if (t.fsdp and t.fsdp_param_dtype == "bfloat16") else 4
     out = {
         "params": 4.0 * P / shard,
