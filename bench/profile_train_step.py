@@ -15,7 +15,8 @@ Categories (ms per step and share of the wall time):
 
 Forward ops count for the outermost labelled call they run in (the refill's attention counts as
 refill). An autograd backward node (and every op inside it) counts for the category of the forward
-op that created it: the profiler gives both the same sequence number. Times are self times of the
+op that created it: the profiler gives both the same sequence number (ops run without grad record
+the number the next node will take, so the creator is the last forward op recorded with it). Times are self times of the
 recorded ops, so nothing is counted twice (the autograd engine's own recorded time goes to its
 node's category). The step count should cover one refill (phases.refill_every, 40 for tiny_cpu) so
 the refill's share is its amortised cost.
@@ -90,12 +91,15 @@ def _outer_label(event) -> str | None:
 
 def categorise(events) -> dict[str, float]:
     """{category: self CPU ms} over the profiled events (see the module docstring)."""
-    by_seq: dict[int, str] = {}  # forward op sequence number -> its category
-    for e in events:
+    by_seq: dict[int, str] = {}  # autograd node sequence number -> the category of the op that created it
+    # Every op records the next free sequence number; only an op that creates an autograd node takes it.
+    # Ops under no_grad (the DIGA teacher pass, the refill) record it too, before the op that takes it,
+    # so the node's creator is the last forward op recorded with its number (or a child of that op).
+    for e in sorted(events, key=lambda e: e.time_range.start):
         if e.sequence_nr is not None and e.sequence_nr >= 0 and not e.name.startswith(LABEL):
             label = _outer_label(e)
             if label is not None and "Backward" not in e.name:
-                by_seq.setdefault(e.sequence_nr, label)
+                by_seq[e.sequence_nr] = label
     totals: dict[str, float] = defaultdict(float)
     for e in events:
         if e.name.startswith(LABEL):

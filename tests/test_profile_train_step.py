@@ -40,3 +40,20 @@ def test_backward_ops_go_to_their_forward_category():
     assert totals["attention"] > 0 and totals["losses"] > 0
     # the matmul's and softmax's backward (two 64^3 matmuls and more) would land in "other" if unattributed
     assert totals.get("other tensor ops", 0.0) < 0.25 * totals["attention"], totals
+
+
+def test_an_op_without_grad_does_not_take_the_next_nodes_backward():
+    """Ops under no_grad record the sequence number the next autograd node will take: the node's backward
+    still counts for the op that created it (the refill and the DIGA teacher run without grad)."""
+    import torch
+    from torch.profiler import profile, record_function
+
+    x = torch.randn(256, 256, requires_grad=True)
+    with profile() as prof:
+        with record_function(profile_train_step.LABEL + "pool refill"), torch.no_grad():
+            x.mul(2.0)
+        with record_function(profile_train_step.LABEL + "attention"):
+            y = torch.softmax(x @ x, -1)
+        y.square().sum().backward()
+    totals = profile_train_step.categorise(prof.events())
+    assert totals.get("pool refill", 0.0) < 0.25 * totals["attention"], totals
