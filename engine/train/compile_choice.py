@@ -2,10 +2,10 @@
 
 "auto" picks per device what `bench/bench_train_step.py` measured fastest over a whole run, compile
 time included (docs/profile.md):
-- CPU: with the fused backends the compiled step is about 5% faster than the eager one (tiny_cpu,
-  AMD EPYC VM, 2 threads: 107.9 vs 113.6 ms), while the first step of each phase and the first
-  refill pay 10-20 s of compilation (less once inductor's cache holds the graphs). That pays off
-  only for long runs, so auto compiles from `CPU_COMPILE_MIN_STEPS` steps on.
+- CPU: with the fused backends the compiled step is 5-8% faster than the eager one (tiny_cpu,
+  AMD EPYC VM, 2 threads, two days: 107.9 vs 113.6 ms, 126.3 vs 137.0 ms), while the first step of
+  each phase and the first refill pay 10-30 s of compilation (less once inductor's cache holds the
+  graphs). That pays off only for long runs, so auto compiles from `CPU_COMPILE_MIN_STEPS` steps on.
 - CUDA: the engine's own launch-overhead remedy is `train.cuda_graphs`; auto leaves compiling off
   there (set train.compile = true to compile, compare both with bench_train_step's GPU rows).
 """
@@ -26,10 +26,10 @@ def compile_choice(train: TrainConfig, device_type: str) -> tuple[bool, str]:
         return False, ("auto: on CUDA the fused kernels with train.cuda_graphs are the engine's fast path; "
                        "set train.compile = true to compile instead")
     if train.steps >= CPU_COMPILE_MIN_STEPS:
-        return True, (f"auto: {train.steps} steps >= {CPU_COMPILE_MIN_STEPS} on CPU: the compiled step's ~5% "
+        return True, (f"auto: {train.steps} steps >= {CPU_COMPILE_MIN_STEPS} on CPU: the compiled step's 5-8% "
                       "pays for its compilation")
-    return False, (f"auto: {train.steps} steps < {CPU_COMPILE_MIN_STEPS} on CPU: compiling (10-20 s per phase "
-                   "and refill size) would cost more than its ~5% per step saves")
+    return False, (f"auto: {train.steps} steps < {CPU_COMPILE_MIN_STEPS} on CPU: compiling (10-30 s per phase "
+                   "and refill size) would cost more than its 5-8% per step saves")
 
 
 def auto_rule(device_type: str) -> str:
