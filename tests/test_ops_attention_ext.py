@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-from op_testing import EXT_ONLY, assert_within_2x_eager
-from test_ops_attention_sdpa import _inputs, _run
+from op_testing import EXT_ONLY
+from test_ops_attention_sdpa import _inputs, _run, check_bf16_within_2x_eager
 from unigendet import backends, ops
 from unigendet.ops.attention_ext import MAX_SCORES, ext_check, mmsa_attention_ext
 from unigendet.ops.reference import mmsa_attention_ref
@@ -68,14 +68,7 @@ def test_key_only_and_absent_streams(key_only, switches):
 
 @pytest.mark.parametrize("switches", [(True, True, False, False), (True, True, True, True), (False, True, False, True)])
 def test_bf16_within_2x_eager(switches):
-    g2d, d2g, g_causal, d_causal = switches
-    inputs = _inputs(2, 37, 21, 4, 2, 24, seed=5)
-    kw = dict(g2d=g2d, d2g=d2g, g_causal=g_causal, d_causal=d_causal, len_g=torch.tensor([37, 20]))
-    got = _run(mmsa_attention_ext, inputs, kw, torch.bfloat16)
-    eager = _run(mmsa_attention_ref, inputs, kw, torch.bfloat16)
-    exact = _run(mmsa_attention_ref, inputs, kw, torch.float64)
-    assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.float32  # o in q's dtype, lse fp32
-    assert_within_2x_eager(got, eager, exact, torch.bfloat16, "ext bf16")
+    check_bf16_within_2x_eager(mmsa_attention_ext, switches, head_dim=24, label="ext bf16")
 
 
 def test_gradcheck_float64():

@@ -104,6 +104,19 @@ def _mmsa_bias(queries: list, keys: list, reads: dict, causal: dict, lens: dict,
     return torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
 
 
+def call_groups(qs: dict, kvs: dict, g2d: bool, d2g: bool) -> list[tuple[list[str], list[str]]]:
+    """(query streams, key streams) of each attention call of a CPU backend: one call for both query
+    streams when each reads the other's keys; else one call per query stream, so that a stream's output
+    depends (in autograd too) only on the keys it reads, as in the reference. qs: {"g"|"d": q or None};
+    kvs: {"g"|"d": (k, v) or (None, None)}."""
+    reads = {("g", "d"): g2d, ("d", "g"): d2g}
+    present = [s for s in "gd" if qs[s] is not None]
+    has_keys = [o for o in "gd" if kvs[o][0] is not None]
+    joint = len(present) == 2 and g2d and d2g
+    return [(queries, [o for o in has_keys if any(s == o or reads[(s, o)] for s in queries)])
+            for queries in ([present] if joint else [[s] for s in present])]
+
+
 def mmsa_attention_sdpa(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: bool = True,
                         g_causal: bool = False, d_causal: bool = False, len_g: Tensor | None = None,
                         len_d: Tensor | None = None, scale: float | None = None, return_lse: bool = False):
@@ -117,14 +130,9 @@ def mmsa_attention_sdpa(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: 
     B, _, H, D = q0.shape
     acc = torch.promote_types(q0.dtype, torch.float32)
     sc = D ** -0.5 if scale is None else scale
-    has_keys = [o for o in "gd" if kvs[o][0] is not None]
-    # One call for both query streams when each reads the other's keys; else one call per query stream,
-    # so that a stream's output depends (in autograd too) only on the keys it reads, as in the reference
-    joint = len(present) == 2 and g2d and d2g
     outs: dict[str, Tensor | None] = {"g": None, "d": None}
     lses: dict[str, Tensor | None] = {"g": None, "d": None}
-    for queries in ([present] if joint else [[s] for s in present]):
-        keys = [o for o in has_keys if any(s == o or reads[(s, o)] for s in queries)]
+    for queries, keys in call_groups(qs, kvs, g2d, d2g):
         q = torch.cat([qs[s].to(acc).transpose(1, 2) for s in queries], 2)  # (B, H, sum Tq, D)
         k = torch.cat([_expand_heads(kvs[o][0], H, acc) for o in keys], 2)  # (B, H, sum Tk, D)
         v = torch.cat([_expand_heads(kvs[o][1], H, acc) for o in keys], 2)

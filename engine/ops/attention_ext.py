@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .attention_cpu import call_groups
 from .ext_support import acc_dtype, ext_reason, register_ext_op
 
 EXT_OP = "mmsa_attention"  # torch.ops.unigendet.<EXT_OP> and its backward op
@@ -27,15 +28,10 @@ def mmsa_attention_ext(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: b
     """Same contract as `mmsa_attention_ref`; lse of padded query rows is finite (as on the reference)."""
     qs = {"g": q_g, "d": q_d}
     kvs = {"g": (k_g, v_g), "d": (k_d, v_d)}
-    reads = {("g", "d"): g2d, ("d", "g"): d2g}
-    present = [s for s in "gd" if qs[s] is not None]
-    sc = qs[present[0]].shape[-1] ** -0.5 if scale is None else scale
-    has_keys = [o for o in "gd" if kvs[o][0] is not None]
-    joint = len(present) == 2 and g2d and d2g
+    sc = (q_g if q_g is not None else q_d).shape[-1] ** -0.5 if scale is None else scale
     outs: dict[str, Tensor | None] = {"g": None, "d": None}
     lses: dict[str, Tensor | None] = {"g": None, "d": None}
-    for queries in ([present] if joint else [[s] for s in present]):
-        keys = [o for o in has_keys if any(s == o or reads[(s, o)] for s in queries)]
+    for queries, keys in call_groups(qs, kvs, g2d, d2g):
         args = []
         for s in "gd":
             args += [qs[s] if s in queries else None, *(kvs[s] if s in keys else (None, None))]
