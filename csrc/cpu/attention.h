@@ -181,10 +181,13 @@ inline void zero_gaps(A* row, const KeyRanges& kr, int64_t Np) {
   std::fill(row + c, row + Np, A(0));
 }
 
-// K^T (D x Np) of kv head (b, hk), columns [G keys; D keys]; padding columns zero.
+// K or V of kv head (b, hk), key columns [G keys; D keys], in the accumulation type: as rows (Np x Dp)
+// or, transposed, as K^T / V^T (D x Np); padding rows and columns zero.
 template <typename T, typename A = acc_t<T>>
-void pack_keys_t(const AttnProblem<T>& p, const AttnGeometry<T>& g, int64_t b, int64_t hk, bool values, A* out) {
-  std::fill(out, out + p.D * g.Np, A(0));
+void pack_keys(const AttnProblem<T>& p, const AttnGeometry<T>& g, int64_t b, int64_t hk, bool values,
+               bool transposed, A* out) {
+  const int64_t key_step = transposed ? 1 : g.Dp, dim_step = transposed ? g.Np : 1;
+  std::fill(out, out + g.Np * (transposed ? p.D : g.Dp), A(0));
   for (int o = 0; o < 2; ++o) {
     const auto& so = p.s[o];
     if (so.tk == 0) continue;
@@ -192,25 +195,8 @@ void pack_keys_t(const AttnProblem<T>& p, const AttnGeometry<T>& g, int64_t b, i
     const int64_t* st = values ? so.v_s : so.k_s;
     for (int64_t j = 0; j < so.tk; ++j) {
       const T* src = base + b * st[0] + j * st[1] + hk * st[2];
-      A* dst = out + g.koff[o] + j;
-      for (int64_t d = 0; d < p.D; ++d) dst[d * g.Np] = static_cast<A>(src[d]);
-    }
-  }
-}
-
-// K or V rows (Np x Dp) of kv head (b, hk); padding zero.
-template <typename T, typename A = acc_t<T>>
-void pack_keys(const AttnProblem<T>& p, const AttnGeometry<T>& g, int64_t b, int64_t hk, bool values, A* out) {
-  std::fill(out, out + g.Np * g.Dp, A(0));
-  for (int o = 0; o < 2; ++o) {
-    const auto& so = p.s[o];
-    if (so.tk == 0) continue;
-    const T* base = values ? so.v : so.k;
-    const int64_t* st = values ? so.v_s : so.k_s;
-    for (int64_t j = 0; j < so.tk; ++j) {
-      const T* src = base + b * st[0] + j * st[1] + hk * st[2];
-      A* dst = out + (g.koff[o] + j) * g.Dp;
-      for (int64_t d = 0; d < p.D; ++d) dst[d] = static_cast<A>(src[d]);
+      A* dst = out + (g.koff[o] + j) * key_step;
+      for (int64_t d = 0; d < p.D; ++d) dst[d * dim_step] = static_cast<A>(src[d]);
     }
   }
 }
@@ -299,8 +285,8 @@ void mmsa_attention_fwd(const AttnProblem<T>& p) {
   at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       A* base = packed.data() + t * per_head;
-      pack_keys_t(p, g, t / p.Hkv, t % p.Hkv, false, base);
-      pack_keys(p, g, t / p.Hkv, t % p.Hkv, true, base + D * Np);
+      pack_keys(p, g, t / p.Hkv, t % p.Hkv, false, true, base);
+      pack_keys(p, g, t / p.Hkv, t % p.Hkv, true, false, base + D * Np);
     }
   });
   const int64_t blocks = (g.M + kFwdRows - 1) / kFwdRows;
@@ -406,9 +392,9 @@ void mmsa_attention_bwd(const AttnProblem<T>& p) {
     std::vector<A> lrow(M), shift(M);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / p.Hkv, hk = t % p.Hkv;
-      pack_keys_t(p, g, b, hk, false, kt.data());
-      pack_keys_t(p, g, b, hk, true, vt.data());
-      pack_keys(p, g, b, hk, false, kp.data());
+      pack_keys(p, g, b, hk, false, true, kt.data());
+      pack_keys(p, g, b, hk, true, true, vt.data());
+      pack_keys(p, g, b, hk, false, false, kp.data());
       std::fill(dk.begin(), dk.end(), A(0));
       std::fill(dv.begin(), dv.end(), A(0));
       int64_t kmax = 0;
