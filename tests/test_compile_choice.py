@@ -32,3 +32,15 @@ def test_an_explicit_choice_wins(value, expected):
 def test_other_values_are_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"train.compile = 'maybe' is not one of \('auto', True, False\)"):
         train("--train.compile=maybe")
+
+
+def test_the_compile_cache_persists_in_the_users_cache_folder(monkeypatch, tmp_path):
+    from unigendet.train.compile_choice import persistent_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert persistent_compile_cache() == str(tmp_path / "unigendet" / "torchinductor")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    assert cache_dir() == str(tmp_path / "unigendet" / "torchinductor")  # where inductor now writes
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert persistent_compile_cache() == str(tmp_path / "mine")  # the user's choice stands

@@ -11,6 +11,9 @@ time included (docs/profile.md):
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from ..config import TrainConfig
 
 CPU_COMPILE_MIN_STEPS = 5000  # ~2x the break-even of the measurement above: 15 s / (5% of 110 ms)
@@ -37,3 +40,14 @@ def auto_rule(device_type: str) -> str:
     if device_type == "cuda":
         return "off on CUDA (train.cuda_graphs is the engine's fast path there)"
     return f"on for runs of >= {CPU_COMPILE_MIN_STEPS} steps on CPU, off for shorter ones"
+
+
+def persistent_compile_cache() -> str:
+    """The folder inductor keeps its compiled artefacts in (FX graph and AOTAutograd caches, on by default
+    in torch 2.13), made persistent: torch's default is a folder under /tmp, which a reboot empties, so
+    unless TORCHINDUCTOR_CACHE_DIR names one, the user's cache folder ($XDG_CACHE_HOME, else ~/.cache)
+    gets unigendet/torchinductor. Call before the first compile; returns the folder."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(base) / "unigendet" / "torchinductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]

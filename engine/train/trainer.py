@@ -27,7 +27,7 @@ from ..phase_modes import mode_uses_fake_pool, phase_at
 from .detector_augment import build_detector_augment
 from .checkpoint import (CheckpointError, check_vae, checkpoint_config, list_checkpoints, load_trainer_state,
                          load_weights, remove_stale, resolve_checkpoint, save_checkpoint, vae_record)
-from .compile_choice import compile_choice
+from .compile_choice import compile_choice, persistent_compile_cache
 from .fake_pool import FakePool
 from .graphs import DeviceSums, StaticBatch, StepGraphs
 from .latent_inputs import LatentInputs
@@ -187,6 +187,8 @@ class Trainer:
         # train.compile: the loss computation runs through torch.compile (graphs per phase, since each
         # phase trains other parameters); weights, optimizer and checkpoints stay on self.model.
         self.compiles, why = compile_choice(cfg.train, self.device.type)
+        if self.compiles:  # compiled kernels are reused by later runs of the same code and config
+            why += f"; compile cache {persistent_compile_cache()}"
         self.log(f"compile: {'on' if self.compiles else 'off'} ({why})")
         self.step_model = torch.compile(self.model) if self.compiles else self.model
         # the refill's sampler passes (EMA generator, no grad) compile too: one graph per refill size
