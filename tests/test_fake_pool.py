@@ -28,7 +28,7 @@ def det_ages(pool_size=256, refill_every=40, refill_count=32, max_age=120, steps
         if pool.must_refill() or step % refill_every == 0:
             pool.add(stamped(pool_size if pool.count == 0 else refill_count, step))
         if phase_at(step, "alternate", 1).uses_fake_pool:
-            ages.append(step - pool.sample(batch, g)[:, 0, 0, 0])
+            ages.append(step - pool.draw(batch, g)[0][:, 0, 0, 0])
     return torch.cat(ages)
 
 
@@ -60,21 +60,21 @@ def test_sample_draws_only_filled_young_slots_uniformly():
     for step in (0, 10):
         pool.set_step(step)
         assert not pool.must_refill()
-        drawn = pool.sample(600, g)[:, 0, 0, 0]
+        drawn = pool.draw(600, g)[0][:, 0, 0, 0]
         assert torch.equal(drawn, torch.full((600,), 7.0))
     pool = FakePool(8, 2, "cpu", max_age=10)
     for step, marker in ((0, 1.0), (4, 2.0), (9, 3.0)):  # slots 0-1, 2-3, 4-5; slots 6-7 unfilled
         pool.set_step(step)
         pool.add(stamped(2, marker))
     pool.set_step(12)  # step 0's images are 12 old: only markers 2 and 3 may be drawn
-    drawn = pool.sample(4000, g)[:, 0, 0, 0]
+    drawn = pool.draw(4000, g)[0][:, 0, 0, 0]
     counts = {m: int((drawn == m).sum()) for m in (0.0, 1.0, 2.0, 3.0)}
     assert counts[0.0] == 0 and counts[1.0] == 0, counts
     assert 1800 < counts[2.0] < 2200 and counts[2.0] + counts[3.0] == 4000, counts  # uniform over 4 slots
     pool.set_step(20)  # all older than 10 now: the host says refill before sampling
     assert pool.must_refill()
     pool.add(stamped(2, 4.0))  # slots 6-7
-    assert not pool.must_refill() and torch.equal(pool.sample(50, g)[:, 0, 0, 0], torch.full((50,), 4.0))
+    assert not pool.must_refill() and torch.equal(pool.draw(50, g)[0][:, 0, 0, 0], torch.full((50,), 4.0))
 
 
 def test_no_limit_draws_every_filled_slot():
@@ -83,7 +83,7 @@ def test_no_limit_draws_every_filled_slot():
     pool.add(torch.arange(1.0, 5.0).view(4, 1, 1, 1).expand(4, 3, 2, 2))
     pool.set_step(10_000)
     assert not pool.must_refill()
-    drawn = pool.sample(2000, torch.Generator().manual_seed(0))[:, 0, 0, 0]
+    drawn = pool.draw(2000, torch.Generator().manual_seed(0))[0][:, 0, 0, 0]
     assert set(drawn.tolist()) == {1.0, 2.0, 3.0, 4.0}  # slots 4-5 (zeros) are unfilled
 
 
@@ -102,7 +102,7 @@ def test_state_round_trip_is_exact_and_in_place():
     for step in (10, 14):
         a.set_step(step), b.set_step(step)
         ga, gb = torch.Generator().manual_seed(step), torch.Generator().manual_seed(step)
-        assert torch.equal(a.sample(32, ga), b.sample(32, gb))
+        assert torch.equal(a.draw(32, ga)[0], b.draw(32, gb)[0])
         assert not a.must_refill() and not b.must_refill()  # the newest, from step 9, are <= 6 old
     a.set_step(16), b.set_step(16)
     assert a.must_refill() and b.must_refill()  # 7 old
@@ -140,7 +140,7 @@ def test_add_and_sample_are_graph_safe():
         with host_reads_forbidden():
             if step % 2 == 0:
                 pool.add(stamped(4, step))
-            drawn = pool.sample(16, g)
+            drawn = pool.draw(16, g)[0]
         assert bool((step - drawn[:, 0, 0, 0] <= 3).all())
     assert [t.data_ptr() for t in (pool.images, pool._written, pool._now, pool._ptr)] == storage
 

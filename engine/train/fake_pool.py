@@ -14,13 +14,13 @@ class FakePool:
     """`images` (P, 3, S, S) on the device, each slot stamped with the optimizer step that wrote it.
 
     The trainer calls `set_step(step)` (host) before each step's refill and phase step; `add` stamps
-    the images it writes with that step, and `sample` draws only from filled slots whose age
+    the images it writes with that step, and `draw` draws only from filled slots whose age
     (step - write step) is at most `max_age` (0 = no limit: every filled slot). The write position,
     the stamps and the current step are device tensors and the fill count a host int that depends
-    only on how many images were added, so `add` and `sample` never read the device and keep static
+    only on how many images were added, so `add` and `draw` never read the device and keep static
     shapes: they can be captured in a CUDA graph (once the pool is full, their shapes stop changing).
 
-    That `sample` has something to draw is the caller's side of the contract, kept on the host:
+    That `draw` has something to draw is the caller's side of the contract, kept on the host:
     `must_refill()` is true when the pool is empty or its newest images are older than `max_age`;
     the trainer refills then (besides its regular schedule), so the last refill always qualifies.
 
@@ -53,7 +53,7 @@ class FakePool:
         self._now.fill_(self.step)
 
     def must_refill(self) -> bool:
-        """Host only: True when `sample` would find no slot young enough (empty, or the newest images
+        """Host only: True when `draw` would find no slot young enough (empty, or the newest images
         are older than max_age at the current step)."""
         if self.count == 0 or self.newest is None:
             return True
@@ -76,18 +76,15 @@ class FakePool:
         self.newest = self.step
 
     def eligible(self) -> Tensor:
-        """(P,) bool: the slots `sample` draws from (filled, and no older than max_age if set)."""
+        """(P,) bool: the slots `draw` draws from (filled, and no older than max_age if set)."""
         filled = self._written != _NEVER
         if self.max_age == 0:
             return filled
         return filled & (self._now - self._written <= self.max_age)
 
-    def sample(self, n: int, generator: Gen = None) -> Tensor:
-        """(n, 3, S, S) images drawn uniformly with replacement from the eligible slots."""
-        return self.images[self._draw_slots(n, generator)]
-
     def draw(self, n: int, generator: Gen = None) -> tuple[Tensor, Tensor | None]:
-        """(images (n, 3, S, S), their latents (n, K, s, s) or None): `sample`'s draw, with the latents."""
+        """(images (n, 3, S, S) drawn uniformly with replacement from the eligible slots, their latents
+        (n, K, s, s) or None)."""
         idx = self._draw_slots(n, generator)
         return self.images[idx], None if self.latents is None else self.latents[idx]
 
@@ -97,7 +94,7 @@ class FakePool:
         Static shapes, no host read: u ~ U[0, 1) per draw picks the k-th eligible slot,
         k = floor(u * eligible count), found by a binary search in the running count."""
         if self.count == 0:
-            raise RuntimeError("FakePool.sample: the pool is empty (refill it before the det phase)")
+            raise RuntimeError("FakePool.draw: the pool is empty (refill it before the det phase)")
         running = self.eligible().cumsum(0)  # (P,) eligible slots up to and including each slot
         total = running[-1]  # () eligible count, >= 1 while the caller keeps must_refill() false
         u = batch_rand((n,), generator, device=self.images.device)  # (n,)
