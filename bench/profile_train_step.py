@@ -16,9 +16,9 @@ Categories (ms per step and share of the wall time):
 Forward ops count for the outermost labelled call they run in (the refill's attention counts as
 refill). An autograd backward node (and every op inside it) counts for the category of the forward
 op that created it: the profiler gives both the same sequence number (ops run without grad record
-the number the next node will take, so the creator is the last forward op recorded with it). Times are self times of the
-recorded ops, so nothing is counted twice (the autograd engine's own recorded time goes to its
-node's category). The step count should cover one refill (phases.refill_every, 40 for tiny_cpu) so
+the number the next node will take, so the creator is the last forward op recorded with it). Times
+are self times of the recorded ops, so nothing is counted twice (the autograd engine's own recorded
+time goes to its node's category). The step count should cover one refill (phases.refill_every, 40 for tiny_cpu) so
 the refill's share is its amortised cost.
 """
 from __future__ import annotations

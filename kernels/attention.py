@@ -37,44 +37,15 @@ How it works (FlashAttention-2 style, no concatenation of the streams, no dense 
   (meta) implementations and registered autograd, so compiled graphs keep them as opaque nodes.
 Head dims: multiples of 16 in [16, 256] (tiles are padded to a power of two, e.g. 96 -> 128).
 """
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
-# globals read inside kernels must be constexpr (the interpreter does not check this; the compiler does)
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
-_NEG_BIG = tl.constexpr(-1.0e30)  # initial running max: finite, so fully masked rows give p = 0, never NaN
+from .common import (LN2_C, LOG2E, LOG2E_C, NEG_BIG_C, KernelLauncher, cast_out, configs, device_guard,
+                     dmask, head_meta, strides3, unit_last, valid_lengths)
 
 # ----------------------------------------------------------------------------- forward
-
-
-@triton.jit
-def _dmask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Head-dim lanes in use: a constant all-true mask (folded away) unless D was padded (96 -> 128)."""
-    if HEAD_DIM == BLOCK_D:
-        ok = tl.full([BLOCK_D], 1, tl.int1)
-    else:
-        ok = offs_d < HEAD_DIM
-    return ok
-
-
-@triton.jit
-def _cast_out(x, DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 -> output dtype, round to nearest even. The interpreter truncates fp32 -> bf16, so
-    there the rounding is done on the bits (on GPU the plain cast is already RTNE)."""
-    if UPCAST and DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = x.to(DTYPE)
-    return y
 
 
 @triton.jit
@@ -96,7 +67,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skt, svt, lo, hi, len_k, offs_m
                MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Online softmax over key blocks [lo, hi). MASK: 0 none, 1 keys < len_k, 2 also causal."""
-    d_ok = _dmask(offs_d, HEAD_DIM, BLOCK_D)
+    d_ok = dmask(offs_d, HEAD_DIM, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ok = d_ok[:, None] if MASK == 0 else d_ok[:, None] & (offs_n[None, :] < len_k)
@@ -128,13 +99,13 @@ def _mmsa_fwd(Q, K, V, K2, V2, O, LSE, LEN_Q, LEN_K2, qk_scale, T_Q, H, GROUP,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     start_m, b, h, hk, len_q, active, offs_m = _query_tile(LEN_Q, H, GROUP, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _dmask(offs_d, HEAD_DIM, BLOCK_D)
+    d_ok = dmask(offs_d, HEAD_DIM, BLOCK_D)
     row_in = offs_m < T_Q
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :],
                 mask=row_in[:, None] & d_ok[None, :], other=0.0)  # (M, D)
     if UPCAST:
         q = q.to(tl.float32)
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _NEG_BIG
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + NEG_BIG_C
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + b * skb + hk * skh
@@ -168,9 +139,9 @@ def _mmsa_fwd(Q, K, V, K2, V2, O, LSE, LEN_Q, LEN_K2, qk_scale, T_Q, H, GROUP,
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = tl.where(row_ok[:, None], acc / l_safe[:, None], 0.0)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
-             _cast_out(o, O.dtype.element_ty, UPCAST),
+             cast_out(o, O.dtype.element_ty, UPCAST),
              mask=row_in[:, None] & d_ok[None, :])
-    lse = tl.where(row_ok, (m_i + tl.math.log2(l_safe)) * _LN2, float("inf"))
+    lse = tl.where(row_ok, (m_i + tl.math.log2(l_safe)) * LN2_C, float("inf"))
     tl.store(LSE + (b * H + h) * T_Q + offs_m, lse, mask=row_in)
 
 
@@ -186,7 +157,7 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, T, H, sob, sot, soh, sdob, sdot, sdoh,
     h = bh % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < T)[:, None] & _dmask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
+    mask = (offs_m < T)[:, None] & dmask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -201,7 +172,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, 
                 BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Accumulate dK, dV of one key tile over query blocks [lo, hi). MASK: 0 none (rows < len),
     1 rows may pass T (loads masked; rows past len have lse = +inf so p = 0), 2 also causal."""
-    d_ok = _dmask(offs_d, HEAD_DIM, BLOCK_D)
+    d_ok = dmask(offs_d, HEAD_DIM, BLOCK_D)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_ok = d_ok[:, None] if MASK == 0 else d_ok[:, None] & (offs_m[None, :] < T_Q)
@@ -218,7 +189,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sdot, 
             qt = qt.to(tl.float32)
             do = do.to(tl.float32)
         s_t = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (N, M), log2 units
-        p_t = tl.math.exp2(s_t - (lse * _LOG2E)[None, :])
+        p_t = tl.math.exp2(s_t - (lse * LOG2E_C)[None, :])
         if MASK == 2:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
@@ -252,7 +223,7 @@ def _mmsa_bwd_dkdv(Q, DO, LSE, DELTA, Q2, DO2, LSE2, DELTA2, K, V, DK, DV, LEN_K
     active = start_n < len_k
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _dmask(offs_d, HEAD_DIM, BLOCK_D)
+    d_ok = dmask(offs_d, HEAD_DIM, BLOCK_D)
     kv_mask = (offs_n < T_K)[:, None] & d_ok[None, :]  # store: padded keys get zero gradients
     ld_mask = (offs_n < len_k)[:, None] & d_ok[None, :]  # load: padded keys read as 0, never their values
     k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=ld_mask, other=0.0)
@@ -298,8 +269,8 @@ def _mmsa_bwd_dkdv(Q, DO, LSE, DELTA, Q2, DO2, LSE2, DELTA2, K, V, DK, DV, LEN_K
                              HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PREC)
     key_ok = (offs_n < len_k)[:, None]
     out = b * sdkb + h * sdkh + offs_n[:, None] * sdkt + offs_d[None, :]
-    tl.store(DK + out, _cast_out(tl.where(key_ok, dk * sm_scale, 0.0), DK.dtype.element_ty, UPCAST), mask=kv_mask)
-    tl.store(DV + out, _cast_out(tl.where(key_ok, dv, 0.0), DV.dtype.element_ty, UPCAST), mask=kv_mask)
+    tl.store(DK + out, cast_out(tl.where(key_ok, dk * sm_scale, 0.0), DK.dtype.element_ty, UPCAST), mask=kv_mask)
+    tl.store(DV + out, cast_out(tl.where(key_ok, dv, 0.0), DV.dtype.element_ty, UPCAST), mask=kv_mask)
 
 
 @triton.jit
@@ -307,7 +278,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, skt, svt, lo, hi, len_k, o
               MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
               UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Accumulate dQ of one query tile over key blocks [lo, hi); MASK as in `_fwd_inner`."""
-    d_ok = _dmask(offs_d, HEAD_DIM, BLOCK_D)
+    d_ok = dmask(offs_d, HEAD_DIM, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         ok = d_ok[:, None] if MASK == 0 else d_ok[:, None] & (offs_n[None, :] < len_k)
@@ -336,13 +307,13 @@ def _mmsa_bwd_dq(Q, DO, LSE, DELTA, K, V, K2, V2, DQ, LEN_Q, LEN_K2, qk_scale, s
     start_m, b, h, hk, len_q, active, offs_m = _query_tile(LEN_Q, H, GROUP, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_in = offs_m < T_Q
-    mask = row_in[:, None] & _dmask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
+    mask = row_in[:, None] & dmask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdot + offs_d[None, :], mask=mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse2 = tl.load(LSE + (b * H + h) * T_Q + offs_m, mask=row_in, other=float("inf")) * _LOG2E
+    lse2 = tl.load(LSE + (b * H + h) * T_Q + offs_m, mask=row_in, other=float("inf")) * LOG2E_C
     delta = tl.load(DELTA + (b * H + h) * T_Q + offs_m, mask=row_in, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + b * skb + hk * skh
@@ -370,7 +341,7 @@ def _mmsa_bwd_dq(Q, DO, LSE, DELTA, K, V, K2, V2, DQ, LEN_Q, LEN_K2, qk_scale, s
                        len_k2, offs_m, offs_d, qk_scale, 1, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PREC)
     # rows past len: lse = +inf made p = 0, so dq is already 0 there
     tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :],
-             _cast_out(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=mask)
+             cast_out(dq * sm_scale, DQ.dtype.element_ty, UPCAST), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launch configs
@@ -381,52 +352,18 @@ INTERPRET = type(_mmsa_fwd).__name__ == "InterpretedFunction"
 INTERPRET_BLOCKS = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}  # (BLOCK_M, BLOCK_N)
 
 
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-
-
 # forward and dQ: BLOCK_M % BLOCK_N == 0 (causal diagonal); dK/dV: BLOCK_N % BLOCK_M == 0.
 # Candidates chosen by compiling for sm_90 (bf16, D=128, all switches on); aligned launches spill in a
 # few dK/dV ones only: tests/triton_sm90.py prints registers and stack of each, aligned and unaligned.
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)])
-_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)])
+_FWD_CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4)])
+_DKDV_CONFIGS = configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (16, 64, 4, 3)])
+_DQ_CONFIGS = configs([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)])
 _KEY = ["T_Q", "HEAD_DIM", "CAUSAL", "READ_OTHER"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY)(_mmsa_fwd)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY)(_mmsa_bwd_dq)
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=["T_K", "T_Q2", "HEAD_DIM", "CAUSAL", "OTHER_READS",
                                                   "OWN_READS"])(_mmsa_bwd_dkdv)
-# UNIGENDET_TRITON_AUTOTUNE=0: launch each kernel with its smallest candidate instead of timing them
-# all per shape (quick correctness runs on a GPU, e.g. most op tests in bench/gpu_check.sh).
-AUTOTUNE = os.environ.get("UNIGENDET_TRITON_AUTOTUNE", "1") != "0"
 _FIXED = {"fwd": _FWD_CONFIGS[-1], "dkdv": _DKDV_CONFIGS[-1], "dq": _DQ_CONFIGS[-1]}
-
-
-class KernelLauncher:
-    """Launches a module's kernels by name: the interpreter's tile sizes under TRITON_INTERPRET, the
-    fixed (smallest) candidate for fp32 or with autotuning off, else the autotuned kernel.
-
-    interpret_blocks: {name: (BLOCK_M, BLOCK_N)}; fixed: {name: triton.Config}."""
-
-    def __init__(self, interpret: bool, interpret_blocks: dict, fixed: dict):
-        self.interpret, self.interpret_blocks, self.fixed = interpret, interpret_blocks, fixed
-
-    def __call__(self, tuned, plain, which: str, grid, *args, **meta) -> None:
-        if self.interpret:
-            bm, bn = self.interpret_blocks[which]
-            plain[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **meta)
-        elif not AUTOTUNE or meta["PREC"] == "ieee":  # fp32: IEEE dots compile 5-30 s a config, too slow to tune
-            c = self.fixed[which]
-            plain[grid](*args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, **meta)
-        else:
-            tuned[grid](*args, **meta)
-
-
-def head_meta(q: Tensor, interpret: bool) -> dict:
-    """The compile-time meta-parameters every attention-like kernel takes from its (..., D) queries."""
-    D = q.shape[-1]
-    return dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), UPCAST=interpret,
-                PREC="ieee" if q.dtype == torch.float32 else "tf32")  # 16-bit dots ignore PREC
 
 
 _launch = KernelLauncher(INTERPRET, INTERPRET_BLOCKS, _FIXED)
@@ -434,19 +371,6 @@ _launch = KernelLauncher(INTERPRET, INTERPRET_BLOCKS, _FIXED)
 
 def _common_meta(q: Tensor) -> dict:
     return head_meta(q, INTERPRET)
-
-
-def _s3(x: Tensor):
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def _unit_last(x: Tensor) -> Tensor:
-    """Kernels take any (B, T, H) strides but need a unit stride over D for vector loads."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _device_guard(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -461,7 +385,7 @@ def _fwd_stream(q, k, v, k2, v2, len_q, len_k2, causal: bool, read_other: bool, 
         return o, lse
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_fwd_tuned, _mmsa_fwd, "fwd", grid, q, k, v, k2, v2, o, lse, len_q, len_k2, scale * LOG2E, T, H,
-            H // k.shape[2], *_s3(q), *_s3(k), *_s3(v), *_s3(k2), *_s3(v2), *_s3(o),
+            H // k.shape[2], *strides3(q), *strides3(k), *strides3(v), *strides3(k2), *strides3(v2), *strides3(o),
             CAUSAL=causal, READ_OTHER=read_other, **_common_meta(q))
     return o, lse
 
@@ -472,8 +396,8 @@ def _delta(o, do, dlse):
     if T:
         meta = _common_meta(o)
         _bwd_preprocess[(triton.cdiv(T, 64), B * H)](
-            o, do, dlse if dlse is not None else delta, delta, T, H, *_s3(o), *_s3(do), HAS_DLSE=dlse is not None,
-            HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
+            o, do, dlse if dlse is not None else delta, delta, T, H, *strides3(o), *strides3(do),
+            HAS_DLSE=dlse is not None, HEAD_DIM=meta["HEAD_DIM"], BLOCK_D=meta["BLOCK_D"], BLOCK_M=64)
     return delta
 
 
@@ -492,9 +416,9 @@ def _dkdv_stream(own, other, k, v, len_k, len_q2, causal: bool, other_reads: boo
     if T:
         grid = lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * H)  # noqa: E731
         _launch(_dkdv_tuned, _mmsa_bwd_dkdv, "dkdv", grid, q, do, lse, delta, q2, do2, lse2, delta2, k, v, dk,
-                dv, len_k, len_q2, scale * LOG2E, scale, T, q2.shape[1], H, group, *_s3(q), *_s3(do), *_s3(q2),
-                *_s3(do2), *_s3(k), *_s3(v), *_s3(dk), CAUSAL=causal, OTHER_READS=other_reads,
-                OWN_READS=q.shape[1] > 0, **_common_meta(q))
+                dv, len_k, len_q2, scale * LOG2E, scale, T, q2.shape[1], H, group,
+                *strides3(q), *strides3(do), *strides3(q2), *strides3(do2), *strides3(k), *strides3(v), *strides3(dk),
+                CAUSAL=causal, OTHER_READS=other_reads, OWN_READS=q.shape[1] > 0, **_common_meta(q))
     if group > 1:  # (B, T, Hkv, group, D) -> (B, T, Hkv, D): fixed-order sum, deterministic
         dk = dk.view(B, T, Hkv, group, D).sum(3).to(k.dtype)
         dv = dv.view(B, T, Hkv, group, D).sum(3).to(k.dtype)
@@ -508,8 +432,9 @@ def _dq_stream(q, do, lse, delta, k, v, k2, v2, len_q, len_k2, causal: bool, rea
         return dq
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_dq_tuned, _mmsa_bwd_dq, "dq", grid, q, do, lse, delta, k, v, k2, v2, dq, len_q, len_k2,
-            scale * LOG2E, scale, T, H, H // k.shape[2], *_s3(q), *_s3(do), *_s3(k), *_s3(v), *_s3(k2), *_s3(v2),
-            *_s3(dq), CAUSAL=causal, READ_OTHER=read_other, **_common_meta(q))
+            scale * LOG2E, scale, T, H, H // k.shape[2],
+            *strides3(q), *strides3(do), *strides3(k), *strides3(v), *strides3(k2), *strides3(v2), *strides3(dq),
+            CAUSAL=causal, READ_OTHER=read_other, **_common_meta(q))
     return dq
 
 
@@ -522,8 +447,8 @@ def mmsa_attention_fwd(q_g: Tensor, k_g: Tensor, v_g: Tensor, q_d: Tensor, k_d: 
                        len_g: Tensor, len_d: Tensor, g2d: bool, d2g: bool, g_causal: bool, d_causal: bool,
                        scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (o_g, o_d, lse_g, lse_d): outputs (B, T, H, D) contiguous, lse (B, H, T) fp32."""
-    q_g, k_g, v_g, q_d, k_d, v_d = map(_unit_last, (q_g, k_g, v_g, q_d, k_d, v_d))
-    with _device_guard(q_g):
+    q_g, k_g, v_g, q_d, k_d, v_d = map(unit_last, (q_g, k_g, v_g, q_d, k_d, v_d))
+    with device_guard(q_g):
         o_g, lse_g = _fwd_stream(q_g, k_g, v_g, k_d, v_d, len_g, len_d, g_causal, g2d, scale)
         o_d, lse_d = _fwd_stream(q_d, k_d, v_d, k_g, v_g, len_d, len_g, d_causal, d2g, scale)
     return o_g, o_d, lse_g, lse_d
@@ -544,10 +469,10 @@ def mmsa_attention_bwd(do_g: Tensor, do_d: Tensor, dlse_g: Tensor | None, dlse_d
                        g2d: bool, d2g: bool, g_causal: bool, d_causal: bool,
                        scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dq_g, dk_g, dv_g, dq_d, dk_d, dv_d); deterministic (no atomics)."""
-    q_g, k_g, v_g, q_d, k_d, v_d, do_g, do_d = map(_unit_last, (q_g, k_g, v_g, q_d, k_d, v_d, do_g, do_d))
+    q_g, k_g, v_g, q_d, k_d, v_d, do_g, do_d = map(unit_last, (q_g, k_g, v_g, q_d, k_d, v_d, do_g, do_d))
     dlse_g = None if dlse_g is None else dlse_g.contiguous()
     dlse_d = None if dlse_d is None else dlse_d.contiguous()
-    with _device_guard(q_g):
+    with device_guard(q_g):
         delta_g, delta_d = _delta(o_g, do_g, dlse_g), _delta(o_d, do_d, dlse_d)
         qs_g, qs_d = (q_g, do_g, lse_g, delta_g), (q_d, do_d, lse_d, delta_d)
         dk_g, dv_g = _dkdv_stream(qs_g, qs_d, k_g, v_g, len_g, len_d, g_causal, d2g, scale)
@@ -581,12 +506,6 @@ mmsa_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------- public entry
 
 
-def _lens(lens: Tensor | None, B: int, T: int, device) -> Tensor:
-    if lens is None:
-        return torch.full((B,), T, dtype=torch.int32, device=device)
-    return lens.to(device=device, dtype=torch.int32)
-
-
 def mmsa_attention_triton(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g: bool = True,
                           g_causal: bool = False, d_causal: bool = False, len_g: Tensor | None = None,
                           len_d: Tensor | None = None, scale: float | None = None,
@@ -618,9 +537,9 @@ def mmsa_attention_triton(q_g, k_g, v_g, q_d, k_d, v_d, *, g2d: bool = True, d2g
     sc = float(D ** -0.5 if scale is None else scale)
     # a cross switch is on only when its query stream has rows and the other stream has keys
     o_g, o_d, lse_g, lse_d = mmsa_attention_fwd(
-        q_g, k_g, v_g, q_d, k_d, v_d, _lens(len_g, B, k_g.shape[1], ref.device),
-        _lens(len_d, B, k_d.shape[1], ref.device), bool(g2d and has_g and keys_d), bool(d2g and has_d and keys_g),
-        bool(g_causal), bool(d_causal), sc)
+        q_g, k_g, v_g, q_d, k_d, v_d, valid_lengths(len_g, B, k_g.shape[1], ref.device),
+        valid_lengths(len_d, B, k_d.shape[1], ref.device), bool(g2d and has_g and keys_d),
+        bool(d2g and has_d and keys_g), bool(g_causal), bool(d_causal), sc)
     outs = (o_g if has_g else None, o_d if has_d else None)
     if return_lse:
         return outs + (lse_g if has_g else None, lse_d if has_d else None)

@@ -33,13 +33,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .attention import KernelLauncher, _cast_out, _device_guard, _dmask, _lens, _s3, _unit_last, head_meta
-
-LOG2E = 1.4426950408889634
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
-_NEG_BIG = tl.constexpr(-1.0e30)  # initial running max (finite: no inf - inf)
-
+from .common import (LN2_C, LOG2E, LOG2E_C, NEG_BIG_C, KernelLauncher, cast_out, configs, device_guard, dmask,
+                     head_meta, strides3, unit_last, valid_lengths)
 
 # ----------------------------------------------------------------------------- forward
 
@@ -49,7 +44,7 @@ def _lse_inner(m_i, l_i, q, k_base, skt, lo, hi, len_k, offs_d, qk_scale, MASK: 
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                PREC: tl.constexpr):
     """Online log-sum-exp (base 2) of the rows of q (M, D) over key tiles [lo, hi); MASK: keys < len_k."""
-    d_ok = _dmask(offs_d, HEAD_DIM, BLOCK_D)
+    d_ok = dmask(offs_d, HEAD_DIM, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ok = d_ok[:, None] if MASK == 0 else d_ok[:, None] & (offs_n[None, :] < len_k)
@@ -69,14 +64,14 @@ def _lse_inner(m_i, l_i, q, k_base, skt, lo, hi, len_k, offs_d, qk_scale, MASK: 
 def _cross_lse(q, k_base, skt, len_k, offs_d, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Natural-log lse (M,) of q (M, D) over keys [0, len_k): full tiles unmasked, then the partial one."""
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + _NEG_BIG
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + NEG_BIG_C
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     full = (len_k // BLOCK_N) * BLOCK_N
     m_i, l_i = _lse_inner(m_i, l_i, q, k_base, skt, 0, full, len_k, offs_d, qk_scale, 0,
                           HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PREC)
     m_i, l_i = _lse_inner(m_i, l_i, q, k_base, skt, full, len_k, len_k, offs_d, qk_scale, 1,
                           HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PREC)
-    return (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * _LN2
+    return (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * LN2_C
 
 
 @triton.jit
@@ -95,7 +90,7 @@ def _fwd(QG, KG, QD, KD, LSE_G, LSE_D, LEN_G, LEN_D, LSEC_G, LSEC_D, MASS_G, MAS
     row_in = offs_i < N
     valid = row_in & (G_OFF + offs_i < len_g) & (D_OFF + offs_i < len_d)
     offs_d = tl.arange(0, BLOCK_D)
-    q_mask = row_in[:, None] & _dmask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
+    q_mask = row_in[:, None] & dmask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
     # G queries of the image tokens against the D keys
     q = tl.load(QG + b * sqgb + h * sqgh + (G_OFF + offs_i)[:, None] * sqgt + offs_d[None, :], mask=q_mask, other=0.0)
     if UPCAST:
@@ -128,7 +123,7 @@ def _dq_inner(dq, q, lse2, w, k_base, skt, lo, hi, len_k, offs_d, qk_scale, MASK
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
               PREC: tl.constexpr):
     """dq += sum over key tiles [lo, hi) of (w p) K, p = exp2(s - lse2); MASK: keys < len_k."""
-    d_ok = _dmask(offs_d, HEAD_DIM, BLOCK_D)
+    d_ok = dmask(offs_d, HEAD_DIM, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ok = d_ok[None, :] if MASK == 0 else d_ok[None, :] & (offs_n[:, None] < len_k)
@@ -157,12 +152,12 @@ def _bwd_dq(Q, K, LSEC, W, COEF, DQ, LEN_K, qk_scale, sm_scale, N, Q_OFF, H, GRO
     len_k = tl.load(LEN_K + b)
     row_in = offs_i < N
     offs_d = tl.arange(0, BLOCK_D)
-    mask = row_in[:, None] & _dmask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
+    mask = row_in[:, None] & dmask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
     rows = (Q_OFF + offs_i)[:, None]
     q = tl.load(Q + b * sqb + h * sqh + rows * sqt + offs_d[None, :], mask=mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    lse2 = tl.load(LSEC + (b * H + h) * N + offs_i, mask=row_in, other=float("inf")) * _LOG2E
+    lse2 = tl.load(LSEC + (b * H + h) * N + offs_i, mask=row_in, other=float("inf")) * LOG2E_C
     w = tl.load(W + (b * H + h) * N + offs_i, mask=row_in, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + b * skb + hk * skh
@@ -172,7 +167,7 @@ def _bwd_dq(Q, K, LSEC, W, COEF, DQ, LEN_K, qk_scale, sm_scale, N, Q_OFF, H, GRO
     dq = _dq_inner(dq, q, lse2, w, k_base, skt, full, len_k, len_k, offs_d, qk_scale, 1,
                    HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PREC)
     dq = dq * (sm_scale * tl.load(COEF))
-    tl.store(DQ + b * sdqb + h * sdqh + rows * sdqt + offs_d[None, :], _cast_out(dq, DQ.dtype.element_ty, UPCAST),
+    tl.store(DQ + b * sdqb + h * sdqh + rows * sdqt + offs_d[None, :], cast_out(dq, DQ.dtype.element_ty, UPCAST),
              mask=mask)
 
 
@@ -190,7 +185,7 @@ def _bwd_dk(Q, K, LSEC, W, COEF, DK, LEN_K, qk_scale, sm_scale, N, T_K, Q_OFF, H
     len_k = tl.load(LEN_K + b)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _dmask(offs_d, HEAD_DIM, BLOCK_D)
+    d_ok = dmask(offs_d, HEAD_DIM, BLOCK_D)
     key_ok = offs_n < len_k
     k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :],
                 mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # (N, D); padded keys read as 0
@@ -207,14 +202,14 @@ def _bwd_dk(Q, K, LSEC, W, COEF, DK, LEN_K, qk_scale, sm_scale, N, T_K, Q_OFF, H
                      mask=d_ok[:, None] & row_in[None, :], other=0.0)  # (D, M)
         if UPCAST:
             qt = qt.to(tl.float32)
-        lse2 = tl.load(LSEC + row_base + offs_i, mask=row_in, other=float("inf")) * _LOG2E
+        lse2 = tl.load(LSEC + row_base + offs_i, mask=row_in, other=float("inf")) * LOG2E_C
         w = tl.load(W + row_base + offs_i, mask=row_in, other=0.0)
         s_t = tl.dot(k, qt, input_precision=PREC) * qk_scale  # (N, M), log2 units
         ds_t = tl.math.exp2(s_t - lse2[None, :]) * w[None, :]
         ds_t = tl.where(key_ok[:, None], ds_t, 0.0)
         dk = tl.dot(ds_t.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
     tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
-             _cast_out(dk * (sm_scale * tl.load(COEF)), DK.dtype.element_ty, UPCAST),
+             cast_out(dk * (sm_scale * tl.load(COEF)), DK.dtype.element_ty, UPCAST),
              mask=(offs_n < T_K)[:, None] & d_ok[None, :])
 
 
@@ -225,15 +220,11 @@ INTERPRET = type(_fwd).__name__ == "InterpretedFunction"
 INTERPRET_BLOCKS = {"fwd": (16, 32), "dq": (32, 16), "dk": (16, 32)}  # (BLOCK_M, BLOCK_N)
 
 
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-
-
 # Not yet tuned on a GPU (no timing has been run): the attention's forward / dQ / dK-dV shapes,
 # which need fewer registers here (no V tile, no output accumulator in the forward).
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
-_DQ_CONFIGS = _configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
-_DK_CONFIGS = _configs([(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)])
+_FWD_CONFIGS = configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
+_DQ_CONFIGS = configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)])
+_DK_CONFIGS = configs([(64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)])
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["N", "T_G", "T_D", "HEAD_DIM"])(_fwd)
 _dq_tuned = triton.autotune(_DQ_CONFIGS, key=["N", "HEAD_DIM"])(_bwd_dq)
 _dk_tuned = triton.autotune(_DK_CONFIGS, key=["N", "T_K", "HEAD_DIM"])(_bwd_dk)
@@ -262,17 +253,17 @@ def mmsa_consistency_fwd(q_g: Tensor, k_g: Tensor, q_d: Tensor, k_d: Tensor, lse
                          len_g: Tensor, len_d: Tensor, n_tokens: int, g_offset: int, d_offset: int,
                          scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """-> (loss () fp32, lse_cross (2, B, H, N) fp32, mass (2, B, H, N) fp32: [G->D, D->G])."""
-    q_g, k_g, q_d, k_d = map(_unit_last, (q_g, k_g, q_d, k_d))
+    q_g, k_g, q_d, k_d = map(unit_last, (q_g, k_g, q_d, k_d))
     lse_g, lse_d = lse_g.contiguous(), lse_d.contiguous()
     B, Tg, H, _ = q_g.shape
     Td, N = q_d.shape[1], n_tokens
     lse_c = torch.empty((2, B, H, N), dtype=torch.float32, device=q_g.device)
     mass = torch.empty((2, B, H, N), dtype=torch.float32, device=q_g.device)
-    with _device_guard(q_g):
+    with device_guard(q_g):
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
         _launch(_fwd_tuned, _fwd, "fwd", grid, q_g, k_g, q_d, k_d, lse_g, lse_d, len_g, len_d, lse_c[0], lse_c[1],
                 mass[0], mass[1], scale * LOG2E, N, Tg, Td, g_offset, d_offset, H, H // k_g.shape[2],
-                *_s3(q_g), *_s3(k_g), *_s3(q_d), *_s3(k_d), **_meta(q_g))
+                *strides3(q_g), *strides3(k_g), *strides3(q_d), *strides3(k_d), **_meta(q_g))
     loss = (mass[0] - mass[1]).square().sum() / _count(B, H, N, g_offset, d_offset, len_g, len_d)
     return loss, lse_c, mass
 
@@ -292,7 +283,7 @@ def _dq(q, k, lse_c, w, coef, len_k, q_off: int, scale: float) -> Tensor:
     dq = torch.zeros((B, Tq, H, D), dtype=q.dtype, device=q.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * H)  # noqa: E731
     _launch(_dq_tuned, _bwd_dq, "dq", grid, q, k, lse_c, w, coef, dq, len_k, scale * LOG2E, scale, N, q_off, H,
-            H // k.shape[2], *_s3(q), *_s3(k), *_s3(dq), **_meta(q))
+            H // k.shape[2], *strides3(q), *strides3(k), *strides3(dq), **_meta(q))
     return dq
 
 
@@ -305,7 +296,7 @@ def _dk(q, k, lse_c, w, coef, len_k, q_off: int, scale: float) -> Tensor:
     dk = torch.empty(shape, dtype=dtype, device=k.device)
     grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H)  # noqa: E731
     _launch(_dk_tuned, _bwd_dk, "dk", grid, q, k, lse_c, w, coef, dk, len_k, scale * LOG2E, scale, N, Tk, q_off, H,
-            group, *_s3(q), *_s3(k), *_s3(dk), **_meta(q))
+            group, *strides3(q), *strides3(k), *strides3(dk), **_meta(q))
     if group > 1:  # (B, Tk, Hkv, group, D) -> (B, Tk, Hkv, D)
         dk = dk.view(B, Tk, Hkv, group, D).sum(3).to(k.dtype)
     return dk
@@ -317,7 +308,7 @@ def mmsa_consistency_bwd(grad: Tensor, q_g: Tensor, k_g: Tensor, q_d: Tensor, k_
                          g_offset: int, d_offset: int,
                          scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (dq_g, dk_g, dq_d, dk_d, dlse_g, dlse_d); grad: the 0-d gradient of the loss."""
-    q_g, k_g, q_d, k_d = map(_unit_last, (q_g, k_g, q_d, k_d))
+    q_g, k_g, q_d, k_d = map(unit_last, (q_g, k_g, q_d, k_d))
     B, Tg, H, _ = q_g.shape
     Td, N = q_d.shape[1], n_tokens
     coef = (grad.float() / _count(B, H, N, g_offset, d_offset, len_g, len_d)).reshape(1)  # (1,), on the device
@@ -328,7 +319,7 @@ def mmsa_consistency_bwd(grad: Tensor, q_g: Tensor, k_g: Tensor, q_d: Tensor, k_
     dlse_d = torch.zeros((B, H, Td), dtype=lse_d.dtype, device=lse_d.device)
     dlse_g[..., g_offset:g_offset + N] = -coef * w_gd  # d m / d lse_self = -m
     dlse_d[..., d_offset:d_offset + N] = -coef * w_dg
-    with _device_guard(q_g):
+    with device_guard(q_g):
         dq_g = _dq(q_g, k_d, lse_c[0], w_gd, coef, len_d, g_offset, scale)
         dk_d = _dk(q_g, k_d, lse_c[0], w_gd, coef, len_d, g_offset, scale)
         dq_d = _dq(q_d, k_g, lse_c[1], w_dg, coef, len_g, d_offset, scale)
@@ -368,7 +359,7 @@ def mmsa_consistency_loss_triton(q_g: Tensor, k_g: Tensor, q_d: Tensor, k_d: Ten
     reference). Returns a 0-d fp32 tensor, differentiable w.r.t. q_g, k_g, q_d, k_d, lse_g, lse_d."""
     B, Tg, _, D = q_g.shape
     sc = float(D ** -0.5 if scale is None else scale)
-    loss, _, _ = mmsa_consistency_fwd(q_g, k_g, q_d, k_d, lse_g, lse_d, _lens(len_g, B, Tg, q_g.device),
-                                      _lens(len_d, B, q_d.shape[1], q_g.device), int(n_tokens), int(g_offset),
+    loss, _, _ = mmsa_consistency_fwd(q_g, k_g, q_d, k_d, lse_g, lse_d, valid_lengths(len_g, B, Tg, q_g.device),
+                                      valid_lengths(len_d, B, q_d.shape[1], q_g.device), int(n_tokens), int(g_offset),
                                       int(d_offset), sc)
     return loss

@@ -9,6 +9,7 @@ from unigendet.benchrun import BENCH_OPS
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_HELPERS = {"vec_io"}  # csrc/cpu headers shared by the op headers, not ops of their own
+KERNEL_HELPERS = {"common"}  # kernels/ module shared by the Triton kernels, not an op of its own
 CPU_ONLY = {"attention"}  # extension ops with no CUDA source: on CUDA, attention is the Triton kernel
 WHOLE_RUN_BENCHMARKS = {"train_step", "data"}  # benchmarks of the trainer and the loaders, not of one op
 
@@ -39,7 +40,7 @@ def test_registry_keys_are_the_public_functions():
 def test_every_layer_names_an_op_by_its_module_stem():
     ops_stems = set(op_modules())
     assert {s.removeprefix("test_ops_") for s in stems("tests", "test_ops_*.py")} >= ops_stems
-    assert stems("kernels", "*.py") - {"__init__"} <= ops_stems
+    assert stems("kernels", "*.py") - {"__init__"} - KERNEL_HELPERS <= ops_stems
     cuda = stems("csrc/cuda", "*.cu")
     cpu = stems("csrc/cpu", "*.h") - CPU_HELPERS
     assert cuda <= ops_stems and cpu <= ops_stems and cpu - CPU_ONLY == cuda  # CPU and CUDA alike
